@@ -39,18 +39,15 @@ FORMULA = (
 )
 
 
-def _gelu_nodes(variant: str) -> list[onnx.NodeProto]:
-    """Standard-op GELU of ``h`` into ``g`` for one variant (constants cast to ``h``'s type)."""
+def _gelu_nodes(variant: str, dtype: int) -> list[onnx.NodeProto]:
+    """Standard-op GELU of ``h`` into ``g`` for one variant, constants in the body's ``dtype``."""
     if variant not in GELU_VARIANTS:
         raise ValueError(f"unknown GELU variant {variant!r}; expected one of {GELU_VARIANTS}")
     n = helper.make_node
     consts = {"half": 0.5, "one": 1.0, "inv_sqrt2": 1.0 / math.sqrt(2.0),
               "k_tanh": math.sqrt(2.0 / math.pi), "c_cubic": 0.044715}
-    nodes = []
-    for name, value in consts.items():
-        nodes.append(n("Constant", [], [name + "_f"],
-                       value=helper.make_tensor(name, TensorProto.FLOAT, [], [value])))
-        nodes.append(n("CastLike", [name + "_f", "h"], [name]))
+    nodes = [n("Constant", [], [name], value=helper.make_tensor(name, dtype, [], [value]))
+             for name, value in consts.items()]
     nodes.append(n("Mul", ["h", "half"], ["half_h"]))
     if variant == "none":  # 0.5·h·(1 + erf(h/√2))
         nodes += [
@@ -72,28 +69,27 @@ def _gelu_nodes(variant: str) -> list[onnx.NodeProto]:
     return nodes
 
 
-def fallback_function(variant: str, opset: int) -> onnx.FunctionProto:
+def fallback_function(variant: str, opset: int, dtype: int = TensorProto.FLOAT) -> onnx.FunctionProto:
     """The model-local function defining ``GuardedFallback`` with a dense, exact standard-op body.
 
     ONNX function bodies cannot branch on a string attribute, so the body is specialised to the GELU
     variant of the model being written (``"none"`` = erf, ``"tanh"``); the node keeps the
     ``approximate`` attribute so the compiled kernel and Netron see it. ``opset`` is the model's
-    default-domain opset (the body uses ops available since opset 13).
+    default-domain opset (the body uses ops available since opset 13); ``dtype`` the element type.
     """
     n = helper.make_node
     nodes = [
         n("Transpose", ["w1t"], ["w1"], perm=[1, 0]),
         n("MatMul", ["x", "w1"], ["xw1"]),
         n("Add", ["xw1", "b1"], ["h"]),
-        *_gelu_nodes(variant),
+        *_gelu_nodes(variant, dtype),
         n("Mul", ["alpha", "h"], ["alpha_h"]),
         n("Add", ["alpha_h", "beta"], ["line"]),
         n("Sub", ["g", "line"], ["corr_all"]),
         n("Less", ["h_hat", "lo"], ["below"]),
         n("Greater", ["h_hat", "hi"], ["above"]),
         n("Or", ["below", "above"], ["flag"]),
-        n("Constant", [], ["zero_f"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
-        n("CastLike", ["zero_f", "h"], ["zero"]),
+        n("Constant", [], ["zero"], value=helper.make_tensor("zero", dtype, [], [0.0])),
         n("Where", ["flag", "corr_all", "zero"], ["corr"]),
         n("MatMul", ["corr", "w2"], ["corr_out"]),
         n("Add", ["y_lin", "corr_out"], ["y"]),
@@ -132,7 +128,7 @@ def standalone_model(
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
-        functions=[fallback_function(variant, opset)] if with_function else [],
+        functions=[fallback_function(variant, opset, dtype)] if with_function else [],
     )
     model.ir_version = 8
     return model

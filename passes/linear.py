@@ -1,0 +1,216 @@
+"""Recognise the two Linear layers around an activation, in every spelling exporters use.
+
+Matched spellings (``W`` must be a constant; ``b`` is optional — Falcon has none)::
+
+    MatMul + Add            x ─► MatMul(·, W) ─► Add(·, b) ─►            (Add operands in either order)
+    Gemm                    x ─► Gemm(·, W|Wᵀ, b; alpha, beta, transB) ─►
+    Transpose → MatMul      x ─► MatMul(·, Transpose(Wᵀ)) ─► [Add(·, b)] ─►
+    Reshape-wrapped Gemm    x2d ─► Gemm ─► Reshape(→[B,S,D]) ─► GELU ─► Reshape(→[-1,D]) ─► Gemm ─►
+                            (GPT-2's Conv1D export: the inner Reshape pair is dropped by the rewrite,
+                             since GELU is rowwise; the outer Reshapes stay where they are)
+
+Every failure returns a reason naming the node and the problem (quantized weights, weights that are
+graph inputs, a bias or intermediate with another consumer, an unsupported layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+_QUANTIZED_PRODUCERS = {"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"}
+_QUANTIZED_LINEARS = {"MatMulInteger", "MatMulNBits", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat",
+                      "DynamicQuantizeMatMul", "GatherBlockQuantized", "QAttention"}
+
+
+@dataclasses.dataclass
+class Linear:
+    """``y = x · W + b`` as found in the graph; weights are read lazily (large models)."""
+
+    x: ir.Value
+    y: ir.Value
+    nodes: list[ir.Node]
+    weight: Callable[[], np.ndarray]  # (in, out)
+    bias: Callable[[], np.ndarray | None]
+    in_features: int
+    out_features: int
+    spelling: str
+    dtype: ir.DataType
+
+
+class LinearMismatch(Exception):
+    """The tensors around the activation are not a foldable Linear; the message says why."""
+
+
+def _const(value: ir.Value, role: str, node: ir.Node) -> ir.TensorProtocol:
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is not None:
+        return tensor
+    producer = value.producer()
+    if producer is not None and producer.op_type in _QUANTIZED_PRODUCERS:
+        raise LinearMismatch(
+            f"quantized weights: {role} of node '{node.name}' comes from {producer.op_type} "
+            f"'{producer.name}'; quantized blocks are not folded")
+    if value.is_graph_input():
+        raise LinearMismatch(
+            f"non-constant weights: {role} '{value.name}' of node '{node.name}' is a graph input, "
+            "not a constant initializer")
+    what = f"{producer.op_type} '{producer.name}'" if producer is not None else "nothing"
+    raise LinearMismatch(f"non-constant weights: {role} '{value.name}' of node '{node.name}' is "
+                         f"computed by {what}")
+
+
+def _matrix(value: ir.Value, node: ir.Node, role: str) -> tuple[Callable[[], np.ndarray], tuple[int, int], list[ir.Node]]:
+    """A constant 2-D weight, seen through an optional ``Transpose(perm=[1, 0])``."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and ir.convenience.get_const_tensor(value) is None:
+        perm = producer.attributes.get("perm")
+        if perm is not None and list(perm.value) != [1, 0]:
+            raise LinearMismatch(f"unsupported layout: Transpose '{producer.name}' feeding {role} has perm "
+                                 f"{list(perm.value)}")
+        tensor = _const(producer.inputs[0], role, producer)
+        if len(tensor.shape) != 2:
+            raise LinearMismatch(f"unsupported layout: {role} of '{node.name}' is not a matrix")
+        rows, cols = (int(s) for s in tensor.shape)
+        return (lambda: np.asarray(tensor.numpy()).T), (cols, rows), [producer]
+    tensor = _const(value, role, node)
+    if len(tensor.shape) != 2:
+        raise LinearMismatch(f"unsupported layout: {role} of '{node.name}' has shape {list(tensor.shape)}, "
+                             "not a matrix")
+    rows, cols = (int(s) for s in tensor.shape)
+    return (lambda: np.asarray(tensor.numpy())), (rows, cols), []
+
+
+def _vector(value: ir.Value, node: ir.Node, size: int) -> Callable[[], np.ndarray] | None:
+    """A constant bias broadcastable to ``[size]`` (shapes [size], [1, size], [1, 1, size])."""
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    shape = [int(s) for s in tensor.shape]
+    if not shape or shape[-1] != size or any(s != 1 for s in shape[:-1]):
+        return None
+    return lambda: np.asarray(tensor.numpy()).reshape(size)
+
+
+def _single_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _gemm(node: ir.Node, input_index: int) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], int, int]:
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    if attrs.get("transA", 0) or input_index != 0:
+        raise LinearMismatch(f"unsupported layout: Gemm '{node.name}' uses transA or takes the activation "
+                             "as its second operand")
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    weight_raw, shape, _ = _matrix(node.inputs[1], node, "weight")
+    if attrs.get("transB", 0):
+        raw = weight_raw
+        weight_raw = lambda: raw().T  # noqa: E731 - tiny adapter
+        shape = (shape[1], shape[0])
+    weight = (lambda: weight_raw() * alpha) if alpha != 1.0 else weight_raw
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        raw_bias = _vector(node.inputs[2], node, shape[1])
+        if raw_bias is None:
+            raise LinearMismatch(f"unsupported layout: bias C of Gemm '{node.name}' is not a constant "
+                                 f"vector of {shape[1]}")
+        bias = (lambda: raw_bias() * beta) if beta != 1.0 else raw_bias
+    return weight, (bias or (lambda: None)), shape[0], shape[1]
+
+
+def match_before(h: ir.Value) -> Linear:
+    """The Linear layer producing ``h`` (the activation's input)."""
+    node = h.producer()
+    if node is None:
+        raise LinearMismatch(f"no Linear before the activation: '{h.name}' is a graph input")
+    if node.op_type in _QUANTIZED_LINEARS:
+        raise LinearMismatch(f"quantized weights: the first Linear is {node.op_type} '{node.name}'")
+    if node.op_type == "Gemm":
+        weight, bias, d_in, d_out = _gemm(node, 0)
+        return Linear(node.inputs[0], h, [node], weight, bias, d_in, d_out, "Gemm", h.dtype)
+    bias = lambda: None  # noqa: E731
+    nodes: list[ir.Node] = []
+    spelling = "MatMul"
+    if node.op_type == "Add":
+        a, b = node.inputs
+        mm_value = a if (a.producer() is not None and a.producer().op_type in ("MatMul", *_QUANTIZED_LINEARS)) else b
+        bias_value = b if mm_value is a else a
+        mm = mm_value.producer()
+        if mm is None or mm.op_type not in ("MatMul", *_QUANTIZED_LINEARS):
+            raise LinearMismatch(f"no Linear before the activation: '{h.name}' comes from Add '{node.name}' "
+                                 "whose operands are not a MatMul and a constant bias")
+        if mm.op_type in _QUANTIZED_LINEARS:
+            raise LinearMismatch(f"quantized weights: the first Linear is {mm.op_type} '{mm.name}'")
+        if not _single_use(mm_value):
+            raise LinearMismatch(f"shared intermediate: the MatMul output '{mm_value.name}' before the bias "
+                                 "has another consumer")
+        nodes.append(node)
+        node_bias = bias_value
+        spelling = "MatMul+Add"
+    elif node.op_type == "MatMul":
+        mm, node_bias = node, None
+    else:
+        raise LinearMismatch(f"no Linear before the activation: '{h.name}' is produced by {node.op_type} "
+                             f"'{node.name}'")
+    if mm.inputs[1] is None or mm.inputs[0] is None:
+        raise LinearMismatch(f"malformed MatMul '{mm.name}'")
+    weight, (d_in, d_out), extra = _matrix(mm.inputs[1], mm, "weight")
+    if extra:
+        spelling = "Transpose→" + spelling
+    if node_bias is not None:
+        vector = _vector(node_bias, node, d_out)
+        if vector is None:
+            _const(node_bias, "bias", node)  # raises the precise reason when it is not constant
+            raise LinearMismatch(f"unsupported layout: bias of '{node.name}' is not a vector of {d_out}")
+        bias = vector
+    return Linear(mm.inputs[0], h, [mm, *extra, *nodes], weight, bias, d_in, d_out, spelling, h.dtype)
+
+
+def match_after(g: ir.Value) -> Linear:
+    """The Linear layer consuming ``g`` (the activation's output) as its only consumer."""
+    uses = list(g.uses())
+    if len(uses) != 1 or g.is_graph_output():
+        raise LinearMismatch(f"shared intermediate: the activation output '{g.name}' has {len(uses)} "
+                             f"consumers{' and is a graph output' if g.is_graph_output() else ''}")
+    node, index = uses[0].node, uses[0].idx
+    if node.op_type in _QUANTIZED_LINEARS:
+        raise LinearMismatch(f"quantized weights: the second Linear is {node.op_type} '{node.name}'")
+    if node.op_type == "Gemm":
+        weight, bias, d_in, d_out = _gemm(node, index)
+        y = node.outputs[0]
+        return Linear(g, y, [node], weight, bias, d_in, d_out, "Gemm", y.dtype)
+    if node.op_type != "MatMul" or index != 0:
+        raise LinearMismatch(f"no Linear after the activation: '{g.name}' feeds {node.op_type} "
+                             f"'{node.name}'" + (" as its right operand" if node.op_type == "MatMul" else ""))
+    weight, (d_in, d_out), extra = _matrix(node.inputs[1], node, "weight")
+    y = node.outputs[0]
+    nodes = [node, *extra]
+    bias = lambda: None  # noqa: E731
+    spelling = ("Transpose→" if extra else "") + "MatMul"
+    y_uses = list(y.uses())
+    if len(y_uses) == 1 and not y.is_graph_output() and y_uses[0].node.op_type == "Add":
+        add = y_uses[0].node
+        other = add.inputs[1 - y_uses[0].idx]
+        vector = _vector(other, add, d_out) if other is not None else None
+        if vector is not None:
+            bias, y = vector, add.outputs[0]
+            nodes.append(add)
+            spelling += "+Add"
+    return Linear(g, y, nodes, weight, bias, d_in, d_out, spelling, y.dtype)
+
+
+def shape_last_dim(shape_value: ir.Value) -> tuple[int | None, int | None]:
+    """(rank, last dim) of a Reshape target when knowable: a constant, or a Concat ending in a constant."""
+    tensor = ir.convenience.get_const_tensor(shape_value)
+    if tensor is not None:
+        dims = np.asarray(tensor.numpy()).reshape(-1)
+        return len(dims), int(dims[-1])
+    producer = shape_value.producer()
+    if producer is not None and producer.op_type == "Concat":
+        last = ir.convenience.get_const_tensor(producer.inputs[-1])
+        if last is not None:
+            return None, int(np.asarray(last.numpy()).reshape(-1)[-1])
+    return None, None

@@ -1,0 +1,117 @@
+"""Calibration: run the original model in ONNX Runtime and stream block statistics.
+
+The capture model is the original graph with its own outputs dropped and each block's *input* ``x``
+exposed instead; pre-activations are recomputed as ``h = x·W1 + b1`` in NumPy. Capturing ``x`` rather
+than ``h`` moves D/d = 4× less data out of ORT and sees every spelling the same way (a bias fused into
+``FastGelu``/``BiasGelu`` is part of ``b1`` here). Padding rows are dropped when an attention mask is fed.
+
+Pass 1 reduces ``h`` into per-neuron histogram moments (:mod:`tardis_compile.histogram`); pass 2 (after
+the ranges are fitted) accumulates the refit's normal equations. Neither keeps more than one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from tardis_compile.errors import CalibrationDataError
+from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
+from tardis_compile.histogram import Grid, NeuronStats
+from tardis_compile.passes.ffn_match import FfnBlock
+from tardis_compile.progress import Progress
+
+_IN_MEMORY_LIMIT = 1_800_000_000
+
+
+@contextlib.contextmanager
+def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0) -> Iterator[ort.InferenceSession]:
+    """An ORT session over ``model`` whose outputs are exactly ``values`` (the model is restored after)."""
+    original = list(model.graph.outputs)
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(dict.fromkeys(values))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        with tempfile.TemporaryDirectory(prefix="tardis-capture-") as tmp:
+            from tardis_compile.modelio import weight_bytes
+
+            if weight_bytes(model) > _IN_MEMORY_LIMIT:
+                path = Path(tmp) / "capture.onnx"
+                ir.save(model, path, external_data="capture.onnx.data")
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            else:
+                proto = ir.to_proto(model)
+                session = ort.InferenceSession(proto.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+            yield session
+    finally:
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(original)
+
+
+def stream_block_inputs(
+    model: ir.Model, blocks: list[FfnBlock], source: FeedSource, *, what: str, mask_input: str | None = None,
+    threads: int = 0, progress: Progress | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield, per batch, ``{block name: x rows (tokens, d)}`` with padding rows removed."""
+    xs = [b.x for b in blocks]
+    with capture_session(model, xs, threads) as session:
+        specs = input_specs(session)
+        names = [o.name for o in session.get_outputs()]
+        index = {v.name: i for i, v in enumerate(dict.fromkeys(xs))}
+        for feed in validated(source, specs, what)():
+            try:
+                outs = session.run(names, feed)
+            except Exception as err:  # ORT's own message names the failing node and shapes
+                raise CalibrationDataError(f"{what}: the model failed on this data: {err}") from err
+            batch = {}
+            for block in blocks:
+                x = outs[index[block.x.name]]
+                rows = x.reshape(-1, x.shape[-1])
+                keep = mask_rows(feed, rows.shape[0], mask_input)
+                batch[block.name] = rows[keep] if keep is not None else rows
+            if progress is not None:
+                progress.step(next(iter(batch.values())).shape[0])
+            yield batch
+
+
+class BlockWeights:
+    """float32 copies of the weights the NumPy side needs per block (read once, lazily)."""
+
+    def __init__(self, blocks: list[FfnBlock]) -> None:
+        self._blocks = {b.name: b for b in blocks}
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def pre_activation(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name not in self._cache:
+            block = self._blocks[name]
+            self._cache[name] = (block.w1().astype(np.float32), block.b1().astype(np.float32))
+        w1, b1 = self._cache[name]
+        return x.astype(np.float32, copy=False) @ w1 + b1
+
+
+def collect_stats(
+    model: ir.Model, blocks: list[FfnBlock], source: FeedSource, *, grid: Grid | None = None,
+    mask_input: str | None = None, threads: int = 0, progress_factory: Callable[[str], Progress] | None = None,
+) -> dict[str, NeuronStats]:
+    """Pass 1: per-neuron histogram moments of every block's pre-activations."""
+    stats = {b.name: NeuronStats.empty(b.hidden, b.variant, grid) for b in blocks}
+    weights = BlockWeights(blocks)
+    progress = progress_factory("calibrate: ranges") if progress_factory else None
+    for batch in stream_block_inputs(model, blocks, source, what="calibration data", mask_input=mask_input,
+                                     threads=threads, progress=progress):
+        for name, x in batch.items():
+            stats[name].add(weights.pre_activation(name, x))
+    if progress is not None:
+        progress.done()
+    tokens = min((s.tokens for s in stats.values()), default=0)
+    if tokens == 0:
+        raise CalibrationDataError("calibration data: no tokens left after removing padding")
+    return stats

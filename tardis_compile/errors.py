@@ -1,0 +1,23 @@
+"""Errors a user can act on. The CLI prints their message as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class TardisError(Exception):
+    """Base class: the message names the problem and, where possible, what to do."""
+
+
+class ModelLoadError(TardisError):
+    """The input model is unreadable or not valid ONNX."""
+
+
+class NoFoldableBlockError(TardisError):
+    """No plain GELU feed-forward block was found; the message lists why each candidate was rejected."""
+
+
+class CalibrationDataError(TardisError):
+    """Calibration or evaluation feeds do not fit the model (names, shapes, dtypes) or are empty."""
+
+
+class OutputPathError(TardisError):
+    """The output would overwrite the input or cannot be written."""

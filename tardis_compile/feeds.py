@@ -1,0 +1,189 @@
+"""Calibration and evaluation data: ``.npz`` feeds, a ``load_data()`` script, or text + tokenizer.
+
+Every source becomes a re-iterable *feed source* (calling it yields feed dicts ``{input name: array}``),
+because calibration streams the data twice (ranges, then the refit) and nothing may hold all of it.
+Feeds are validated against the model's inputs before anything runs, so a wrong name, dtype or shape is
+reported as such rather than as an ONNX Runtime traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from tardis_compile.errors import CalibrationDataError
+
+Feed = dict[str, np.ndarray]
+FeedSource = Callable[[], Iterable[Feed]]
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+@dataclasses.dataclass
+class InputSpec:
+    """A model input as ONNX Runtime sees it: name, numpy dtype, shape (ints or symbolic names)."""
+
+    name: str
+    dtype: type
+    shape: list
+
+
+def input_specs(session) -> list[InputSpec]:
+    """The inputs of an ``onnxruntime.InferenceSession``."""
+    return [InputSpec(i.name, _ORT_TO_NUMPY.get(i.type, object), list(i.shape)) for i in session.get_inputs()]
+
+
+def validate(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: str) -> Feed:
+    """Check one feed dict against the model inputs; return it with arrays as numpy."""
+    names = {s.name for s in specs}
+    missing = [s.name for s in specs if s.name not in feed]
+    extra = [k for k in feed if k not in names]
+    if missing or extra:
+        raise CalibrationDataError(
+            f"{where}: feed names do not match the model inputs: missing {missing}, unexpected {extra} "
+            f"(model inputs: {sorted(names)})")
+    out: Feed = {}
+    for spec in specs:
+        arr = np.asarray(feed[spec.name])
+        if arr.dtype != spec.dtype:
+            raise CalibrationDataError(
+                f"{where}: input '{spec.name}' has dtype {arr.dtype}, the model expects "
+                f"{np.dtype(spec.dtype).name}")
+        if arr.ndim != len(spec.shape):
+            raise CalibrationDataError(
+                f"{where}: input '{spec.name}' has shape {list(arr.shape)} (rank {arr.ndim}), the model "
+                f"expects rank {len(spec.shape)} {spec.shape}")
+        for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise CalibrationDataError(
+                    f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
+                    f"{spec.shape} (axis {axis} must be {want})")
+        if arr.size == 0:
+            raise CalibrationDataError(f"{where}: input '{spec.name}' is empty (shape {list(arr.shape)})")
+        out[spec.name] = arr
+    return out
+
+
+def validated(source: FeedSource, specs: list[InputSpec], what: str) -> FeedSource:
+    """Wrap a source so every feed is validated and an empty source is an error."""
+
+    def run() -> Iterator[Feed]:
+        count = 0
+        for i, feed in enumerate(source()):
+            if not isinstance(feed, Mapping):
+                raise CalibrationDataError(f"{what}: item {i} is a {type(feed).__name__}, not a dict of "
+                                           "input name → array")
+            count += 1
+            yield validate(feed, specs, f"{what}, batch {i}")
+        if count == 0:
+            raise CalibrationDataError(f"{what}: no data (the source yielded no feed dicts)")
+
+    return run
+
+
+def from_npz(path: Path) -> FeedSource:
+    """One ``.npz`` (one feed dict) or a directory of them (one feed dict each, sorted by name)."""
+    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not files:
+        raise CalibrationDataError(f"calibration data '{path}': directory holds no .npz files")
+
+    def run() -> Iterator[Feed]:
+        for file in files:
+            try:
+                with np.load(file, allow_pickle=False) as data:
+                    yield {k: data[k] for k in data.files}
+            except (OSError, ValueError) as err:
+                raise CalibrationDataError(f"calibration data '{file}': not a readable .npz ({err})") from err
+
+    return run
+
+
+def from_script(path: Path) -> FeedSource:
+    """A Python file defining ``load_data()`` that yields feed dicts (the Polygraphy convention)."""
+    spec = importlib.util.spec_from_file_location(f"tardis_calib_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise CalibrationDataError(f"calibration script '{path}' cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's script: report, do not crash
+        raise CalibrationDataError(f"calibration script '{path}' failed to import: {err!r}") from err
+    load = getattr(module, "load_data", None)
+    if not callable(load):
+        raise CalibrationDataError(f"calibration script '{path}' defines no load_data() function")
+    return lambda: load()
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of a text file: blocks separated by blank lines (or single lines if there are none)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    blocks = [" ".join(b.split()) for b in text.split("\n\n")]
+    docs = [b for b in blocks if b]
+    if len(docs) <= 1:
+        docs = [line.strip() for line in text.splitlines() if line.strip()]
+    return docs
+
+
+def from_text(
+    docs: list[str], tokenizer_json: Path, input_names: list[str], *, batch_size: int = 8,
+    max_length: int = 128,
+) -> FeedSource:
+    """Tokenize documents with a Hugging Face ``tokenizer.json`` into padded batches.
+
+    Produces ``input_ids``, ``attention_mask`` and ``token_type_ids`` — whichever of them the model takes.
+    """
+    if not docs:
+        raise CalibrationDataError("calibration text holds no documents")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.enable_truncation(max_length)
+    pad_id = tok.token_to_id("[PAD]") or 0
+    tok.enable_padding(pad_id=pad_id, pad_token="[PAD]")
+
+    def run() -> Iterator[Feed]:
+        it = iter(docs)
+        while batch := list(itertools.islice(it, batch_size)):
+            enc = tok.encode_batch(batch)
+            arrays = {
+                "input_ids": np.array([e.ids for e in enc], np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+                "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
+            }
+            yield {k: v for k, v in arrays.items() if k in input_names}
+
+    return run
+
+
+def holdout_split(source: FeedSource, every: int) -> tuple[FeedSource, FeedSource]:
+    """Split batches: each ``every``-th batch is held out for verification, the rest calibrate."""
+
+    def calib() -> Iterator[Feed]:
+        for i, feed in enumerate(source()):
+            if every <= 1 or i % every != every - 1:
+                yield feed
+
+    def held() -> Iterator[Feed]:
+        for i, feed in enumerate(source()):
+            if every > 1 and i % every == every - 1:
+                yield feed
+
+    return calib, held
+
+
+def mask_rows(feed: Feed, rows: int, mask_name: str | None) -> np.ndarray | None:
+    """Boolean mask of non-padding rows for a tensor whose leading axes hold ``rows`` rows, if known."""
+    names = [mask_name] if mask_name else [k for k in feed if "attention_mask" in k]
+    for name in names:
+        if name in feed and feed[name].size == rows:
+            return feed[name].reshape(-1) != 0
+    return None

@@ -1,0 +1,119 @@
+"""Per-neuron streaming statistics of pre-activations: histograms with exact per-bin moments.
+
+Memory is fixed by (neurons × bins), never by the number of calibration tokens. Every neuron shares one
+grid, dense near zero (where GELU bends) and geometric in the tails: edges at ``s·sinh(u)`` for ``u``
+uniform, covering ±1e4 with open-ended first and last bins. Each bin keeps the exact sums
+``n, Σh, Σh², Σg, Σg², Σh·g`` with ``g = GELU(h)``, so the least-squares line of GELU on *any* interval
+between grid edges — and its squared error — comes out of prefix sums in O(1), which is what the
+error-aware range search needs. Histograms of separate shards merge by addition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from tardis_compile.gelu import gelu
+
+MOMENTS = ("n", "h", "hh", "g", "gg", "hg")
+DEFAULT_BINS = 512
+_SCALE = 0.25
+_LIMIT = 1.0e4
+
+
+@dataclasses.dataclass
+class Grid:
+    """The shared bin grid: ``bins`` bins, inner edges ``scale·sinh(u)`` with ``u`` uniform."""
+
+    bins: int = DEFAULT_BINS
+    scale: float = _SCALE
+    limit: float = _LIMIT
+
+    @property
+    def _u_max(self) -> float:
+        return float(np.arcsinh(self.limit / self.scale))
+
+    def edges(self) -> np.ndarray:
+        """``bins + 1`` edges; the first and last are ∓inf (open-ended overflow bins)."""
+        u = np.linspace(-self._u_max, self._u_max, self.bins - 1)
+        inner = self.scale * np.sinh(u)
+        return np.concatenate([[-np.inf], inner, [np.inf]])
+
+    def index(self, h: np.ndarray) -> np.ndarray:
+        """Bin index of each value (int64)."""
+        u = np.arcsinh(h.astype(np.float64, copy=False) / self.scale)
+        step = 2.0 * self._u_max / (self.bins - 2)
+        idx = np.floor((u + self._u_max) / step).astype(np.int64) + 1
+        return np.clip(idx, 0, self.bins - 1)
+
+
+@dataclasses.dataclass
+class NeuronStats:
+    """Histogram moments of one block's D neurons: ``moments[k]`` is (D, bins) for ``MOMENTS[k]``."""
+
+    variant: str
+    grid: Grid
+    moments: np.ndarray  # (6, D, bins) float64
+
+    @classmethod
+    def empty(cls, neurons: int, variant: str, grid: Grid | None = None) -> "NeuronStats":
+        grid = grid or Grid()
+        return cls(variant, grid, np.zeros((len(MOMENTS), neurons, grid.bins), np.float64))
+
+    @property
+    def neurons(self) -> int:
+        return self.moments.shape[1]
+
+    @property
+    def tokens(self) -> int:
+        """Calibration tokens seen (every neuron sees every token)."""
+        return int(round(self.moments[0, 0].sum())) if self.neurons else 0
+
+    def add(self, h: np.ndarray) -> None:
+        """Accumulate pre-activations ``h`` of shape (tokens, D)."""
+        h = np.asarray(h, dtype=np.float64).reshape(-1, self.neurons)
+        if h.shape[0] == 0:
+            return
+        bins = self.grid.bins
+        flat = (self.grid.index(h) + np.arange(self.neurons, dtype=np.int64) * bins).ravel()
+        g = gelu(h, self.variant)
+        size = self.neurons * bins
+        for k, weights in enumerate((None, h, h * h, g, g * g, h * g)):
+            w = None if weights is None else weights.ravel()
+            self.moments[k] += np.bincount(flat, weights=w, minlength=size).reshape(self.neurons, bins)
+
+    def merge(self, other: "NeuronStats") -> None:
+        """Add another shard's statistics (same block, same grid)."""
+        if other.grid != self.grid or other.moments.shape != self.moments.shape or other.variant != self.variant:
+            raise ValueError("cannot merge statistics with a different grid, variant or neuron count")
+        self.moments += other.moments
+
+    def prefix(self) -> np.ndarray:
+        """(6, D, bins + 1) prefix sums over bins: interval [a, b) sums are ``P[..., b] - P[..., a]``."""
+        out = np.zeros(self.moments.shape[:2] + (self.moments.shape[2] + 1,), np.float64)
+        np.cumsum(self.moments, axis=2, out=out[:, :, 1:])
+        return out
+
+
+def save(stats: dict[str, NeuronStats], path: str | Path) -> None:
+    """Save per-block statistics to one ``.npz`` (reloadable, mergeable across shards)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, s in stats.items():
+        arrays[f"{name}/moments"] = s.moments
+        arrays[f"{name}/grid"] = np.array([s.grid.bins, s.grid.scale, s.grid.limit])
+        arrays[f"{name}/variant"] = np.array(s.variant)
+    np.savez_compressed(path, **arrays)
+
+
+def load(path: str | Path) -> dict[str, NeuronStats]:
+    """Inverse of :func:`save`."""
+    with np.load(path, allow_pickle=False) as data:
+        names = sorted({key.split("/")[0] for key in data.files})
+        out = {}
+        for name in names:
+            bins, scale, limit = data[f"{name}/grid"]
+            out[name] = NeuronStats(str(data[f"{name}/variant"]), Grid(int(bins), float(scale), float(limit)),
+                                    data[f"{name}/moments"])
+    return out

@@ -1,0 +1,118 @@
+"""Read and write models without ever losing the user's file.
+
+* Load through ``onnx_ir`` (external data stays memory-mapped, no full proto copy), after checking the
+  file exists, parses and passes ``onnx.checker``.
+* Write to a temporary folder beside the destination, validate there (``onnx.checker`` full check and an
+  ONNX Runtime session), then move the data file and the model into place (``os.replace``, atomic on one
+  file system). The input model and its external data are never a destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import onnx
+import onnx_ir as ir
+
+from tardis_compile.errors import ModelLoadError, OutputPathError
+
+TWO_GB = 2**31
+_EXTERNAL_THRESHOLD = 1_800_000_000  # leave headroom below protobuf's 2 GB limit
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load and check a model; every failure is a :class:`ModelLoadError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"cannot read model '{path}': no such file")
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"invalid ONNX model '{path}': {first}") from err
+    except Exception as err:  # protobuf decode errors and friends
+        raise ModelLoadError(f"cannot read model '{path}': not a valid ONNX file ({type(err).__name__}: "
+                             f"{str(err).strip()[:200] or 'unparseable'})") from err
+    try:
+        return ir.load(path)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read model '{path}': {type(err).__name__}: {err}") from err
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers (what decides external data)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _external_files(model_path: Path) -> set[Path]:
+    """External data files a model on disk refers to (without loading the weights)."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    files = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add((model_path.parent / entry.value).resolve())
+    return files
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Refuse to write over the input model or any file it depends on."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if src == dst:
+        raise OutputPathError(f"output path '{dst}' is the input model; choose another output (the input "
+                              "is never overwritten)")
+    protected = _external_files(src) if src.is_file() else set()
+    data = dst.with_name(dst.name + ".data")
+    if data in protected:
+        raise OutputPathError(f"output data file '{data}' is the input model's external data")
+    if dst.is_dir():
+        raise OutputPathError(f"output path '{dst}' is a directory")
+    if not dst.parent.is_dir():
+        raise OutputPathError(f"output directory '{dst.parent}' does not exist")
+
+
+def save(model: ir.Model, dst: str | os.PathLike, *, external_data: bool | None = None,
+         validate: Callable[[Path], None] | None = None) -> Path:
+    """Validate and write ``model`` to ``dst`` atomically; external data goes to ``<dst>.data``.
+
+    ``external_data=None`` decides by size (on above ~1.8 GB of weights, or when the input had it).
+    ``validate`` gets the temporary path and may raise; nothing is moved into place if it does.
+    """
+    dst = Path(dst)
+    if external_data is None:
+        external_data = uses_external_data(model) or weight_bytes(model) > _EXTERNAL_THRESHOLD
+    with _staging(dst.parent) as tmp:
+        tmp_model = tmp / dst.name
+        data_name = dst.name + ".data"
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            ir.save(model, tmp_model)
+        onnx.checker.check_model(str(tmp_model), full_check=True)
+        if validate is not None:
+            validate(tmp_model)
+        if (tmp / data_name).exists():
+            os.replace(tmp / data_name, dst.parent / data_name)
+        os.replace(tmp_model, dst)
+    return dst
+
+
+@contextlib.contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".tardis-", dir=folder))
+    except OSError as err:
+        raise OutputPathError(f"cannot write to '{folder}': {err.strerror}") from err
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

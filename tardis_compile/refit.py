@@ -1,0 +1,47 @@
+"""Least-squares refit of the folded matrix (METHOD.md §2, ours).
+
+Once ranges are fixed, the folded part should reproduce what the fallback does not: the block's true
+output minus the fallback corrections, ``T = Σ_j u_j·W2[j,:] + b2`` with ``u_j = GELU(h_j)`` in range and
+``α_j h_j + β_j`` when the neuron is flagged. ``[W_f; b_f]`` is re-solved by ridge regression of ``T`` on
+``[x, 1]``, regularised toward the analytic fold. Only the normal equations ``[x,1]ᵀ[x,1]`` ((d+1)²) and
+``[x,1]ᵀT`` are kept, streamed over the calibration data: memory does not grow with tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tardis_compile.gelu import gelu
+from tardis_compile.fit import Lines
+
+DEFAULT_RIDGE = 1e-3
+
+
+class NormalEquations:
+    """Streaming ``A = Σ[x,1]ᵀ[x,1]`` and ``B = Σ[x,1]ᵀT`` for one block."""
+
+    def __init__(self, d: int, d_out: int) -> None:
+        self.a = np.zeros((d + 1, d + 1), np.float64)
+        self.b = np.zeros((d + 1, d_out), np.float64)
+        self.tokens = 0
+
+    def add(self, x: np.ndarray, h: np.ndarray, w2: np.ndarray, b2: np.ndarray, lines: Lines,
+            variant: str) -> None:
+        """Accumulate rows ``x`` (tokens, d) with exact pre-activations ``h`` (tokens, D)."""
+        x = np.asarray(x, np.float64)
+        in_range = (h >= lines.lo) & (h <= lines.hi)
+        u = np.where(in_range, gelu(h, variant), lines.alpha * h + lines.beta)
+        target = u @ np.asarray(w2, np.float64) + b2
+        xa = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+        self.a += xa.T @ xa
+        self.b += xa.T @ target
+        self.tokens += x.shape[0]
+
+    def solve(self, w_f: np.ndarray, b_f: np.ndarray, ridge: float = DEFAULT_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+        """Ridge solution pulled toward the analytic fold ``(w_f, b_f)``; ``ridge`` is relative to
+        the mean diagonal of ``A``."""
+        prior = np.concatenate([w_f, b_f[None, :]], axis=0)
+        mu = ridge * float(np.mean(np.diag(self.a))) + 1e-12
+        lhs = self.a + mu * np.eye(self.a.shape[0])
+        sol = np.linalg.solve(lhs, self.b + mu * prior)
+        return sol[:-1], sol[-1]
