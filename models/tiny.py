@@ -33,7 +33,9 @@ GELU_SPELLINGS: dict[str, str] = {
     "erf_op": "none",           # ONNX Gelu (opset 20), approximate="none"
     "tanh_op": "tanh",          # ONNX Gelu (opset 20), approximate="tanh"
     "erf_decomposed": "none",   # TorchScript exporter: Div(√2) → Erf → Add(1) → Mul(h) → Mul(0.5)
+    "erf_decomposed_dynamo": "none",  # dynamo exporter: Div(√2) → Erf → Add(1) → Mul(0.5, ·) → Mul(h, ·)
     "tanh_decomposed": "tanh",  # GPT-2 gelu_new as exported: Mul/Pow/Mul/Add/Mul/Tanh/Add/Mul
+    "tanh_decomposed_bloom": "tanh",  # BLOOM: 0.5h · (1 + tanh(0.79788456h · (1 + 0.044715h·h)))
     "ms_gelu": "none",          # com.microsoft Gelu (erf)
     "ms_fastgelu": "tanh",      # com.microsoft FastGelu(h, bias) (tanh approximation)
     "ms_biasgelu": "none",      # com.microsoft BiasGelu(h, bias) (erf)
@@ -42,7 +44,8 @@ GELU_SPELLINGS: dict[str, str] = {
 NON_GELU_ACTIVATIONS: tuple[str, ...] = ("quick_gelu", "relu", "silu")
 ACTIVATIONS: tuple[str, ...] = (*GELU_SPELLINGS, *NON_GELU_ACTIVATIONS)
 #: Spellings of the two Linear layers.
-LINEAR_SPELLINGS: tuple[str, ...] = ("matmul_add", "gemm", "gemm_reshape", "transpose_matmul")
+LINEAR_SPELLINGS: tuple[str, ...] = ("matmul_add", "matmul_add_swapped", "gemm", "gemm_reshape",
+                                     "transpose_matmul")
 #: ``shared_intermediate`` values: which tensor of the block gets a second use.
 SHARED_INTERMEDIATE: tuple[str, ...] = ("gelu", "preact", "gelu_output")
 
@@ -134,7 +137,7 @@ def _linear(g: _Graph, x: str, W: np.ndarray, b: np.ndarray | None, spelling: st
     GPT-2's ``Conv1D`` stores W ([in, out]; ``gemm_reshape``, exported as ``addmm``).
     """
     d_in, d_out = W.shape
-    if spelling == "matmul_add":
+    if spelling in ("matmul_add", "matmul_add_swapped"):
         w, W_used = _weight(g, f"{scope}.weight", W, source, out_axis=1)
         h = g.op("MatMul", [x, w], scope)
     elif spelling == "transpose_matmul":
@@ -173,7 +176,9 @@ def _linear(g: _Graph, x: str, W: np.ndarray, b: np.ndarray | None, spelling: st
     else:
         raise ValueError(f"unknown linear spelling {spelling!r}; expected one of {LINEAR_SPELLINGS}")
     if b is not None:
-        h = g.op("Add", [h, g.init(f"{scope}.bias", b.astype(np.float32))], scope)
+        bias = g.init(f"{scope}.bias", b.astype(np.float32))
+        # The TorchScript exporter writes Add(bias, MatMul(...)); dynamo writes Add(MatMul(...), bias).
+        h = g.op("Add", [bias, h] if spelling == "matmul_add_swapped" else [h, bias], scope)
     return h, W_used
 
 
@@ -194,6 +199,22 @@ def _activation(g: _Graph, h: str, spelling: str, scope: str, bias: str | None) 
         t = g.op("Add", [t, c(1.0)], scope)
         t = g.op("Mul", [h, t], scope)
         return g.op("Mul", [t, c(0.5)], scope)
+    if spelling == "erf_decomposed_dynamo":  # the same formula as torch.onnx's dynamo exporter orders it
+        t = g.op("Div", [h, c(1.4142135)], scope)
+        t = g.op("Erf", [t], scope)
+        t = g.op("Add", [t, c(1.0)], scope)
+        t = g.op("Mul", [c(0.5), t], scope)
+        return g.op("Mul", [h, t], scope)
+    if spelling == "tanh_decomposed_bloom":  # BLOOM's bloom_gelu_forward, both exporters
+        half = g.op("Mul", [h, c(0.5)], scope)
+        k = g.op("Mul", [h, c(0.79788456)], scope)
+        t = g.op("Mul", [h, c(0.044715)], scope)
+        t = g.op("Mul", [t, h], scope)
+        t = g.op("Add", [t, c(1.0)], scope)
+        t = g.op("Mul", [k, t], scope)
+        t = g.op("Tanh", [t], scope)
+        t = g.op("Add", [t, c(1.0)], scope)
+        return g.op("Mul", [half, t], scope)
     if spelling == "tanh_decomposed":  # GPT-2 gelu_new: 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))
         half = g.op("Mul", [h, c(0.5)], scope)
         t = g.op("Pow", [h, c(3.0)], scope)
@@ -277,7 +298,10 @@ def ffn_model(
             itself a graph output (no second node consumer — a pass looking only at node uses misses it).
         weights_as_inputs: W1 is a graph input (non-constant weights) — must be refused; its value is
             in ``params[i]["feeds"]``.
-        quantized: W1 is ``DequantizeLinear`` of an int8 initializer — must be refused.
+        quantized: W1 is ``DequantizeLinear`` of an int8 initializer — must be refused. ``params`` hold the
+            dequantized W1. Note ONNX Runtime's default optimisation level fuses ``DequantizeLinear →
+            MatMul`` into ``MatMulNBits``, which also quantises the activations (errors ~1e-2): compare
+            with the reference at ``ORT_ENABLE_BASIC`` for exact results.
         constants: scalar and shape constants as ``Constant`` nodes (TorchScript exporter style) or as
             initializers (dynamo exporter style).
         return_params: also return the per-layer parameters (see below).
