@@ -1,0 +1,582 @@
+// Compute core of ai.tardis::GuardedFallback.
+//
+// Two strategies, chosen per call by a cost model (RunImpl):
+//   token: per token t, for every flagged neuron j: h = x_t . w1t[j] + b1[j], c = GELU(h) - a_j h - b_j,
+//          y_t += c * w2[j]. Work: sum_t |F(t)| * 2d, weights gathered per token.
+//   union: U = union_t F(t). H = X . W1t_U^T (tokens x |U|) as a blocked product, C = mask(corr(H)),
+//          Y += C . W2_U in register-blocked 4-token x 16-column tiles; each W row is read once per block
+//          of tokens instead of once per token. Wins when tokens share most flagged neurons (prefill).
+// Two instruction sets, chosen at run time: AVX2+FMA+F16C (functions compiled with
+// __attribute__((target(...))), so the library itself needs no -mavx2) and a portable C++ fallback.
+// Activations are float32 internally; float16 weights are converted on load (F16C on the AVX2 path).
+
+#include "gf_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TARDIS_X86 1
+#define TARDIS_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define TARDIS_X86 0
+#endif
+
+#ifndef ORT_API_MANUAL_INIT
+#define ORT_API_MANUAL_INIT
+#endif
+#include "onnxruntime_cxx_api.h"  // Ort::Float16_t conversions only (header-only code)
+
+namespace tardis {
+namespace {
+
+using half = uint16_t;
+
+inline float HalfToFloat(half h) { return Ort::Float16_t::FromBits(h).ToFloat(); }
+inline half FloatToHalf(float f) { return Ort::Float16_t(f).val; }
+
+inline float Ld(const float* p, int64_t i) { return p[i]; }
+inline float Ld(const half* p, int64_t i) { return HalfToFloat(p[i]); }
+
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+
+inline float Corr(float h, float a, float b, GeluKind kind) {
+  const double x = h;
+  const double g = kind == GeluKind::kErf ? 0.5 * x * (1.0 + std::erf(x * kInvSqrt2))
+                                          : 0.5 * x * (1.0 + std::tanh(kSqrt2OverPi * (x + 0.044715 * x * x * x)));
+  return static_cast<float>(g - (static_cast<double>(a) * x + static_cast<double>(b)));
+}
+
+// One entry of a packed C block: the W2 row of a union neuron and its corrections for 4 tokens.
+template <class W>
+struct Entry {
+  const W* row;
+  float c[4];
+  int64_t u;  // index in the union
+};
+
+template <class W>
+struct Kernels {
+  float (*dot)(const float* x, const W* w, int64_t n);
+  void (*axpy)(float* y, float a, const W* w, int64_t n);
+  // out[k] = x[k] . w for k < 4 (all four rows valid pointers).
+  void (*dot4)(const float* const* x, const W* w, int64_t n, float* out);
+  // y[k][c0:c1] += sum_e e.c[k] * e.row[c0:c1] for k < 4.
+  void (*update4)(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t c1);
+};
+
+// ------------------------------------------------------------------------------------------------
+// Portable kernels
+namespace portable {
+
+template <class W>
+float Dot(const float* x, const W* w, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += x[i + k] * Ld(w, i + k);
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) s += x[i] * Ld(w, i);
+  return s;
+}
+
+template <class W>
+void Axpy(float* y, float a, const W* w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * Ld(w, i);
+}
+
+template <class W>
+void Dot4(const float* const* x, const W* w, int64_t n, float* out) {
+  float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  for (int64_t i = 0; i < n; ++i) {
+    const float wv = Ld(w, i);
+    a0 += x0[i] * wv;
+    a1 += x1[i] * wv;
+    a2 += x2[i] * wv;
+    a3 += x3[i] * wv;
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
+template <class W>
+void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t c1) {
+  constexpr int64_t kB = 16;
+  for (int64_t c = c0; c < c1; c += kB) {
+    const int64_t m = std::min(kB, c1 - c);
+    float acc[4][kB];
+    for (int k = 0; k < 4; ++k)
+      for (int64_t i = 0; i < m; ++i) acc[k][i] = y[k][c + i];
+    for (int64_t q = 0; q < ne; ++q) {
+      const W* row = e[q].row + c;
+      for (int64_t i = 0; i < m; ++i) {
+        const float wv = Ld(row, i);
+        for (int k = 0; k < 4; ++k) acc[k][i] += e[q].c[k] * wv;
+      }
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int64_t i = 0; i < m; ++i) y[k][c + i] = acc[k][i];
+  }
+}
+
+template <class W>
+Kernels<W> Get() {
+  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4<W>};
+}
+
+}  // namespace portable
+
+// ------------------------------------------------------------------------------------------------
+// AVX2 + FMA (+ F16C for float16 weights)
+#if TARDIS_X86
+namespace avx2 {
+
+TARDIS_AVX2 inline __m256 Ld8(const float* p) { return _mm256_loadu_ps(p); }
+TARDIS_AVX2 inline __m256 Ld8(const half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+TARDIS_AVX2 inline float Hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <class W>
+TARDIS_AVX2 float Dot(const float* x, const W* w, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), Ld8(w + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), Ld8(w + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), Ld8(w + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), Ld8(w + i + 24), a3);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), Ld8(w + i), a0);
+  float s = Hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += x[i] * Ld(w, i);
+  return s;
+}
+
+template <class W>
+TARDIS_AVX2 void Axpy(float* y, float a, const W* w, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, Ld8(w + i), _mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(av, Ld8(w + i + 8), _mm256_loadu_ps(y + i + 8)));
+  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, Ld8(w + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * Ld(w, i);
+}
+
+template <class W>
+TARDIS_AVX2 void Dot4(const float* const* x, const W* w, int64_t n, float* out) {
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 w0 = Ld8(w + i), w1 = Ld8(w + i + 8);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + i), w0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + i), w0, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + i), w0, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + i), w0, a3);
+    b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + i + 8), w1, b0);
+    b1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + i + 8), w1, b1);
+    b2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + i + 8), w1, b2);
+    b3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + i + 8), w1, b3);
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 w0 = Ld8(w + i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + i), w0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + i), w0, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + i), w0, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + i), w0, a3);
+  }
+  float s0 = Hsum(_mm256_add_ps(a0, b0)), s1 = Hsum(_mm256_add_ps(a1, b1));
+  float s2 = Hsum(_mm256_add_ps(a2, b2)), s3 = Hsum(_mm256_add_ps(a3, b3));
+  for (; i < n; ++i) {
+    const float wv = Ld(w, i);
+    s0 += x0[i] * wv;
+    s1 += x1[i] * wv;
+    s2 += x2[i] * wv;
+    s3 += x3[i] * wv;
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+template <class W>
+TARDIS_AVX2 void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t c1) {
+  float *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
+  int64_t c = c0;
+  for (; c + 16 <= c1; c += 16) {
+    __m256 p0 = _mm256_loadu_ps(y0 + c), q0 = _mm256_loadu_ps(y0 + c + 8);
+    __m256 p1 = _mm256_loadu_ps(y1 + c), q1 = _mm256_loadu_ps(y1 + c + 8);
+    __m256 p2 = _mm256_loadu_ps(y2 + c), q2 = _mm256_loadu_ps(y2 + c + 8);
+    __m256 p3 = _mm256_loadu_ps(y3 + c), q3 = _mm256_loadu_ps(y3 + c + 8);
+    for (int64_t k = 0; k < ne; ++k) {
+      const W* row = e[k].row + c;
+      const __m256 w0 = Ld8(row), w1 = Ld8(row + 8);
+      __m256 s = _mm256_broadcast_ss(&e[k].c[0]);
+      p0 = _mm256_fmadd_ps(s, w0, p0);
+      q0 = _mm256_fmadd_ps(s, w1, q0);
+      s = _mm256_broadcast_ss(&e[k].c[1]);
+      p1 = _mm256_fmadd_ps(s, w0, p1);
+      q1 = _mm256_fmadd_ps(s, w1, q1);
+      s = _mm256_broadcast_ss(&e[k].c[2]);
+      p2 = _mm256_fmadd_ps(s, w0, p2);
+      q2 = _mm256_fmadd_ps(s, w1, q2);
+      s = _mm256_broadcast_ss(&e[k].c[3]);
+      p3 = _mm256_fmadd_ps(s, w0, p3);
+      q3 = _mm256_fmadd_ps(s, w1, q3);
+    }
+    _mm256_storeu_ps(y0 + c, p0);
+    _mm256_storeu_ps(y0 + c + 8, q0);
+    _mm256_storeu_ps(y1 + c, p1);
+    _mm256_storeu_ps(y1 + c + 8, q1);
+    _mm256_storeu_ps(y2 + c, p2);
+    _mm256_storeu_ps(y2 + c + 8, q2);
+    _mm256_storeu_ps(y3 + c, p3);
+    _mm256_storeu_ps(y3 + c + 8, q3);
+  }
+  for (; c + 8 <= c1; c += 8) {
+    __m256 p0 = _mm256_loadu_ps(y0 + c), p1 = _mm256_loadu_ps(y1 + c);
+    __m256 p2 = _mm256_loadu_ps(y2 + c), p3 = _mm256_loadu_ps(y3 + c);
+    for (int64_t k = 0; k < ne; ++k) {
+      const __m256 w0 = Ld8(e[k].row + c);
+      p0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&e[k].c[0]), w0, p0);
+      p1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&e[k].c[1]), w0, p1);
+      p2 = _mm256_fmadd_ps(_mm256_broadcast_ss(&e[k].c[2]), w0, p2);
+      p3 = _mm256_fmadd_ps(_mm256_broadcast_ss(&e[k].c[3]), w0, p3);
+    }
+    _mm256_storeu_ps(y0 + c, p0);
+    _mm256_storeu_ps(y1 + c, p1);
+    _mm256_storeu_ps(y2 + c, p2);
+    _mm256_storeu_ps(y3 + c, p3);
+  }
+  if (c < c1) portable::Update4<W>(y, e, ne, c, c1);
+}
+
+template <class W>
+Kernels<W> Get() {
+  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4<W>};
+}
+
+}  // namespace avx2
+#endif  // TARDIS_X86
+
+template <class W>
+Kernels<W> GetKernels(Isa isa) {
+#if TARDIS_X86
+  if (isa == Isa::kAvx2 && CpuHasAvx2()) return avx2::Get<W>();
+#endif
+  (void)isa;
+  return portable::Get<W>();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Parallel helpers
+
+template <class F>
+void ParallelFor(const Parallel& par, size_t n, F& f) {
+  if (n == 0) return;
+  if (n == 1) {
+    f(size_t{0});
+    return;
+  }
+  par.For(n, [](void* p, size_t i) { (*static_cast<F*>(p))(i); }, &f);
+}
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Flagged indices of one token: j with h_hat[j] < lo[j] or h_hat[j] > hi[j] (NaN: not flagged).
+template <class T>
+int64_t FlagRow(const T* hh, const T* lo, const T* hi, int64_t D, int32_t* out) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < D; ++j) {
+    const float v = Ld(hh, j);
+    out[n] = static_cast<int32_t>(j);
+    n += static_cast<int64_t>((v < Ld(lo, j)) | (v > Ld(hi, j)));
+  }
+  return n;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The two strategies. x: tokens x d float32 rows; y: tokens x d float32 accumulator holding y_lin.
+
+template <class T>
+struct Problem {
+  int64_t tokens, d, D;
+  const float* x;
+  float* y;
+  const T *w1t, *b1, *w2, *alpha, *beta;
+  GeluKind gelu;
+  const Kernels<T>* k;
+  const int32_t* flags;   // tokens x D, first counts[t] entries used per token
+  const int64_t* counts;
+};
+
+template <class T>
+void RunToken(const Problem<T>& p, const Parallel& par) {
+  const int64_t d = p.d, D = p.D, tokens = p.tokens;
+  const Kernels<T>& k = *p.k;
+  const int32_t* flags = p.flags;
+  const int64_t* counts = p.counts;
+  int64_t max_count = 0;
+  for (int64_t t = 0; t < tokens; ++t) max_count = std::max(max_count, counts[t]);
+  // Few tokens (decode): split each token's flagged set into chunks with private partial sums.
+  int64_t chunks = 1;
+  if (tokens < 8) chunks = std::max<int64_t>(1, std::min<int64_t>(CeilDiv(16, tokens), max_count / 64));
+  std::vector<float> partial(chunks > 1 ? static_cast<size_t>(tokens * chunks * d) : 0, 0.0f);
+
+  auto work = [&](size_t item) {
+    const int64_t t = static_cast<int64_t>(item) / chunks, c = static_cast<int64_t>(item) % chunks;
+    const int64_t n = counts[t];
+    const int64_t q0 = n * c / chunks, q1 = n * (c + 1) / chunks;
+    const int32_t* list = flags + t * D;
+    const float* xt = p.x + t * d;
+    float* acc = chunks > 1 ? partial.data() + (t * chunks + c) * d : p.y + t * d;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j = list[q];
+      if (q + 1 < q1) {
+        const int64_t jn = list[q + 1];
+        __builtin_prefetch(p.w1t + jn * d);
+        __builtin_prefetch(p.w2 + jn * d);
+      }
+      const float h = k.dot(xt, p.w1t + j * d, d) + Ld(p.b1, j);
+      const float corr = Corr(h, Ld(p.alpha, j), Ld(p.beta, j), p.gelu);
+      if (corr != 0.0f) k.axpy(acc, corr, p.w2 + j * d, d);
+    }
+  };
+  ParallelFor(par, static_cast<size_t>(tokens * chunks), work);
+  if (chunks > 1) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      float* yt = p.y + t * d;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* src = partial.data() + (t * chunks + c) * d;
+        for (int64_t i = 0; i < d; ++i) yt[i] += src[i];
+      }
+    }
+  }
+}
+
+template <class T>
+void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::vector<int32_t>& pos,
+              const Parallel& par) {
+  const int64_t d = p.d, D = p.D, tokens = p.tokens, nu = static_cast<int64_t>(uni.size());
+  const Kernels<T>& k = *p.k;
+  const int32_t* flags = p.flags;
+  const int64_t* counts = p.counts;
+  const int64_t groups = CeilDiv(tokens, 4);
+
+  // 1. H = X . W1t_U^T, blocked over (neuron block, token block).
+  std::unique_ptr<float[]> H(new float[static_cast<size_t>(tokens * nu)]);
+  constexpr int64_t kNB = 16, kTB = 32;
+  const int64_t nblocks = CeilDiv(nu, kNB), tblocks = CeilDiv(tokens, kTB);
+  auto gemm1 = [&](size_t item) {
+    const int64_t nb = static_cast<int64_t>(item) % nblocks, tb = static_cast<int64_t>(item) / nblocks;
+    const int64_t u0 = nb * kNB, u1 = std::min(nu, u0 + kNB);
+    const int64_t t0 = tb * kTB, t1 = std::min(tokens, t0 + kTB);
+    for (int64_t u = u0; u < u1; ++u) {
+      const T* w = p.w1t + static_cast<int64_t>(uni[u]) * d;
+      for (int64_t t = t0; t < t1; t += 4) {
+        const float* xs[4];
+        for (int q = 0; q < 4; ++q) xs[q] = p.x + std::min(t + q, t1 - 1) * d;
+        float out[4];
+        k.dot4(xs, w, d, out);
+        for (int q = 0; q < 4 && t + q < t1; ++q) H[(t + q) * nu + u] = out[q];
+      }
+    }
+  };
+  ParallelFor(par, static_cast<size_t>(nblocks * tblocks), gemm1);
+
+  // 2. Per group of 4 tokens: packed entries (W2 row, 4 corrections) for neurons flagged in the group.
+  std::vector<std::vector<Entry<T>>> packed(static_cast<size_t>(groups));
+  auto pack = [&](size_t g) {
+    const int64_t t0 = static_cast<int64_t>(g) * 4;
+    std::vector<float> c(static_cast<size_t>(4 * nu), 0.0f);
+    std::vector<int32_t> used;
+    std::vector<uint8_t> seen(static_cast<size_t>(nu), 0);
+    for (int64_t q = 0; q < 4 && t0 + q < tokens; ++q) {
+      const int64_t t = t0 + q;
+      const int32_t* list = flags + t * D;
+      for (int64_t i = 0; i < counts[t]; ++i) {
+        const int32_t j = list[i];
+        const int32_t u = pos[j];
+        const float h = H[t * nu + u] + Ld(p.b1, j);
+        c[q * nu + u] = Corr(h, Ld(p.alpha, j), Ld(p.beta, j), p.gelu);
+        if (!seen[u]) {
+          seen[u] = 1;
+          used.push_back(u);
+        }
+      }
+    }
+    std::sort(used.begin(), used.end());
+    auto& out = packed[g];
+    out.reserve(used.size());
+    for (int32_t u : used) {
+      Entry<T> e;
+      e.row = p.w2 + static_cast<int64_t>(uni[u]) * d;
+      e.u = u;
+      for (int q = 0; q < 4; ++q) e.c[q] = c[q * nu + u];
+      out.push_back(e);
+    }
+  };
+  ParallelFor(par, static_cast<size_t>(groups), pack);
+
+  // 3. Y += C . W2_U, parallel over column blocks; entries blocked so each W2 panel stays in cache.
+  const int64_t cb = std::max<int64_t>(64, std::min<int64_t>(512, CeilDiv(CeilDiv(d, 8), 16) * 16));
+  const int64_t cblocks = CeilDiv(d, cb);
+  constexpr int64_t kUB = 256;
+  auto gemm2 = [&](size_t item) {
+    const int64_t c0 = static_cast<int64_t>(item) * cb, c1 = std::min(d, c0 + cb);
+    std::vector<size_t> cursor(static_cast<size_t>(groups), 0);
+    // Rows of padding tokens (last group): private per item, their corrections are zero.
+    std::vector<float> pad(tokens % 4 ? static_cast<size_t>(3 * d) : 0, 0.0f);
+    for (int64_t ub = 0; ub < nu; ub += kUB) {
+      const int64_t ue = ub + kUB;
+      for (int64_t g = 0; g < groups; ++g) {
+        const auto& ent = packed[g];
+        const size_t b = cursor[g];
+        size_t e = b;
+        while (e < ent.size() && ent[e].u < ue) ++e;  // entries are sorted by union index
+        cursor[g] = e;
+        if (e == b) continue;
+        float* ys[4];
+        for (int q = 0; q < 4; ++q) {
+          const int64_t t = g * 4 + q;
+          ys[q] = t < tokens ? p.y + t * d : pad.data() + (q - 1) * d;
+        }
+        k.update4(ys, ent.data() + b, static_cast<int64_t>(e - b), c0, c1);
+      }
+    }
+  };
+  ParallelFor(par, static_cast<size_t>(cblocks), gemm2);
+}
+
+// x, y: float32 activations (y holds y_lin on entry); the other operands are read from op as T.
+template <class T>
+void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strategy strategy, Isa isa,
+             const Parallel& par, RunInfo* info) {
+  const int64_t tokens = op.tokens, d = op.d, D = op.D;
+  const T* h_hat = static_cast<const T*>(op.h_hat);
+  const T* lo = static_cast<const T*>(op.lo);
+  const T* hi = static_cast<const T*>(op.hi);
+
+  // Flag sets, one row of D int32 per token (first counts[t] entries valid).
+  std::unique_ptr<int32_t[]> flags(new int32_t[static_cast<size_t>(tokens * D)]);
+  std::vector<int64_t> counts(static_cast<size_t>(tokens), 0);
+  const int64_t fblocks = std::min<int64_t>(tokens, 64);
+  auto flag_work = [&](size_t b) {
+    const int64_t t0 = tokens * static_cast<int64_t>(b) / fblocks, t1 = tokens * (static_cast<int64_t>(b) + 1) / fblocks;
+    for (int64_t t = t0; t < t1; ++t) counts[t] = FlagRow(h_hat + t * D, lo, hi, D, flags.get() + t * D);
+  };
+  ParallelFor(par, static_cast<size_t>(fblocks), flag_work);
+
+  int64_t total = 0;
+  for (int64_t t = 0; t < tokens; ++t) total += counts[t];
+  RunInfo local;
+  local.flagged_pairs = total;
+  if (total == 0) {
+    if (info) *info = local;
+    return;
+  }
+
+  const Kernels<T> kernels = GetKernels<T>(isa);
+  Problem<T> p{tokens, d, D, x, y,
+               static_cast<const T*>(op.w1t), static_cast<const T*>(op.b1), static_cast<const T*>(op.w2),
+               static_cast<const T*>(op.alpha), static_cast<const T*>(op.beta), gelu, &kernels, flags.get(),
+               counts.data()};
+
+  bool use_union = false;
+  std::vector<int32_t> uni, pos;
+  if (strategy == Strategy::kUnion || (strategy == Strategy::kAuto && tokens >= 2)) {
+    // Union and per-group union sizes (groups of 4 tokens) for the cost model.
+    std::vector<int32_t> stamp(static_cast<size_t>(D), -1);
+    std::vector<uint8_t> in_union(static_cast<size_t>(D), 0);
+    int64_t group_sum = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int32_t g = static_cast<int32_t>(t / 4);
+      const int32_t* list = flags.get() + t * D;
+      for (int64_t i = 0; i < counts[t]; ++i) {
+        const int32_t j = list[i];
+        in_union[j] = 1;
+        if (stamp[j] != g) {
+          stamp[j] = g;
+          ++group_sum;
+        }
+      }
+    }
+    for (int64_t j = 0; j < D; ++j)
+      if (in_union[j]) uni.push_back(static_cast<int32_t>(j));
+    const int64_t nu = static_cast<int64_t>(uni.size());
+    local.union_size = nu;
+    // token path: 2 d per flagged pair, gathered rows, vector-at-a-time;
+    // union path: d per (token, union neuron) for H plus 4 d per (group, neuron) for Y, register-blocked
+    // and streaming each weight row once per token block (about kUnionGain times cheaper per flop).
+    constexpr double kUnionGain = 3.0;
+    const double cost_token = 2.0 * static_cast<double>(total);
+    const double cost_union = (static_cast<double>(tokens) * nu + 4.0 * group_sum) / kUnionGain;
+    use_union = strategy == Strategy::kUnion || cost_union < cost_token;
+    if (use_union) {
+      pos.assign(static_cast<size_t>(D), -1);
+      for (int64_t u = 0; u < nu; ++u) pos[uni[u]] = static_cast<int32_t>(u);
+    }
+  }
+  local.used_union = use_union;
+  if (use_union)
+    RunUnion(p, uni, pos, par);
+  else
+    RunToken(p, par);
+  if (info) *info = local;
+}
+
+}  // namespace
+
+bool CpuHasAvx2() {
+#if TARDIS_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+void RunFloat(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info) {
+  const int64_t n = op.tokens * op.d;
+  float* y = static_cast<float*>(op.y);
+  const float* y_lin = static_cast<const float*>(op.y_lin);
+  if (n > 0 && y != y_lin) std::memcpy(y, y_lin, static_cast<size_t>(n) * sizeof(float));
+  RunImpl<float>(op, static_cast<const float*>(op.x), y, gelu, strategy, isa, par, info);
+}
+
+void RunHalf(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info) {
+  const int64_t n = op.tokens * op.d;
+  const half* xh = static_cast<const half*>(op.x);
+  const half* yl = static_cast<const half*>(op.y_lin);
+  half* yh = static_cast<half*>(op.y);
+  std::vector<float> x(static_cast<size_t>(n)), y(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = HalfToFloat(xh[i]);
+    y[i] = HalfToFloat(yl[i]);
+  }
+  RunImpl<half>(op, x.data(), y.data(), gelu, strategy, isa, par, info);
+  for (int64_t i = 0; i < n; ++i) yh[i] = FloatToHalf(y[i]);
+}
+
+}  // namespace tardis

@@ -1,0 +1,52 @@
+// Compute core of ai.tardis::GuardedFallback (see OP_SPEC.md). Independent of the ONNX Runtime API:
+// tardis_ops.cc validates the tensors, hands raw pointers here and supplies the thread pool.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tardis {
+
+enum class GeluKind { kErf, kTanh };
+enum class Strategy { kAuto, kToken, kUnion };  // kToken / kUnion force a path (tests, benchmarks)
+enum class Isa { kPortable, kAvx2 };
+
+// Runs fn(data, i) for every i in [0, n), possibly in parallel; returns when all are done.
+class Parallel {
+ public:
+  virtual ~Parallel() = default;
+  virtual void For(size_t n, void (*fn)(void*, size_t), void* data) const = 0;
+};
+
+// Raw operands. Element type is float or IEEE binary16 (uint16_t bits) for all of them; `tokens` is the
+// product of x's leading axes. Weights are neuron-major: w1t[j*d + i], w2[j*d + i].
+struct Operands {
+  int64_t tokens = 0, d = 0, D = 0;
+  const void* x = nullptr;
+  const void* y_lin = nullptr;
+  const void* h_hat = nullptr;
+  const void* lo = nullptr;
+  const void* hi = nullptr;
+  const void* w1t = nullptr;
+  const void* b1 = nullptr;
+  const void* w2 = nullptr;
+  const void* alpha = nullptr;
+  const void* beta = nullptr;
+  void* y = nullptr;
+};
+
+struct RunInfo {
+  bool used_union = false;
+  int64_t flagged_pairs = 0;  // sum over tokens of |F(t)|
+  int64_t union_size = 0;     // |U| = |union of F(t)|
+};
+
+// True when the CPU supports AVX2, FMA and F16C (checked once at run time).
+bool CpuHasAvx2();
+
+// y = y_lin + sum_{j in F(t)} (GELU(h_j) - alpha_j h_j - beta_j) w2[j,:], for float32 operands.
+void RunFloat(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info);
+// The same for float16 operands (converted to float32 internally, accumulated in float32).
+void RunHalf(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info);
+
+}  // namespace tardis
