@@ -63,8 +63,8 @@ def _const(value: ir.Value, role: str, node: ir.Node) -> ir.TensorProtocol:
                          f"computed by {what}")
 
 
-def _matrix(value: ir.Value, node: ir.Node, role: str) -> tuple[Callable[[], np.ndarray], tuple[int, int], list[ir.Node]]:
-    """A constant 2-D weight, seen through an optional ``Transpose(perm=[1, 0])``."""
+def _matrix(value: ir.Value, node: ir.Node, role: str) -> tuple[Callable[[], np.ndarray], tuple[int, int], list[ir.Node], ir.DataType]:
+    """A constant 2-D weight (reader, (in, out), Transpose nodes seen through, element type)."""
     producer = value.producer()
     if producer is not None and producer.op_type == "Transpose" and ir.convenience.get_const_tensor(value) is None:
         perm = producer.attributes.get("perm")
@@ -75,13 +75,13 @@ def _matrix(value: ir.Value, node: ir.Node, role: str) -> tuple[Callable[[], np.
         if len(tensor.shape) != 2:
             raise LinearMismatch(f"unsupported layout: {role} of '{node.name}' is not a matrix")
         rows, cols = (int(s) for s in tensor.shape)
-        return (lambda: np.asarray(tensor.numpy()).T), (cols, rows), [producer]
+        return (lambda: np.asarray(tensor.numpy()).T), (cols, rows), [producer], tensor.dtype
     tensor = _const(value, role, node)
     if len(tensor.shape) != 2:
         raise LinearMismatch(f"unsupported layout: {role} of '{node.name}' has shape {list(tensor.shape)}, "
                              "not a matrix")
     rows, cols = (int(s) for s in tensor.shape)
-    return (lambda: np.asarray(tensor.numpy())), (rows, cols), []
+    return (lambda: np.asarray(tensor.numpy())), (rows, cols), [], tensor.dtype
 
 
 def _vector(value: ir.Value, node: ir.Node, size: int) -> Callable[[], np.ndarray] | None:
@@ -99,13 +99,13 @@ def _single_use(value: ir.Value) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output()
 
 
-def _gemm(node: ir.Node, input_index: int) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], int, int]:
+def _gemm(node: ir.Node, input_index: int) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], int, int, ir.DataType]:
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     if attrs.get("transA", 0) or input_index != 0:
         raise LinearMismatch(f"unsupported layout: Gemm '{node.name}' uses transA or takes the activation "
                              "as its second operand")
     alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-    weight_raw, shape, _ = _matrix(node.inputs[1], node, "weight")
+    weight_raw, shape, _, dtype = _matrix(node.inputs[1], node, "weight")
     if attrs.get("transB", 0):
         raw = weight_raw
         weight_raw = lambda: raw().T  # noqa: E731 - tiny adapter
@@ -118,7 +118,7 @@ def _gemm(node: ir.Node, input_index: int) -> tuple[Callable[[], np.ndarray], Ca
             raise LinearMismatch(f"unsupported layout: bias C of Gemm '{node.name}' is not a constant "
                                  f"vector of {shape[1]}")
         bias = (lambda: raw_bias() * beta) if beta != 1.0 else raw_bias
-    return weight, (bias or (lambda: None)), shape[0], shape[1]
+    return weight, (bias or (lambda: None)), shape[0], shape[1], dtype
 
 
 def match_before(h: ir.Value) -> Linear:
@@ -129,8 +129,8 @@ def match_before(h: ir.Value) -> Linear:
     if node.op_type in _QUANTIZED_LINEARS:
         raise LinearMismatch(f"quantized weights: the first Linear is {node.op_type} '{node.name}'")
     if node.op_type == "Gemm":
-        weight, bias, d_in, d_out = _gemm(node, 0)
-        return Linear(node.inputs[0], h, [node], weight, bias, d_in, d_out, "Gemm", h.dtype)
+        weight, bias, d_in, d_out, dtype = _gemm(node, 0)
+        return Linear(node.inputs[0], h, [node], weight, bias, d_in, d_out, "Gemm", dtype)
     bias = lambda: None  # noqa: E731
     nodes: list[ir.Node] = []
     spelling = "MatMul"
@@ -157,7 +157,7 @@ def match_before(h: ir.Value) -> Linear:
                              f"'{node.name}'")
     if mm.inputs[1] is None or mm.inputs[0] is None:
         raise LinearMismatch(f"malformed MatMul '{mm.name}'")
-    weight, (d_in, d_out), extra = _matrix(mm.inputs[1], mm, "weight")
+    weight, (d_in, d_out), extra, dtype = _matrix(mm.inputs[1], mm, "weight")
     if extra:
         spelling = "Transpose→" + spelling
     if node_bias is not None:
@@ -166,7 +166,7 @@ def match_before(h: ir.Value) -> Linear:
             _const(node_bias, "bias", node)  # raises the precise reason when it is not constant
             raise LinearMismatch(f"unsupported layout: bias of '{node.name}' is not a vector of {d_out}")
         bias = vector
-    return Linear(mm.inputs[0], h, [mm, *extra, *nodes], weight, bias, d_in, d_out, spelling, h.dtype)
+    return Linear(mm.inputs[0], h, [mm, *extra, *nodes], weight, bias, d_in, d_out, spelling, dtype)
 
 
 def match_after(g: ir.Value) -> Linear:
@@ -179,13 +179,12 @@ def match_after(g: ir.Value) -> Linear:
     if node.op_type in _QUANTIZED_LINEARS:
         raise LinearMismatch(f"quantized weights: the second Linear is {node.op_type} '{node.name}'")
     if node.op_type == "Gemm":
-        weight, bias, d_in, d_out = _gemm(node, index)
-        y = node.outputs[0]
-        return Linear(g, y, [node], weight, bias, d_in, d_out, "Gemm", y.dtype)
+        weight, bias, d_in, d_out, dtype = _gemm(node, index)
+        return Linear(g, node.outputs[0], [node], weight, bias, d_in, d_out, "Gemm", dtype)
     if node.op_type != "MatMul" or index != 0:
         raise LinearMismatch(f"no Linear after the activation: '{g.name}' feeds {node.op_type} "
                              f"'{node.name}'" + (" as its right operand" if node.op_type == "MatMul" else ""))
-    weight, (d_in, d_out), extra = _matrix(node.inputs[1], node, "weight")
+    weight, (d_in, d_out), extra, dtype = _matrix(node.inputs[1], node, "weight")
     y = node.outputs[0]
     nodes = [node, *extra]
     bias = lambda: None  # noqa: E731
@@ -199,7 +198,7 @@ def match_after(g: ir.Value) -> Linear:
             bias, y = vector, add.outputs[0]
             nodes.append(add)
             spelling += "+Add"
-    return Linear(g, y, nodes, weight, bias, d_in, d_out, spelling, y.dtype)
+    return Linear(g, y, nodes, weight, bias, d_in, d_out, spelling, dtype)
 
 
 def shape_last_dim(shape_value: ir.Value) -> tuple[int | None, int | None]:

@@ -38,12 +38,6 @@ class Lines:
     coverage: np.ndarray  # calibrated share of samples in range, per neuron
     sse: np.ndarray  # in-range squared error of the line, summed over samples
 
-    @classmethod
-    def all_flagged(cls, neurons: int) -> "Lines":
-        """Every neuron always takes the exact fallback (lo=+inf > hi=-inf); the fold is then exact."""
-        z = np.zeros(neurons)
-        return cls(np.full(neurons, np.inf), np.full(neurons, -np.inf), z, z.copy(), z.copy(), z.copy())
-
 
 def _gelu_slope(h: np.ndarray, variant: str) -> np.ndarray:
     if variant == "none":

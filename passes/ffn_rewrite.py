@@ -1,0 +1,119 @@
+"""Rewrite a matched block into its folded form plus the guarded fallback.
+
+Emitted graph (the block's output keeps its original tensor name, so consumers are untouched)::
+
+    x ─┬─► MatMul(W_f) ─► Add(b_f) ───────────────► y_lin ─┐
+       ├─► predictor (e.g. MatMul(Ŵ1) ─► Add(b1)) ─► ĥ ────┤
+       └───────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
+
+The folded part is plain ``MatMul``/``Add`` (any runtime optimises it); ``GuardedFallback`` is our
+compiled kernel when ``libtardis_ops`` is registered and the model-local function body otherwise.
+Provenance (source nodes, coverage, fallback rate, tool version) goes into the node's
+``metadata_props`` so Netron shows what happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from tardis_compile import fallback_op
+from tardis_compile.fit import Lines
+from tardis_compile.passes.ffn_match import FfnBlock, describe
+
+
+@dataclasses.dataclass
+class FoldedBlock:
+    """Everything the rewrite needs for one block."""
+
+    block: FfnBlock
+    lines: Lines
+    w_f: np.ndarray  # (d, d_out) float64
+    b_f: np.ndarray  # (d_out,)
+    predictor: object  # tardis_compile.predictor.Predictor
+    metadata: dict[str, str]
+
+
+def _initializer_adder(graph: ir.Graph):
+    def add(name: str, array: np.ndarray) -> ir.Value:
+        tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape),
+                         const_value=tensor)
+        graph.register_initializer(value)
+        return value
+
+    return add
+
+
+def _node(op: str, inputs: list[ir.Value], name: str, out_name: str, domain: str = "", **attrs) -> ir.Node:
+    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+                   name=name)
+    node.outputs[0].name = out_name
+    return node
+
+
+def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
+    """Insert the folded block, reroute the consumers of the old output, return the fallback node."""
+    block, lines = folded.block, folded.lines
+    dtype = block.dtype.numpy()
+    prefix = f"tardis/{block.name}"
+    add = _initializer_adder(graph)
+    margin = folded.predictor.margin(block)
+    w_f = add(f"{prefix}/W_f", folded.w_f.astype(dtype))
+    b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
+    x = block.x
+    mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
+    y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
+    pred_nodes, h_hat = folded.predictor.emit(block, x, add, prefix)
+    operands = [
+        add(f"{prefix}/lo", (lines.lo + margin).astype(dtype)),
+        add(f"{prefix}/hi", (lines.hi - margin).astype(dtype)),
+        add(f"{prefix}/W1t", np.ascontiguousarray(block.w1().T).astype(dtype)),
+        add(f"{prefix}/b1", block.b1().astype(dtype)),
+        add(f"{prefix}/W2", block.w2().astype(dtype)),
+        add(f"{prefix}/alpha", lines.alpha.astype(dtype)),
+        add(f"{prefix}/beta", lines.beta.astype(dtype)),
+    ]
+    fallback = _node(fallback_op.OP_TYPE, [x, y_lin.outputs[0], h_hat, *operands], f"{prefix}/GuardedFallback",
+                     f"{prefix}/y", domain=fallback_op.DOMAIN, approximate=block.variant)
+    fallback.doc_string = fallback_op.FORMULA
+    fallback.metadata_props.update(folded.metadata)
+    fallback.metadata_props["tardis.source_nodes"] = ",".join(describe(n) for n in block.nodes)
+    fallback.metadata_props["tardis.spelling"] = block.spelling
+    first = min(block.nodes, key=lambda n: _position(graph, n))
+    graph.insert_before(first, [mm, y_lin, *pred_nodes, fallback])
+    old_name = block.y.name
+    block.y.replace_all_uses_with(fallback.outputs[0], replace_graph_outputs=True)
+    block.y.name = f"{old_name}/replaced"
+    fallback.outputs[0].name = old_name
+    return fallback
+
+
+def _position(graph: ir.Graph, node: ir.Node) -> int:
+    for i, n in enumerate(graph):
+        if n is node:
+            return i
+    return 0
+
+
+def rewrite(model: ir.Model, blocks: list[FoldedBlock]) -> list[ir.Node]:
+    """Rewrite every block, register the op's function and opset, and drop the dead originals."""
+    if not blocks:
+        return []
+    variants = {f.block.variant for f in blocks}
+    dtypes = {f.block.dtype for f in blocks}
+    if len(variants) > 1 or len(dtypes) > 1:
+        raise ValueError(f"one model mixes GELU variants {sorted(variants)} or dtypes; not supported yet")
+    nodes = [rewrite_block(model.graph, f) for f in blocks]
+    opset = model.opset_imports.get("", 17)
+    if opset < 13:
+        raise ValueError(f"model opset {opset} is older than 13; upgrade it with onnx.version_converter first")
+    model.opset_imports[fallback_op.DOMAIN] = fallback_op.OPSET_VERSION
+    proto = fallback_op.fallback_function(variants.pop(), opset, int(dtypes.pop()))
+    function = ir.serde.deserialize_function(proto)
+    model.functions[function.identifier()] = function
+    common_passes.RemoveUnusedNodesPass()(model)
+    return nodes

@@ -1,0 +1,275 @@
+"""Python API: ``optimize``, ``verify``, ``inspect`` — the pipeline of DESIGN.md in one place.
+
+    load ─► find blocks ─► calibrate (stream) ─► fit ranges + lines ─► fold (+ refit pass)
+        ─► rewrite ─► validate + verify on held-out data ─► write atomically ─► report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from tardis_compile import feeds, fit, histogram, modelio
+from tardis_compile import predictor as predictors
+from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs
+from tardis_compile.errors import CalibrationDataError, NoFoldableBlockError, TardisError
+from tardis_compile.fold import fold
+from tardis_compile.passes.ffn_match import FfnBlock, Rejection, find_blocks
+from tardis_compile.passes.ffn_rewrite import FoldedBlock, rewrite
+from tardis_compile.progress import Progress
+from tardis_compile.refit import DEFAULT_RIDGE, NormalEquations
+from tardis_compile.report import Report, block_report
+from tardis_compile.verify import Thresholds, Verification, compare
+
+DataSpec = str | os.PathLike | Callable[[], Iterable[Mapping[str, np.ndarray]]] | list
+
+
+def version() -> str:
+    try:
+        return metadata.version("tardis-compile")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclasses.dataclass
+class Settings:
+    """How to fit. ``coverage`` selects the paper's strategy; otherwise ``target_fallback`` drives ours."""
+
+    target_fallback: float = 0.1
+    coverage: float | None = None
+    strategy: str = "error"
+    refit: bool = True
+    ridge: float = DEFAULT_RIDGE
+    predictor: str = "exact"
+    flag_all: bool = False  # self-test: every neuron takes the exact fallback (output = original)
+
+    def __post_init__(self) -> None:
+        if self.coverage is not None:
+            self.strategy = "coverage"
+        if self.strategy not in fit.STRATEGIES:
+            raise TardisError(f"unknown strategy {self.strategy!r}; choose one of {fit.STRATEGIES}")
+        if not 0.0 <= self.target_fallback <= 1.0:
+            raise TardisError(f"--target-fallback must be within [0, 1], got {self.target_fallback}")
+        if self.coverage is not None and not 0.0 <= self.coverage <= 1.0:
+            raise TardisError(f"--coverage must be within [0, 1], got {self.coverage}")
+        if self.predictor not in predictors.PREDICTORS:
+            raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.PREDICTORS)}")
+
+
+@dataclasses.dataclass
+class DataOptions:
+    """How to turn a data spec into feeds."""
+
+    tokenizer: str | os.PathLike | None = None
+    batch_size: int = 8
+    max_length: int = 128
+    mask_input: str | None = None
+
+
+def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> feeds.FeedSource:
+    """A feed source from a path (``.npz``/folder, ``.py`` with ``load_data()``, text), a callable or a list."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, list):
+        return lambda: iter(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise CalibrationDataError(f"calibration data '{path}': no such file or directory")
+    if path.is_dir() or path.suffix == ".npz":
+        return feeds.from_npz(path)
+    if path.suffix == ".py":
+        return feeds.from_script(path)
+    if options.tokenizer is None:
+        raise CalibrationDataError(f"calibration data '{path}' is text: pass --tokenizer (a tokenizer.json or "
+                                   "a folder holding one) to tokenize it")
+    tok = Path(options.tokenizer)
+    tok = tok / "tokenizer.json" if tok.is_dir() else tok
+    if not tok.is_file():
+        raise CalibrationDataError(f"tokenizer '{tok}' not found")
+    return feeds.from_text(feeds.read_documents(path), tok, input_names, batch_size=options.batch_size,
+                           max_length=options.max_length)
+
+
+def _input_names(model: ir.Model) -> list[str]:
+    inits = set(model.graph.initializers)
+    return [v.name for v in model.graph.inputs if v.name not in inits]
+
+
+def inspect(model_path: str | os.PathLike) -> tuple[list[FfnBlock], list[Rejection]]:
+    """Blocks the pass would rewrite, and every rejected candidate with its reason."""
+    return find_blocks(modelio.load(model_path))
+
+
+def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rejection]) -> None:
+    if blocks:
+        return
+    if not rejected:
+        raise NoFoldableBlockError(f"no foldable block in '{model_path}': the model has no GELU-like "
+                                   "activation between two Linear layers")
+    reasons = "; ".join(f"{r.anchor}: {r.reason}" for r in rejected[:5])
+    more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
+    raise NoFoldableBlockError(f"no foldable block in '{model_path}': {len(rejected)} candidate(s) rejected — "
+                               f"{reasons}{more}")
+
+
+def _fit_lines(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings) -> dict[str, fit.Lines]:
+    if settings.strategy == "coverage":
+        coverage = settings.coverage if settings.coverage is not None else 1.0 - settings.target_fallback
+        lines = {b.name: fit.coverage_lines(stats[b.name], coverage) for b in blocks}
+    else:
+        w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
+        lines, _ = fit.error_aware_lines(stats, w2n, settings.target_fallback)
+    if settings.flag_all:  # keep the fitted lines (a real fold), but every neuron takes the fallback
+        for value in lines.values():
+            value.lo[:], value.hi[:] = np.inf, -np.inf
+    return lines
+
+
+def _refit(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSource, lines: dict[str, fit.Lines],
+           folds: dict[str, tuple[np.ndarray, np.ndarray]], settings: Settings, data: DataOptions,
+           progress: Callable[[str], Progress], threads: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pass 2: the ridge refit of ``W_f, b_f`` on the calibration inputs (METHOD.md §2)."""
+    eqs = {b.name: NormalEquations(b.d, b.d_out) for b in blocks}
+    weights = BlockWeights(blocks)
+    w2 = {b.name: np.asarray(b.w2(), np.float64) for b in blocks}
+    b2 = {b.name: b.b2() for b in blocks}
+    variant = {b.name: b.variant for b in blocks}
+    bar = progress("calibrate: refit")
+    for batch in stream_block_inputs(model, blocks, source, what="calibration data", mask_input=data.mask_input,
+                                     threads=threads, progress=bar):
+        for name, x in batch.items():
+            h = weights.pre_activation(name, x).astype(np.float64)
+            eqs[name].add(x, h, w2[name], b2[name], lines[name], variant[name])
+    bar.done()
+    return {name: eqs[name].solve(*folds[name], ridge=settings.ridge) for name in folds}
+
+
+def optimize(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    calib: DataSpec,
+    *,
+    settings: Settings | None = None,
+    data: DataOptions | None = None,
+    eval_data: DataSpec | None = None,
+    holdout_every: int = 10,
+    thresholds: Thresholds | None = None,
+    stats_out: str | os.PathLike | None = None,
+    stats_in: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+    report_path: str | os.PathLike | None = None,
+    threads: int = 0,
+    show_progress: bool = True,
+) -> Report:
+    """Rewrite every plain GELU FFN block of ``model`` and write the result to ``output``.
+
+    ``calib``: an ``.npz`` feed dict (or a folder of them), a ``.py`` script with ``load_data()``, a text
+    file (with ``data.tokenizer``), a list of feed dicts, or a callable returning an iterable of them.
+    Unless ``eval_data`` is given, every ``holdout_every``-th batch is held out for verification.
+    The output is validated and verified before it is moved into place; with ``thresholds`` a failed
+    verification raises and nothing is written. Returns the report (also written as JSON + Markdown).
+    """
+    settings = settings or Settings()
+    data = data or DataOptions()
+    model_path, out_path = Path(model), Path(output)
+    modelio.check_destination(model_path, out_path)
+    original = modelio.load(model_path)
+    blocks, rejected = find_blocks(original)
+    _require_blocks(model_path, blocks, rejected)
+    progress = lambda label: Progress(label, enabled=show_progress)  # noqa: E731
+    source = open_data(calib, _input_names(original), data)
+    if eval_data is not None:
+        calib_source, held_source = source, open_data(eval_data, _input_names(original), data)
+        verified_on = "evaluation data"
+    else:
+        calib_source, held_source = feeds.holdout_split(source, holdout_every)
+        verified_on = f"held-out calibration batches (every {holdout_every}th)"
+        if next(iter(held_source()), None) is None:  # too few batches to hold any out
+            calib_source, held_source = source, source
+            verified_on = "calibration data (too few batches to hold any out)"
+    if stats_in is not None:
+        stats = histogram.load(stats_in)
+        missing = [b.name for b in blocks if b.name not in stats]
+        if missing:
+            raise CalibrationDataError(f"statistics '{stats_in}' do not cover blocks {missing}")
+    else:
+        stats = collect_stats(original, blocks, calib_source, mask_input=data.mask_input, threads=threads,
+                              progress_factory=progress)
+    if stats_out is not None:
+        histogram.save(stats, stats_out)
+    lines = _fit_lines(stats, blocks, settings)
+    folds = {b.name: fold(b.w1(), b.b1(), b.w2(), b.b2(), lines[b.name].alpha, lines[b.name].beta)
+             for b in blocks}
+    if settings.refit and not settings.flag_all:
+        folds = _refit(original, blocks, calib_source, lines, folds, settings, data, progress, threads)
+    predictor = predictors.make(settings.predictor)
+    tool = version()
+    folded = []
+    for b in blocks:
+        meta = {"tardis.version": tool, "tardis.strategy": "flag-all" if settings.flag_all else settings.strategy,
+                "tardis.predictor": predictor.kind, "tardis.variant": b.variant,
+                "tardis.calibrated_coverage": f"{float(np.mean(lines[b.name].coverage)):.6f}",
+                "tardis.calibrated_fallback_rate": f"{1.0 - float(np.mean(lines[b.name].coverage)):.6f}",
+                "tardis.refit": str(settings.refit and not settings.flag_all).lower()}
+        folded.append(FoldedBlock(b, lines[b.name], *folds[b.name], predictor, meta))
+    reports = [block_report(b, float(np.mean(lines[b.name].coverage)), predictor.parameters(b)) for b in blocks]
+    report = Report(str(model_path), str(out_path), dataclasses.asdict(settings), reports, rejected,
+                    verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
+    optimized = modelio.load(model_path)  # a second, untouched copy stays as the reference
+    opt_blocks, _ = find_blocks(optimized)
+    for f, b in zip(folded, opt_blocks):
+        f.block = b
+    rewrite(optimized, folded)
+    optimized.metadata_props.update({"tardis.version": tool, "tardis.blocks": str(len(blocks)),
+                                     "tardis.settings": str(dataclasses.asdict(settings))})
+
+    def validate(tmp_path: Path) -> None:
+        ort.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
+        report.verification = compare(original, optimized, held_source, thresholds=thresholds,
+                                      mask_input=data.mask_input, threads=threads)
+        _attach_measurements(report, report.verification)
+        if not report.verification.passed:
+            raise TardisError("verification failed, nothing written: " + "; ".join(report.verification.failures))
+
+    modelio.save(optimized, out_path, external_data=external_data, validate=validate)
+    json_path, md_path = _report_paths(out_path, report_path)
+    report.write(json_path, md_path)
+    return report
+
+
+def _attach_measurements(report: Report, verification: Verification) -> None:
+    by_name = {m.name.split("/")[1]: m for m in verification.blocks}
+    for b in report.blocks:
+        m = by_name.get(b.name)
+        if m is not None:
+            b.measured = dataclasses.asdict(m)
+
+
+def _report_paths(out_path: Path, report_path: str | os.PathLike | None) -> tuple[Path, Path]:
+    base = Path(report_path) if report_path else out_path.with_name(out_path.stem + ".report")
+    return base.with_suffix(".json"), base.with_suffix(".md")
+
+
+def verify(
+    original: str | os.PathLike, optimized: str | os.PathLike, data: DataSpec, *,
+    data_options: DataOptions | None = None, thresholds: Thresholds | None = None, threads: int = 0,
+    use_library: bool = False,
+) -> Verification:
+    """Compare an optimized model with its original on ``data`` (see :mod:`tardis_compile.verify`)."""
+    data_options = data_options or DataOptions()
+    orig, opt = modelio.load(original), modelio.load(optimized)
+    source = open_data(data, _input_names(orig), data_options)
+    options = None
+    if use_library:
+        from tardis_compile.runtime import session_options
+
+        options = session_options(require=True)
+    return compare(orig, opt, source, thresholds=thresholds, mask_input=data_options.mask_input,
+                   threads=threads, optimized_options=options)

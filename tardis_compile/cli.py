@@ -1,0 +1,148 @@
+"""``tardis-compile`` command line: optimize, inspect, verify, demo.
+
+Every user error (bad file, no foldable block, wrong calibration data, output = input) is printed as one
+``error:`` line with exit status 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tardis_compile import api
+from tardis_compile.errors import TardisError
+from tardis_compile.verify import Thresholds
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for text data")
+    p.add_argument("--batch-size", type=int, default=8, help="documents per batch for text data (default 8)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per document for text data (default 128)")
+    p.add_argument("--mask-input", help="input holding the attention mask (default: any '*attention_mask*')")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+
+
+def _threshold_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-abs-error", type=float, help="fail if any output differs by more than this")
+    p.add_argument("--min-cosine", type=float, help="fail if the mean output cosine is below this")
+
+
+def _data_options(args: argparse.Namespace) -> api.DataOptions:
+    return api.DataOptions(args.tokenizer, args.batch_size, args.max_length, args.mask_input)
+
+
+def _thresholds(args: argparse.Namespace) -> Thresholds:
+    return Thresholds(max_abs_error=args.max_abs_error, min_cosine=args.min_cosine)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tardis-compile", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=api.version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="rewrite every GELU FFN block into folded linear + guarded fallback")
+    p.add_argument("model", help="input ONNX model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output ONNX model")
+    p.add_argument("--calib", required=True,
+                   help="calibration data: FEEDS.npz (or a folder of them), SCRIPT.py with load_data(), or TEXT")
+    p.add_argument("--eval", dest="eval_data", help="evaluation data (default: hold out every 10th batch)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-fallback", type=float, default=0.1,
+                        help="mean share of token-neuron pairs taking the exact fallback (default 0.1)")
+    target.add_argument("--coverage", type=float, help="paper's strategy: each neuron's range covers this share")
+    p.add_argument("--strategy", choices=["error", "coverage"], default="error",
+                   help="range strategy: error-aware under one budget (default) or shortest-interval coverage")
+    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the folded matrix")
+    p.add_argument("--predictor", default="exact", help="online predictor (default: exact)")
+    p.add_argument("--flag-all", action="store_true",
+                   help="self-test: every neuron takes the exact fallback; the output must equal the original")
+    p.add_argument("--stats-out", help="save calibration statistics (.npz) for reuse or merging")
+    p.add_argument("--stats-in", help="reuse saved calibration statistics instead of pass 1")
+    p.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
+                   help="write weights to <output>.data (auto: on for models above ~1.8 GB)")
+    p.add_argument("--report", help="report path stem (default: <output stem>.report.{json,md})")
+    _data_args(p)
+    _threshold_args(p)
+
+    p = sub.add_parser("inspect", help="list foldable blocks and why other candidates were rejected")
+    p.add_argument("model")
+
+    p = sub.add_parser("verify", help="compare an optimized model with its original on data")
+    p.add_argument("original")
+    p.add_argument("optimized")
+    p.add_argument("--data", required=True, help="FEEDS.npz, folder, SCRIPT.py or TEXT (as --calib)")
+    p.add_argument("--use-library", action="store_true", help="run the optimized model with libtardis_ops")
+    _data_args(p)
+    _threshold_args(p)
+
+    p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
+    p.add_argument("--out", default="out", help="output folder (default: out/)")
+    p.add_argument("--target-fallback", type=float, default=0.1)
+    return parser
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    settings = api.Settings(target_fallback=args.target_fallback, coverage=args.coverage,
+                            strategy=args.strategy, refit=not args.no_refit, predictor=args.predictor,
+                            flag_all=args.flag_all)
+    external = {"auto": None, "on": True, "off": False}[args.external_data]
+    report = api.optimize(args.model, args.output, args.calib, settings=settings, data=_data_options(args),
+                          eval_data=args.eval_data, thresholds=_thresholds(args), stats_out=args.stats_out,
+                          stats_in=args.stats_in, external_data=external, report_path=args.report,
+                          threads=args.threads)
+    print(report.markdown())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    blocks, rejected = api.inspect(args.model)
+    print(f"{len(blocks)} foldable block(s) in {args.model}")
+    for b in blocks:
+        print(f"  {b.name}: {b.spelling}  d={b.d} D={b.hidden} d_out={b.d_out}  in='{b.x.name}' out='{b.y.name}'")
+    print(f"{len(rejected)} candidate(s) left alone")
+    for r in rejected:
+        print(f"  {r.anchor} ({r.op_type}, failed at {r.stage}): {r.reason}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    result = api.verify(args.original, args.optimized, args.data, data_options=_data_options(args),
+                        thresholds=_thresholds(args), threads=args.threads, use_library=args.use_library)
+    print("| output | max abs error | mean cosine | min cosine | rel. error |")
+    print("|---|---|---|---|---|")
+    for o in result.outputs:
+        print(f"| {o.name} | {o.max_abs_error:.3g} | {o.mean_cosine:.5f} | {o.min_cosine:.5f} | {o.relative_error:.3g} |")
+    print("| block | coverage | fallback | recall | precision | rel. error |")
+    print("|---|---|---|---|---|---|")
+    for b in result.blocks:
+        print(f"| {b.name} | {b.coverage:.1%} | {b.fallback_rate:.1%} | {b.recall:.3f} | {b.precision:.3f} | "
+              f"{b.relative_error:.2e} |")
+    if not result.passed:
+        print("error: verification failed: " + "; ".join(result.failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tardis_compile.demo import run_demo
+
+    run_demo(Path(args.out), target_fallback=args.target_fallback)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except TardisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

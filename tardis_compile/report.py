@@ -1,0 +1,139 @@
+"""What happened, per block and overall: parameter accounting (METHOD.md §5), fit, verification.
+
+Written as ``report.json`` (machine-readable) and ``report.md`` (for people); the CLI prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tardis_compile.passes.ffn_match import FfnBlock, Rejection
+from tardis_compile.verify import Verification
+
+
+@dataclasses.dataclass
+class BlockReport:
+    name: str
+    spelling: str
+    source_nodes: list[str]
+    d: int
+    hidden: int
+    d_out: int
+    variant: str
+    calibrated_coverage: float
+    params_original: int  # W1 + W2
+    params_folded: int  # W_f
+    params_predictor: float
+    params_fallback: int  # W1ᵀ + W2 rows kept for the fallback
+    measured: dict | None = None  # from verification: coverage, fallback_rate, recall, precision, error
+
+    @property
+    def reduction(self) -> float:
+        """FFN parameter reduction as the paper counts it: 1 − (W_f + predictor) / (W1 + W2)."""
+        return 1.0 - (self.params_folded + self.params_predictor) / self.params_original
+
+    def touched_per_token(self, fallback_rate: float) -> float:
+        return self.params_folded + self.params_predictor + fallback_rate * self.params_fallback
+
+    @property
+    def resident(self) -> float:
+        return self.params_folded + self.params_predictor + self.params_fallback
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        rate = (self.measured or {}).get("fallback_rate", 1.0 - self.calibrated_coverage)
+        out.update(reduction=self.reduction, params_touched_per_token=self.touched_per_token(rate),
+                   params_resident=self.resident)
+        return out
+
+
+def block_report(block: FfnBlock, coverage: float, predictor_params: float) -> BlockReport:
+    d, hidden, d_out = block.d, block.hidden, block.d_out
+    return BlockReport(
+        block.name, block.spelling, [n.name for n in block.nodes], d, hidden, d_out, block.variant, coverage,
+        d * hidden + hidden * d_out, d * d_out, predictor_params, hidden * (d + d_out))
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    output: str | None
+    settings: dict
+    blocks: list[BlockReport]
+    rejected: list[Rejection]
+    verification: Verification | None = None
+    verified_on: str = ""
+    calibration_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "output": self.output, "settings": self.settings,
+            "calibration_tokens": self.calibration_tokens,
+            "blocks": [b.to_dict() for b in self.blocks],
+            "rejected": [dataclasses.asdict(r) for r in self.rejected],
+            "verification": dataclasses.asdict(self.verification) if self.verification else None,
+            "verified_on": self.verified_on,
+            "summary": self.summary(),
+        }
+
+    def summary(self) -> dict:
+        if not self.blocks:
+            return {}
+        original = sum(b.params_original for b in self.blocks)
+        kept = sum(b.params_folded + b.params_predictor for b in self.blocks)
+        out = {"blocks_rewritten": len(self.blocks), "candidates_rejected": len(self.rejected),
+               "ffn_param_reduction": 1.0 - kept / original}
+        if self.verification is not None:
+            v = self.verification
+            rates = [b.fallback_rate for b in v.blocks]
+            out.update(max_abs_error=v.max_abs_error, mean_cosine=v.mean_cosine, passed=v.passed,
+                       fallback_rate=sum(rates) / len(rates) if rates else 0.0)
+            touched = sum(b.touched_per_token(m.fallback_rate) for b, m in zip(self.blocks, v.blocks))
+            out["params_touched_per_token_ratio"] = touched / original
+        out["params_resident_ratio"] = sum(b.resident for b in self.blocks) / original
+        return out
+
+    def table(self) -> str:
+        """The per-block table (Markdown, also readable in a terminal)."""
+        rows = ["| block | spelling | d×D | coverage | fallback | recall | rel. error | reduction | touched/token |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        measured = {m.name.split("/")[1] if "/" in m.name else m.name: m for m in
+                    (self.verification.blocks if self.verification else [])}
+        for b in self.blocks:
+            m = measured.get(b.name)
+            cov = f"{m.coverage:.1%}" if m else f"{b.calibrated_coverage:.1%} (calib)"
+            rate = m.fallback_rate if m else 1.0 - b.calibrated_coverage
+            rows.append(
+                f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {cov} | {rate:.1%} | "
+                f"{(f'{m.recall:.3f}' if m else '-')} | {(f'{m.relative_error:.2e}' if m else '-')} | "
+                f"{b.reduction:.1%} | {b.touched_per_token(rate) / b.params_original:.1%} |")
+        return "\n".join(rows)
+
+    def markdown(self) -> str:
+        s = self.summary()
+        lines = [f"# tardis-compile report: `{Path(self.model).name}`", "",
+                 f"- output: `{self.output}`", f"- settings: `{json.dumps(self.settings)}`",
+                 f"- calibration tokens: {self.calibration_tokens:,}",
+                 f"- blocks rewritten: {len(self.blocks)}, candidates rejected: {len(self.rejected)}",
+                 f"- FFN parameter reduction (paper's accounting, incl. predictor): "
+                 f"{s.get('ffn_param_reduction', 0):.1%}"]
+        if self.verification is not None:
+            v = self.verification
+            lines += [f"- verification ({self.verified_on}, {v.batches} batches): max abs error "
+                      f"{v.max_abs_error:.3g}, mean cosine {v.mean_cosine:.5f}, "
+                      f"{'passed' if v.passed else 'FAILED: ' + '; '.join(v.failures)}"]
+            lines += ["", "| output | max abs error | mean cosine | min cosine | rel. error | share over bound |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.mean_cosine:.5f} | {o.min_cosine:.5f} | "
+                      f"{o.relative_error:.3g} | {o.share_over_bound:.2%} |" for o in v.outputs]
+        lines += ["", "## Blocks", "", self.table()]
+        if self.rejected:
+            lines += ["", "## Candidates left alone", "", "| anchor | op | stage | reason |", "|---|---|---|---|"]
+            lines += [f"| {r.anchor} | {r.op_type} | {r.stage} | {r.reason} |" for r in self.rejected]
+        return "\n".join(lines) + "\n"
+
+    def write(self, json_path: Path, md_path: Path) -> None:
+        json_path.write_text(json.dumps(self.to_dict(), indent=2, default=float))
+        md_path.write_text(self.markdown())

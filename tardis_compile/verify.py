@@ -1,0 +1,227 @@
+"""Validation as its own step: run the original and the optimized model on the same held-out feeds.
+
+Model outputs: max abs error, mean cosine (rows of the last axis), relative error, share of elements off
+by more than ``atol + rtol·|ref|``. Per rewritten block (found from the ``GuardedFallback`` nodes, so this
+works on any optimized file): measured coverage (share of exact pre-activations inside the range),
+fallback rate (share of token-neuron pairs flagged), predictor recall and precision, and the relative
+error of the block's output tensor — which keeps its name in both models — including what upstream
+blocks contributed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from tardis_compile import fallback_op
+from tardis_compile.calibrate import capture_session
+from tardis_compile.errors import CalibrationDataError
+from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
+
+
+@dataclasses.dataclass
+class Thresholds:
+    """Pass/fail bounds of a verification (None: not checked)."""
+
+    max_abs_error: float | None = None
+    min_cosine: float | None = None
+    atol: float = 1e-3
+    rtol: float = 1e-2
+    max_share_over: float | None = None
+
+
+@dataclasses.dataclass
+class OutputMetrics:
+    name: str
+    max_abs_error: float
+    mean_cosine: float
+    min_cosine: float
+    relative_error: float
+    share_over_bound: float
+
+
+@dataclasses.dataclass
+class BlockMetrics:
+    name: str
+    coverage: float
+    fallback_rate: float
+    recall: float
+    precision: float
+    relative_error: float
+    tokens: int
+
+
+@dataclasses.dataclass
+class Verification:
+    outputs: list[OutputMetrics]
+    blocks: list[BlockMetrics]
+    batches: int
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs), default=0.0)
+
+    @property
+    def mean_cosine(self) -> float:
+        return float(np.mean([o.mean_cosine for o in self.outputs])) if self.outputs else 1.0
+
+
+@dataclasses.dataclass
+class _FallbackSite:
+    """Operands of one GuardedFallback node, read from the optimized model."""
+
+    name: str
+    x: ir.Value
+    h_hat: ir.Value
+    y: ir.Value
+    lo: np.ndarray
+    hi: np.ndarray
+    w1t: np.ndarray
+    b1: np.ndarray
+
+
+def fallback_sites(model: ir.Model) -> list[_FallbackSite]:
+    sites = []
+    for node in model.graph:
+        if node.domain == fallback_op.DOMAIN and node.op_type == fallback_op.OP_TYPE:
+            const = [ir.convenience.get_const_tensor(v) for v in node.inputs]
+            arrays = {name: (np.asarray(c.numpy(), np.float64) if c is not None else None)
+                      for name, c in zip(fallback_op.INPUT_NAMES, const)}
+            sites.append(_FallbackSite(node.name, node.inputs[0], node.inputs[2], node.outputs[0],
+                                       arrays["lo"], arrays["hi"], arrays["w1t"], arrays["b1"]))
+    return sites
+
+
+class _Accumulator:
+    """Running sums for one compared tensor (memory independent of data size)."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.cos: list[float] = []
+        self.err2 = self.ref2 = 0.0
+        self.over = self.count = 0
+
+    def add(self, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> None:
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        diff = got64 - ref64
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))) if diff.size else 0.0)
+        r = ref64.reshape(-1, ref64.shape[-1]) if ref64.ndim else ref64.reshape(1, 1)
+        g = got64.reshape(r.shape)
+        denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+        self.cos.extend(np.where(denom > 0, (r * g).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0).tolist())
+        self.err2 += float(np.sum(diff * diff))
+        self.ref2 += float(np.sum(ref64 * ref64))
+        self.over += int(np.sum(np.abs(diff) > atol + rtol * np.abs(ref64)))
+        self.count += diff.size
+
+
+def compare(
+    original: ir.Model, optimized: ir.Model, source: FeedSource, *, thresholds: Thresholds | None = None,
+    mask_input: str | None = None, threads: int = 0,
+    optimized_options: ort.SessionOptions | None = None,
+) -> Verification:
+    """Run both models on ``source`` and measure outputs and rewritten blocks."""
+    thresholds = thresholds or Thresholds()
+    sites = fallback_sites(optimized)
+    out_names = [v.name for v in original.graph.outputs]
+    opt_values = [*optimized.graph.outputs, *(v for s in sites for v in (s.x, s.h_hat, s.y))]
+    orig_by_name = {v.name: v for v in _all_values(original)}
+    orig_values = [*original.graph.outputs, *(orig_by_name[s.y.name] for s in sites if s.y.name in orig_by_name)]
+    outputs = {name: _Accumulator() for name in out_names}
+    block_err = {s.name: _Accumulator() for s in sites}
+    counts = {s.name: np.zeros(5) for s in sites}  # tokens·D, in-range, flagged, out, flagged∧out
+    batches = 0
+    with capture_session(original, orig_values, threads) as s_orig, \
+            capture_session(optimized, opt_values, threads) as s_opt_plain:
+        s_opt = s_opt_plain if optimized_options is None else _reopen(optimized, opt_values, optimized_options)
+        specs = input_specs(s_orig)
+        opt_names = [o.name for o in s_opt.get_outputs()]
+        orig_names = [o.name for o in s_orig.get_outputs()]
+        for feed in validated(source, specs, "evaluation data")():
+            try:
+                ref = dict(zip(orig_names, s_orig.run(orig_names, feed)))
+                got = dict(zip(opt_names, s_opt.run(opt_names, feed)))
+            except Exception as err:
+                raise CalibrationDataError(f"evaluation data: a model failed on this data: {err}") from err
+            batches += 1
+            for name in out_names:
+                outputs[name].add(ref[name], got[name], thresholds.atol, thresholds.rtol)
+            for site in sites:
+                x = got[site.x.name]
+                rows = x.reshape(-1, x.shape[-1])
+                keep = mask_rows(feed, rows.shape[0], mask_input)
+                h_hat = got[site.h_hat.name].reshape(rows.shape[0], -1)
+                y_ref = ref[site.y.name].reshape(rows.shape[0], -1)
+                y_got = got[site.y.name].reshape(rows.shape[0], -1)
+                if keep is not None:
+                    rows, h_hat, y_ref, y_got = rows[keep], h_hat[keep], y_ref[keep], y_got[keep]
+                h = rows.astype(np.float64) @ site.w1t.T + site.b1
+                inside = (h >= site.lo) & (h <= site.hi)
+                flagged = (h_hat < site.lo) | (h_hat > site.hi)
+                out = ~inside
+                counts[site.name] += [h.size, inside.sum(), flagged.sum(), out.sum(), (flagged & out).sum()]
+                block_err[site.name].add(y_ref, y_got, thresholds.atol, thresholds.rtol)
+    if batches == 0:
+        raise CalibrationDataError("evaluation data: no data")
+    out_metrics = [_output_metrics(name, acc) for name, acc in outputs.items()]
+    blocks = []
+    for site in sites:
+        total, inside, flagged, out, hit = counts[site.name]
+        acc = block_err[site.name]
+        blocks.append(BlockMetrics(
+            site.name, inside / max(total, 1), flagged / max(total, 1), hit / out if out else 1.0,
+            hit / flagged if flagged else 1.0, float(np.sqrt(acc.err2 / max(acc.ref2, 1e-300))),
+            int(total // max(site.lo.size, 1))))
+    return Verification(out_metrics, blocks, batches, _failures(out_metrics, thresholds))
+
+
+def _reopen(model: ir.Model, values: list[ir.Value], options: ort.SessionOptions) -> ort.InferenceSession:
+    original = list(model.graph.outputs)
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(dict.fromkeys(values))
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(original)
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _all_values(model: ir.Model):
+    yield from model.graph.inputs
+    for node in model.graph:
+        yield from node.outputs
+
+
+def _output_metrics(name: str, acc: _Accumulator) -> OutputMetrics:
+    cos = np.asarray(acc.cos) if acc.cos else np.ones(1)
+    return OutputMetrics(name, acc.max_abs, float(cos.mean()), float(cos.min()),
+                         float(np.sqrt(acc.err2 / max(acc.ref2, 1e-300))), acc.over / max(acc.count, 1))
+
+
+def _failures(outputs: list[OutputMetrics], t: Thresholds) -> list[str]:
+    failures = []
+    for o in outputs:
+        if t.max_abs_error is not None and o.max_abs_error > t.max_abs_error:
+            failures.append(f"output '{o.name}': max abs error {o.max_abs_error:.3g} > {t.max_abs_error:g}")
+        if t.min_cosine is not None and o.mean_cosine < t.min_cosine:
+            failures.append(f"output '{o.name}': mean cosine {o.mean_cosine:.5f} < {t.min_cosine:g}")
+        if t.max_share_over is not None and o.share_over_bound > t.max_share_over:
+            failures.append(f"output '{o.name}': {o.share_over_bound:.2%} of elements over "
+                            f"atol {t.atol:g} + rtol {t.rtol:g}")
+    return failures
+
+
+def load_pair(original: str | Path, optimized: str | Path) -> tuple[ir.Model, ir.Model]:
+    from tardis_compile.modelio import load
+
+    return load(original), load(optimized)
