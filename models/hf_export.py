@@ -170,7 +170,14 @@ def arch_info(arch: str, size: Size = "tiny") -> ArchInfo:
     """Shapes and GELU variant of ``random_model(arch, size)``'s FFN blocks."""
     cfg = random_config(arch, size)
     d = cfg.hidden_size
-    D = {"gpt2": cfg.n_inner, "bert": getattr(cfg, "intermediate_size", None)}.get(arch) or 4 * d
+    if arch == "gpt2":
+        D = cfg.n_inner or 4 * d
+    elif arch == "bert":
+        D = cfg.intermediate_size
+    elif arch == "falcon":
+        D = cfg.ffn_hidden_size or 4 * d
+    else:  # bloom: always 4·hidden
+        D = 4 * d
     layers = cfg.num_hidden_layers
     variant = "tanh" if arch in ("gpt2", "bloom") else "none"
     return ArchInfo(arch, d, D, layers, variant, "last_hidden_state" if arch == "bert" else "logits")
@@ -295,9 +302,14 @@ def _export(model: "torch.nn.Module", out_path: Path, output: str, *, exporter: 
             batch = torch.export.Dim("batch", min=1, max=4096)
             seq = torch.export.Dim("seq", min=1, max=max_seq)
             shapes = {n: {0: batch, 1: seq} for n in names}
-            torch.onnx.export(model, args, str(out_path), dynamo=True, input_names=names, output_names=[output],
-                              dynamic_shapes=shapes, opset_version=opset or DYNAMO_OPSET,
-                              external_data=external_data)
+            import warnings
+
+            with warnings.catch_warnings():
+                # Both inputs share the Dim objects on purpose; torch warns that it keeps one name.
+                warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+                torch.onnx.export(model, args, str(out_path), dynamo=True, input_names=names,
+                                  output_names=[output], dynamic_shapes=shapes,
+                                  opset_version=opset or DYNAMO_OPSET, external_data=external_data)
         elif exporter == "torchscript":
             import warnings
 
