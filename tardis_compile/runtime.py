@@ -286,7 +286,7 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
     global _warned_missing
     so = so if so is not None else ort.SessionOptions()
     lib = library_path()
-    if lib is None and build:
+    if lib is None and build and not os.environ.get(ENV_LIBRARY):
         lib = build_library(quiet=not require and _warned_missing)
     if lib is None:
         msg = (f"{LIB_NAME} is not available ({'; '.join(missing_build_requirements()) or 'build failed'}); "

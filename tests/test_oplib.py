@@ -1,0 +1,307 @@
+"""The compiled op library libtardis_ops: real ONNX Runtime sessions, numbers checked against the float64
+reference of ``ai.tardis::GuardedFallback`` (csrc/OP_SPEC.md).
+
+The kernel tests are skipped (with the reason) only when the library cannot be built here; under CI
+(``CI`` set) a missing library is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from tardis_compile import fallback_op as fo
+from tardis_compile import runtime
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def lib():
+    path = runtime.library_path() or runtime.build_library()
+    if path is None:
+        pytest.skip("libtardis_ops could not be built here (missing: "
+                    + "; ".join(runtime.missing_build_requirements()) + ")")
+    return path
+
+
+def test_library_available_in_ci():
+    """CI must build and use the library; a silent skip of every kernel test would hide that."""
+    path = runtime.library_path() or runtime.build_library()
+    if os.environ.get("CI"):
+        assert path is not None, ("libtardis_ops is missing under CI: "
+                                  + "; ".join(runtime.missing_build_requirements()))
+    elif path is None:
+        pytest.skip("not under CI and the library is unavailable")
+
+
+NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+def make_inputs(rng, lead, d, D, dtype=np.float32, flags="random", rate=0.2):
+    """Operands for one call; ``flags`` picks the flagged pattern:
+
+    none (lo=-inf, hi=+inf), all (lo=+inf, hi=-inf), random (each token-neuron pair independently with
+    probability ``rate``), shared (one set of ~rate*D neurons for every token, plus a few per token),
+    nan (random, with NaN predictions that must not flag).
+    """
+    x = rng.standard_normal((*lead, d))
+    w1t = rng.standard_normal((D, d)) / np.sqrt(d)
+    w2 = rng.standard_normal((D, d)) / np.sqrt(D)
+    b1 = 0.1 * rng.standard_normal(D)
+    alpha = rng.uniform(0.0, 1.0, D)
+    beta = rng.uniform(-0.1, 0.1, D)
+    y_lin = rng.standard_normal((*lead, d))
+    h_hat = rng.standard_normal((*lead, D))
+    lo, hi = np.full(D, -1.0), np.full(D, 1.0)
+    if flags == "none":
+        lo, hi = np.full(D, -np.inf), np.full(D, np.inf)
+    elif flags == "all":
+        lo, hi = np.full(D, np.inf), np.full(D, -np.inf)
+    elif flags in ("random", "nan"):
+        h_hat = np.where(rng.random((*lead, D)) < rate, 5.0, 0.0) * rng.choice([-1.0, 1.0], (*lead, D))
+        if flags == "nan":
+            h_hat[rng.random((*lead, D)) < 0.3] = np.nan
+    elif flags == "shared":
+        shared = rng.random(D) < rate
+        extra = rng.random((*lead, D)) < 0.01
+        h_hat = np.where(shared | extra, 3.0, 0.0)
+    else:
+        raise ValueError(flags)
+    ops = dict(x=x, y_lin=y_lin, h_hat=h_hat, lo=lo, hi=hi, w1t=w1t, b1=b1, w2=w2, alpha=alpha, beta=beta)
+    return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in ops.items()}
+
+
+def session(model: onnx.ModelProto, so: ort.SessionOptions | None = None, threads: int = 1):
+    so = so if so is not None else ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def with_lib(lib, so: ort.SessionOptions | None = None) -> ort.SessionOptions:
+    so = so if so is not None else ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    return so
+
+
+def loose(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every graph input's dims symbolic, so malformed shapes reach the kernel."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:
+        for i, dim in enumerate(inp.type.tensor_type.shape.dim):
+            dim.Clear()
+            dim.dim_param = f"{inp.name}_{i}"
+    return m
+
+
+def rel_err(y, ref) -> float:
+    ref = np.asarray(ref, np.float64)
+    return float(np.max(np.abs(np.asarray(y, np.float64) - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+
+
+# ------------------------------------------------------------------------------------------------ no library
+
+
+def test_function_body_runs_without_library():
+    rng = np.random.default_rng(0)
+    inp = make_inputs(rng, (5,), 24, 96)
+    y = session(fo.standalone_model(24, 96))  # plain SessionOptions: ORT inlines the function body
+    out = y.run(None, inp)[0]
+    assert rel_err(out, fo.reference(**inp)) < 1e-5
+
+
+def test_session_options_without_library(monkeypatch, tmp_path):
+    monkeypatch.setenv(runtime.ENV_LIBRARY, str(tmp_path / "missing.so"))
+    assert runtime.library_path() is None
+    with pytest.raises(runtime.LibraryUnavailableError, match="not available"):
+        runtime.session_options(require=True)
+    so = runtime.session_options()  # falls back: options without the library
+    rng = np.random.default_rng(1)
+    inp = make_inputs(rng, (3,), 16, 32, flags="all")
+    out = session(fo.standalone_model(16, 32), so).run(None, inp)[0]
+    assert rel_err(out, fo.reference(**inp)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+
+def test_kernel_runs_instead_of_function_body(lib):
+    """With the library registered, ORT does not inline the model-local function: our kernel computes."""
+    rng = np.random.default_rng(2)
+    d, D = 32, 128
+    model = fo.standalone_model(d, D)
+    assert model.functions, "the test model must carry the function body"
+    inp = make_inputs(rng, (7,), d, D, flags="random")
+    body = session(model).run(None, inp)[0]
+    before = runtime.kernel_calls(lib)
+    sess = session(model, runtime.session_options(require=True))
+    out = sess.run(None, inp)[0]
+    assert runtime.kernel_calls(lib) == before + 1
+    np.testing.assert_allclose(out, body, rtol=1e-5, atol=1e-5 * np.abs(body).max())
+    assert rel_err(out, fo.reference(**inp)) < 1e-5
+
+
+def test_library_metadata(lib):
+    stats = runtime.kernel_stats(lib)
+    assert stats["ort_api"] == 21
+    assert set(stats) >= {"calls", "union_calls", "portable_calls", "flagged_pairs", "cpu_has_avx2"}
+
+
+@pytest.mark.parametrize("variant", ["none", "tanh"])
+@pytest.mark.parametrize("flags", ["none", "all", "random", "shared", "nan"])
+@pytest.mark.parametrize("lead", [(1,), (6,), (2, 9)], ids=["decode", "rank2", "rank3"])
+def test_kernel_matches_reference(lib, variant, flags, lead):
+    rng = np.random.default_rng(hash((variant, flags, lead)) % 2**32)
+    d, D = int(rng.integers(8, 80)), int(rng.integers(16, 300))
+    model = fo.standalone_model(d, D, variant, rank=len(lead) + 1)
+    inp = make_inputs(rng, lead, d, D, flags=flags)
+    before = runtime.kernel_calls(lib)
+    out = session(model, with_lib(lib)).run(None, inp)[0]
+    assert runtime.kernel_calls(lib) == before + 1
+    ref = fo.reference(**inp, variant=variant)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert rel_err(out, ref) < 1e-5
+    if flags == "none":
+        np.testing.assert_array_equal(out, inp["y_lin"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_both_strategies(lib, seed, monkeypatch):
+    """Per-token and union-gather strategies, forced in turn, agree with the reference (odd sizes too)."""
+    rng = np.random.default_rng(100 + seed)
+    d, D = int(rng.integers(1, 130)), int(rng.integers(1, 700))
+    tokens = int(rng.integers(1, 40))
+    flags = ["random", "shared", "all"][seed % 3]
+    inp = make_inputs(rng, (tokens,), d, D, flags=flags, rate=float(rng.uniform(0.01, 0.5)))
+    ref = fo.reference(**inp)
+    model = fo.standalone_model(d, D)
+    for strategy in ("token", "union", "auto"):
+        monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)  # read when the session creates the kernel
+        out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
+        assert rel_err(out, ref) < 1e-5, strategy
+
+
+def test_union_path_chosen_for_shared_flags(lib):
+    rng = np.random.default_rng(3)
+    d, D, tokens = 64, 512, 32
+    inp = make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2)
+    stats0 = runtime.kernel_stats(lib)
+    out = session(fo.standalone_model(d, D), with_lib(lib), threads=2).run(None, inp)[0]
+    stats1 = runtime.kernel_stats(lib)
+    assert stats1["union_calls"] == stats0["union_calls"] + 1
+    assert rel_err(out, fo.reference(**inp)) < 1e-5
+    # independent sparse flags: per-token work is far smaller than the union product
+    inp = make_inputs(rng, (tokens,), d, D, flags="random", rate=0.02)
+    session(fo.standalone_model(d, D), with_lib(lib)).run(None, inp)
+    assert runtime.kernel_stats(lib)["union_calls"] == stats1["union_calls"]
+
+
+def test_decode_many_flags_threads(lib):
+    """One token, every neuron flagged: the flagged set is split over threads with partial sums."""
+    rng = np.random.default_rng(4)
+    d, D = 96, 2048
+    inp = make_inputs(rng, (1,), d, D, flags="all")
+    ref = fo.reference(**inp)
+    model = fo.standalone_model(d, D)
+    outs = [session(model, with_lib(lib), threads=t).run(None, inp)[0] for t in (1, 2)]
+    for out in outs:
+        assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["none", "tanh"])
+@pytest.mark.parametrize("flags", ["random", "shared", "all"])
+def test_float16(lib, variant, flags):
+    rng = np.random.default_rng(5)
+    d, D = 40, 200
+    inp = make_inputs(rng, (2, 5), d, D, dtype=np.float16, flags=flags)
+    model = fo.standalone_model(d, D, variant, dtype=TensorProto.FLOAT16, rank=3)
+    before = runtime.kernel_calls(lib)
+    out = session(model, with_lib(lib)).run(None, inp)[0]
+    assert runtime.kernel_calls(lib) == before + 1
+    assert out.dtype == np.float16
+    ref = fo.reference(**inp, variant=variant)
+    assert rel_err(out, ref) < 2e-3  # float16 output rounding; accumulation is float32
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_forced_portable_path(lib, monkeypatch, dtype):
+    """TARDIS_OPS_FORCE_PORTABLE=1 (read at session creation) runs the non-AVX2 code, same numbers."""
+    rng = np.random.default_rng(6)
+    d, D = 45, 170
+    npdt = NP[dtype]
+    model = fo.standalone_model(d, D, dtype=dtype)
+    tol = 1e-5 if dtype == TensorProto.FLOAT else 2e-3
+    for strategy in ("token", "union"):
+        inp = make_inputs(rng, (9,), d, D, dtype=npdt, flags="shared")
+        monkeypatch.setenv("TARDIS_OPS_FORCE_PORTABLE", "1")
+        monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)
+        before = runtime.kernel_stats(lib)
+        out = session(model, with_lib(lib)).run(None, inp)[0]
+        after = runtime.kernel_stats(lib)
+        assert after["portable_calls"] == before["portable_calls"] + 1
+        assert rel_err(out, fo.reference(**inp)) < tol
+        monkeypatch.delenv("TARDIS_OPS_FORCE_PORTABLE")
+        fast = session(model, with_lib(lib)).run(None, inp)[0]
+        if runtime.kernel_stats(lib)["cpu_has_avx2"]:
+            assert runtime.kernel_stats(lib)["portable_calls"] == after["portable_calls"]
+        assert rel_err(fast, out) < tol
+
+
+def test_empty_tokens(lib):
+    rng = np.random.default_rng(7)
+    inp = make_inputs(rng, (0,), 8, 16)
+    out = session(fo.standalone_model(8, 16), with_lib(lib)).run(None, inp)[0]
+    assert out.shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_wrong_w1t_shape_is_a_clear_error(lib):
+    rng = np.random.default_rng(8)
+    d, D = 16, 48
+    inp = make_inputs(rng, (3,), d, D)
+    inp["w1t"] = np.ascontiguousarray(inp["w1t"].T)  # [d, D] instead of [D, d]
+    sess = session(loose(fo.standalone_model(d, D)), with_lib(lib))
+    with pytest.raises(Exception, match=r"w1t must have shape \[D, d\] = \[48, 16\].*got \[16, 48\]"):
+        sess.run(None, inp)
+
+
+def test_h_hat_leading_dims_mismatch_is_a_clear_error(lib):
+    rng = np.random.default_rng(9)
+    d, D = 16, 48
+    inp = make_inputs(rng, (3,), d, D)
+    inp["h_hat"] = inp["h_hat"][:2]
+    sess = session(loose(fo.standalone_model(d, D)), with_lib(lib))
+    with pytest.raises(Exception, match=r"h_hat must have x's leading axes \[3\]"):
+        sess.run(None, inp)
+
+
+def test_vector_shape_and_y_lin_errors(lib):
+    rng = np.random.default_rng(10)
+    d, D = 8, 20
+    sess = session(loose(fo.standalone_model(d, D)), with_lib(lib))
+    inp = make_inputs(rng, (2,), d, D)
+    bad = dict(inp, alpha=inp["alpha"][:-1])
+    with pytest.raises(Exception, match=r"alpha must have shape \[D\] = \[20\]"):
+        sess.run(None, bad)
+    bad = dict(inp, y_lin=inp["y_lin"][:, :-1])
+    with pytest.raises(Exception, match=r"y_lin must have the shape of x"):
+        sess.run(None, bad)
+    # the session survives malformed calls
+    assert rel_err(sess.run(None, inp)[0], fo.reference(**inp)) < 1e-5
+
+
+def test_unknown_approximate_attribute_is_a_clear_error(lib):
+    model = fo.standalone_model(8, 16, with_function=False)
+    for attr in model.graph.node[0].attribute:
+        if attr.name == "approximate":
+            attr.s = b"sigmoid"
+    with pytest.raises(Exception, match="approximate"):
+        session(model, with_lib(lib))
