@@ -10,7 +10,23 @@ Two kinds of model:
 
 Both exporters are supported because users bring both: the **dynamo** exporter (``torch.export`` →
 ONNX, torch's default since 2.9) and the legacy **TorchScript** exporter (``dynamo=False``). They spell
-the same block differently (see ``docs`` in the project report); the pass must match both.
+the same block differently; the pass must match both (torch 2.13, transformers 5.24, as observed):
+
+* BERT/MiniLM, dynamo, opset 18: ``MatMul(x, W[d,D] init) → Add(·, b1) → Div(·, √2) → Erf → Add(·, 1)
+  → Mul(0.5, ·) → Mul(h, ·) → MatMul → Add(·, b2)``; constants are scalar initializers; the weight
+  initializer is renamed (``val_NN``, already transposed), the bias keeps its module name.
+  Opset 20: the five GELU nodes become one ``Gelu(approximate="none")``.
+* BERT/MiniLM, TorchScript, opset 17: ``MatMul → Add(b1, ·)`` (bias first) ``→ Div → Erf → Add(1)
+  → Mul(h, ·) → Mul(·, 0.5)``; scalars are ``Constant`` nodes.
+* GPT-2 (Conv1D): ``Reshape(x, [-1, d]) → Gemm(W[d,D], b1) → Reshape(back) → Mul(h, 0.5), Pow(h, 3)
+  → Mul(0.044715) → Add(h, ·) → Mul(0.79788) → Tanh → Add(1) → Mul(half, ·) → Reshape → Gemm → Reshape``.
+  dynamo: the flatten shape is a constant ``[-1, d]`` initializer and the restore shape a ``Concat`` of
+  batch/seq taken from ``attention_mask``'s shape; TorchScript: both built from ``Shape/Gather/Slice/
+  Squeeze/Unsqueeze/Concat`` of the tensor itself.
+* BLOOM: its own tanh formula ``Mul(h, .5)``, ``Mul(h, .79788456)``, ``Mul(Mul(h, .044715), h) + 1``,
+  ``Mul`` of the two, ``Tanh``, ``+1``, ``Mul`` — no ``Pow``.
+* Falcon (bias=False, parallel attention): ``MatMul → erf GELU → MatMul`` with no biases, and the second
+  MatMul's output is added to the *attention* output (``Add(mlp, attn)``) — that Add is not ``b2``.
 
 Every export has inputs ``input_ids`` and ``attention_mask`` (int64, [batch, seq], both axes dynamic)
 and no KV cache. Random models get *all* parameters drawn non-trivially (biases and LayerNorm affine
