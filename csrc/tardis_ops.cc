@@ -62,17 +62,6 @@ class OrtParallel final : public tardis::Parallel {
 };
 
 template <typename T>
-struct ElemType;
-template <>
-struct ElemType<float> {
-  static constexpr ONNXTensorElementDataType value = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-};
-template <>
-struct ElemType<Ort::Float16_t> {
-  static constexpr ONNXTensorElementDataType value = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-};
-
-template <typename T>
 using In = const Ort::Custom::Tensor<T>&;
 
 template <typename T>
@@ -169,15 +158,6 @@ struct GuardedFallbackKernel {
     }
   }
 
-  // Output 0 has y_lin's shape (falls back to x's when y_lin's rank is unknown).
-  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
-    if (ctx.GetInputCount() < 2) return Ort::Status{nullptr};
-    auto shape = ctx.GetInputShape(1);
-    if (shape.empty()) shape = ctx.GetInputShape(0);
-    if (shape.empty()) return Ort::Status{nullptr};
-    return ctx.SetOutputShape(0, shape, ElemType<T>::value);
-  }
-
  private:
   static Ort::Status Error(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
     return Ort::Status(("GuardedFallback: " + msg).c_str(), code);
@@ -187,6 +167,27 @@ struct GuardedFallbackKernel {
   tardis::Isa isa_ = tardis::Isa::kPortable;
   tardis::Strategy strategy_ = tardis::Strategy::kAuto;
 };
+
+// Type and shape inference: output 0 has y_lin's element type and shape (x's when y_lin's rank is unknown).
+// Installed on both typed ops directly instead of the lite API's InferOutputShape: ORT builds ONE schema
+// for the same-named float and float16 ops and uses the first op's function for both, so the element type
+// must come from the node's inputs, not from the op's template type (onnxruntime 1.21 checks it).
+OrtStatusPtr InferTypeAndShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  for (size_t index : {size_t{1}, size_t{0}}) {
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, index, &info)) {
+      api.ReleaseStatus(st);
+      continue;
+    }
+    size_t rank = 0;
+    OrtStatus* st = api.GetDimensionsCount(info, &rank);
+    if (st == nullptr && rank > 0) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
+    // `info` is owned by the context (the C++ wrapper release()s it too): do not free it.
+    if (st != nullptr || rank > 0) return st;
+  }
+  return nullptr;  // rank unknown: leave the output to the graph's declaration
+}
 
 struct Registry {
   std::unique_ptr<OrtCustomOp> op_float;
@@ -200,6 +201,8 @@ Registry& GetRegistry() {
     r->op_float.reset(Ort::Custom::CreateLiteCustomOp<GuardedFallbackKernel<float>>(kOpName, "CPUExecutionProvider"));
     r->op_half.reset(
         Ort::Custom::CreateLiteCustomOp<GuardedFallbackKernel<Ort::Float16_t>>(kOpName, "CPUExecutionProvider"));
+    r->op_float->InferOutputShapeFn = &InferTypeAndShape;
+    r->op_half->InferOutputShapeFn = &InferTypeAndShape;
     r->domain = Ort::CustomOpDomain(kDomain);
     r->domain.Add(r->op_float.get());
     r->domain.Add(r->op_half.get());

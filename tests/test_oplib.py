@@ -305,3 +305,17 @@ def test_unknown_approximate_attribute_is_a_clear_error(lib):
             attr.s = b"sigmoid"
     with pytest.raises(Exception, match="approximate"):
         session(model, with_lib(lib))
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_shape_and_type_inference(lib, dtype):
+    """The registered op infers y's element type and (symbolic) shape from y_lin."""
+    from onnx import helper
+
+    model = fo.standalone_model(8, 16, dtype=dtype, rank=3, with_function=False)
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    model.graph.node[0].output[0] = "y_mid"
+    model.graph.node.append(helper.make_node("Identity", ["y_mid"], ["y"]))
+    out = session(model, with_lib(lib)).get_outputs()[0]
+    assert out.type == ("tensor(float)" if dtype == TensorProto.FLOAT else "tensor(float16)")
+    assert out.shape == ["n0", "n1", 8]
