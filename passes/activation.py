@@ -73,6 +73,12 @@ class Activation:
     reason: str | None  # why this region is not a usable GELU (None when usable)
 
 
+def data_uses(value: ir.Value) -> list:
+    """Uses that read the tensor's data; ``Shape`` consumers only read its shape, which the rewrite
+    preserves (GPT-2's export computes ``size_out`` from the activation's shape)."""
+    return [u for u in value.uses() if u.node.op_type != "Shape"]
+
+
 def _scalar_const(value: ir.Value | None) -> float | None:
     """The value of a constant holding a single number, else None."""
     if value is None:
@@ -237,10 +243,10 @@ def classify(h: ir.Value, graph: ir.Graph) -> Activation:
     exits = []
     for node in nodes:
         for value in node.outputs:
-            outside = [u.node for u in value.uses() if u.node not in node_set]
+            outside = [u.node for u in data_uses(value) if u.node not in node_set]
             if outside or value.is_graph_output():
                 exits.append(value)
-    outside_h = [u.node for u in h.uses() if u.node not in node_set]
+    outside_h = [u.node for u in data_uses(h) if u.node not in node_set]
     reason = None
     if problems:
         reason = problems[0]

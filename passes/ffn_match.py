@@ -76,6 +76,23 @@ class FfnBlock:
     def nodes(self) -> list[ir.Node]:
         return [*self.linear1.nodes, *self.reshapes, *self.activation.nodes, *self.linear2.nodes]
 
+    def shape_consumers(self) -> list[tuple[ir.Node, int, bool]]:
+        """``Shape`` nodes reading a block-internal tensor: (node, input index, reads an [.., D] tensor
+        of the activation's rank rather than the 2-D Linear output)."""
+        inner = {self.linear1.y, self.activation.h, self.activation.g}
+        inner.update(v for n in self.activation.nodes for v in n.outputs)
+        flat = {self.linear1.y}
+        for n in self.reshapes:
+            inner.update(n.outputs)
+        if self.reshapes:
+            flat.add(self.reshapes[-1].outputs[0])
+        found = []
+        for value in inner:
+            for use in value.uses():
+                if use.node.op_type == "Shape":
+                    found.append((use.node, use.idx, value not in flat))
+        return found
+
     @property
     def spelling(self) -> str:
         ops = "+".join(dict.fromkeys(n.op_type for n in self.activation.nodes))
@@ -96,7 +113,7 @@ class Rejection:
 def _step_over_reshape(value: ir.Value, forward: bool) -> tuple[ir.Value, ir.Node | None]:
     """Step over one Reshape next to the activation (GPT-2's Conv1D export wraps Gemm in Reshapes)."""
     if forward:
-        uses = list(value.uses())
+        uses = act.data_uses(value)
         if len(uses) == 1 and uses[0].node.op_type == "Reshape" and uses[0].idx == 0:
             return uses[0].node.outputs[0], uses[0].node
         return value, None
@@ -115,7 +132,7 @@ def _check_reshapes(before: ir.Node | None, after: ir.Node | None, hidden: int) 
         return (f"unsupported layout: a single Reshape '{node.name}' between the Linear layers and the "
                 "activation (expected none or an unflatten/flatten pair)")
     _, last_before = shape_last_dim(before.inputs[1])
-    rank_after, last_after = shape_last_dim(after.inputs[1])
+    rank_after, last_after = shape_last_dim(after.inputs[1], after.inputs[0], hidden)
     if last_before not in (hidden, None) or last_after != hidden or rank_after != 2:
         return (f"unsupported layout: Reshapes '{before.name}'/'{after.name}' around the activation do not "
                 f"provably keep the last axis {hidden} (targets end in {last_before}, {last_after})")
@@ -148,7 +165,7 @@ def match_block(seed: ir.Node, graph: ir.Graph) -> FfnBlock | Rejection:
         linear1 = match_before(h_lin)
     except LinearMismatch as err:
         return Rejection(describe(seed), seed.op_type, "linear1", str(err))
-    if reshape_before is not None and len(h_lin.uses()) != 1:
+    if reshape_before is not None and len(act.data_uses(h_lin)) != 1:
         return Rejection(describe(seed), seed.op_type, "linear1",
                          f"shared intermediate: '{h_lin.name}' has another consumer")
     try:

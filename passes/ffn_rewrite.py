@@ -85,11 +85,32 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     fallback.metadata_props["tardis.spelling"] = block.spelling
     first = min(block.nodes, key=lambda n: _position(graph, n))
     graph.insert_before(first, [mm, y_lin, *pred_nodes, fallback])
+    _reroute_shape_reads(graph, block, h_hat, prefix, fallback)
     old_name = block.y.name
     block.y.replace_all_uses_with(fallback.outputs[0], replace_graph_outputs=True)
     block.y.name = f"{old_name}/replaced"
     fallback.outputs[0].name = old_name
     return fallback
+
+
+def _reroute_shape_reads(graph: ir.Graph, block: FfnBlock, h_hat: ir.Value, prefix: str, after: ir.Node) -> None:
+    """``Shape`` nodes that read a removed block tensor read a same-shaped stand-in instead.
+
+    ``ĥ`` has the shape of the first Linear's output; with GPT-2's Reshape-wrapped Gemm, the
+    activation's shape is ``Reshape(ĥ, <the model's own unflatten target>)`` (a view, no copy).
+    """
+    consumers = block.shape_consumers()
+    if not consumers:
+        return
+    unflat = h_hat
+    if block.reshapes and any(is_act for _, _, is_act in consumers):
+        reshape = block.reshapes[0]
+        unflat_node = _node("Reshape", [h_hat, reshape.inputs[1]], f"{prefix}/shape_of_activation",
+                            f"{prefix}/h_hat_unflat")
+        graph.insert_after(after, [unflat_node])
+        unflat = unflat_node.outputs[0]
+    for node, index, is_act in consumers:
+        node.replace_input_with(index, unflat if is_act else h_hat)
 
 
 def _position(graph: ir.Graph, node: ir.Node) -> int:
@@ -116,4 +137,5 @@ def rewrite(model: ir.Model, blocks: list[FoldedBlock]) -> list[ir.Node]:
     function = ir.serde.deserialize_function(proto)
     model.functions[function.identifier()] = function
     common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.TopologicalSortPass()(model)
     return nodes

@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from tardis_compile.passes.activation import data_uses
+
 _QUANTIZED_PRODUCERS = {"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"}
 _QUANTIZED_LINEARS = {"MatMulInteger", "MatMulNBits", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat",
                       "DynamicQuantizeMatMul", "GatherBlockQuantized", "QAttention"}
@@ -171,7 +173,7 @@ def match_before(h: ir.Value) -> Linear:
 
 def match_after(g: ir.Value) -> Linear:
     """The Linear layer consuming ``g`` (the activation's output) as its only consumer."""
-    uses = list(g.uses())
+    uses = data_uses(g)
     if len(uses) != 1 or g.is_graph_output():
         raise LinearMismatch(f"shared intermediate: the activation output '{g.name}' has {len(uses)} "
                              f"consumers{' and is a graph output' if g.is_graph_output() else ''}")
@@ -201,15 +203,31 @@ def match_after(g: ir.Value) -> Linear:
     return Linear(g, y, nodes, weight, bias, d_in, d_out, spelling, dtype)
 
 
-def shape_last_dim(shape_value: ir.Value) -> tuple[int | None, int | None]:
-    """(rank, last dim) of a Reshape target when knowable: a constant, or a Concat ending in a constant."""
+def shape_last_dim(shape_value: ir.Value, data: ir.Value | None = None, hidden: int | None = None) -> tuple[int | None, int | None]:
+    """(rank, last dim) of a Reshape target when knowable.
+
+    Understands a constant, and a ``Concat`` of one-element pieces whose last piece is a constant or is
+    read from ``Shape(data)`` at index -1 (``x.view(-1, x.size(-1))`` as TorchScript exports it; the last
+    axis then stays ``hidden``).
+    """
     tensor = ir.convenience.get_const_tensor(shape_value)
     if tensor is not None:
         dims = np.asarray(tensor.numpy()).reshape(-1)
         return len(dims), int(dims[-1])
     producer = shape_value.producer()
-    if producer is not None and producer.op_type == "Concat":
-        last = ir.convenience.get_const_tensor(producer.inputs[-1])
-        if last is not None:
-            return None, int(np.asarray(last.numpy()).reshape(-1)[-1])
-    return None, None
+    if producer is None or producer.op_type != "Concat":
+        return None, None
+    rank = len(producer.inputs)
+    last = ir.convenience.get_const_tensor(producer.inputs[-1])
+    if last is not None:
+        return rank, int(np.asarray(last.numpy()).reshape(-1)[-1])
+    node = producer.inputs[-1].producer()
+    while node is not None and node.op_type in ("Unsqueeze", "Squeeze", "Slice", "Gather", "Cast"):
+        if node.op_type in ("Slice", "Gather"):
+            start = ir.convenience.get_const_tensor(node.inputs[1])
+            if start is None or int(np.asarray(start.numpy()).reshape(-1)[0]) != -1:
+                return rank, None
+        node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Shape" and data is not None and node.inputs[0] is data:
+        return rank, hidden
+    return rank, None
