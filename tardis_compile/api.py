@@ -253,8 +253,8 @@ def _attach_measurements(report: Report, verification: Verification) -> None:
 
 
 def _report_paths(out_path: Path, report_path: str | os.PathLike | None) -> tuple[Path, Path]:
-    base = Path(report_path) if report_path else out_path.with_name(out_path.stem + ".report")
-    return base.with_suffix(".json"), base.with_suffix(".md")
+    base = str(report_path) if report_path else str(out_path.with_name(out_path.stem + ".report"))
+    return Path(base + ".json"), Path(base + ".md")
 
 
 def verify(

@@ -55,7 +55,10 @@ def uses_external_data(model: ir.Model) -> bool:
 
 def _external_files(model_path: Path) -> set[Path]:
     """External data files a model on disk refers to (without loading the weights)."""
-    proto = onnx.load(str(model_path), load_external_data=False)
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # unreadable input: load() reports it precisely
+        return set()
     files = set()
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:

