@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -274,6 +275,27 @@ Kernels<W> Get() {
   return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4<W>};
 }
 
+// Flag scan of one float token row: indices j with hh[j] < lo[j] or hh[j] > hi[j] (ordered compares:
+// NaN is not flagged).
+TARDIS_AVX2 int64_t FlagRowFloat(const float* hh, const float* lo, const float* hi, int64_t D, int32_t* out) {
+  int64_t n = 0, j = 0;
+  for (; j + 8 <= D; j += 8) {
+    const __m256 v = _mm256_loadu_ps(hh + j);
+    const __m256 f = _mm256_or_ps(_mm256_cmp_ps(v, _mm256_loadu_ps(lo + j), _CMP_LT_OQ),
+                                  _mm256_cmp_ps(v, _mm256_loadu_ps(hi + j), _CMP_GT_OQ));
+    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(f));
+    while (m) {
+      out[n++] = static_cast<int32_t>(j + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+  for (; j < D; ++j) {
+    out[n] = static_cast<int32_t>(j);
+    n += static_cast<int64_t>((hh[j] < lo[j]) | (hh[j] > hi[j]));
+  }
+  return n;
+}
+
 }  // namespace avx2
 #endif  // TARDIS_X86
 
@@ -303,7 +325,13 @@ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Flagged indices of one token: j with h_hat[j] < lo[j] or h_hat[j] > hi[j] (NaN: not flagged).
 template <class T>
-int64_t FlagRow(const T* hh, const T* lo, const T* hi, int64_t D, int32_t* out) {
+int64_t FlagRow(const T* hh, const T* lo, const T* hi, int64_t D, int32_t* out, Isa isa) {
+#if TARDIS_X86
+  if constexpr (std::is_same<T, float>::value) {
+    if (isa == Isa::kAvx2 && CpuHasAvx2()) return avx2::FlagRowFloat(hh, lo, hi, D, out);
+  }
+#endif
+  (void)isa;
   int64_t n = 0;
   for (int64_t j = 0; j < D; ++j) {
     const float v = Ld(hh, j);
@@ -381,7 +409,20 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
   const int64_t* counts = p.counts;
   const int64_t groups = CeilDiv(tokens, 4);
 
-  // 1. H = X . W1t_U^T, blocked over (neuron block, token block).
+  // 1. Which union neurons each group of 4 tokens needs (flagged for at least one of its tokens).
+  std::unique_ptr<uint8_t[]> need(new uint8_t[static_cast<size_t>(groups * nu)]);
+  auto mark = [&](size_t g) {
+    uint8_t* row = need.get() + g * nu;
+    std::memset(row, 0, static_cast<size_t>(nu));
+    for (int64_t t = static_cast<int64_t>(g) * 4; t < std::min(tokens, static_cast<int64_t>(g) * 4 + 4); ++t) {
+      const int32_t* list = flags + t * D;
+      for (int64_t i = 0; i < counts[t]; ++i) row[pos[list[i]]] = 1;
+    }
+  };
+  ParallelFor(par, static_cast<size_t>(groups), mark);
+
+  // 2. H[t, u] = x_t . w1t[U[u]] for the needed (group, neuron) pairs, four tokens per row load, blocked
+  //    over (neuron block, token block) so each W1 row is reused by the groups of a token block.
   std::unique_ptr<float[]> H(new float[static_cast<size_t>(tokens * nu)]);
   constexpr int64_t kNB = 16, kTB = 32;
   const int64_t nblocks = CeilDiv(nu, kNB), tblocks = CeilDiv(tokens, kTB);
@@ -392,6 +433,7 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
     for (int64_t u = u0; u < u1; ++u) {
       const T* w = p.w1t + static_cast<int64_t>(uni[u]) * d;
       for (int64_t t = t0; t < t1; t += 4) {
+        if (!need[(t / 4) * nu + u]) continue;
         const float* xs[4];
         for (int q = 0; q < 4; ++q) xs[q] = p.x + std::min(t + q, t1 - 1) * d;
         float out[4];
@@ -402,13 +444,22 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
   };
   ParallelFor(par, static_cast<size_t>(nblocks * tblocks), gemm1);
 
-  // 2. Per group of 4 tokens: packed entries (W2 row, 4 corrections) for neurons flagged in the group.
+  // 3. Per group: packed entries (W2 row, 4 corrections; zero for tokens where the neuron is not flagged).
   std::vector<std::vector<Entry<T>>> packed(static_cast<size_t>(groups));
   auto pack = [&](size_t g) {
     const int64_t t0 = static_cast<int64_t>(g) * 4;
-    std::vector<float> c(static_cast<size_t>(4 * nu), 0.0f);
-    std::vector<int32_t> used;
-    std::vector<uint8_t> seen(static_cast<size_t>(nu), 0);
+    const uint8_t* row = need.get() + g * nu;
+    std::vector<int32_t> slot(static_cast<size_t>(nu), -1);
+    auto& out = packed[g];
+    for (int64_t u = 0; u < nu; ++u) {
+      if (!row[u]) continue;
+      slot[u] = static_cast<int32_t>(out.size());
+      Entry<T> e;
+      e.row = p.w2 + static_cast<int64_t>(uni[u]) * d;
+      e.u = u;
+      e.c[0] = e.c[1] = e.c[2] = e.c[3] = 0.0f;
+      out.push_back(e);
+    }
     for (int64_t q = 0; q < 4 && t0 + q < tokens; ++q) {
       const int64_t t = t0 + q;
       const int32_t* list = flags + t * D;
@@ -416,27 +467,13 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
         const int32_t j = list[i];
         const int32_t u = pos[j];
         const float h = H[t * nu + u] + Ld(p.b1, j);
-        c[q * nu + u] = Corr(h, Ld(p.alpha, j), Ld(p.beta, j), p.gelu);
-        if (!seen[u]) {
-          seen[u] = 1;
-          used.push_back(u);
-        }
+        out[slot[u]].c[q] = Corr(h, Ld(p.alpha, j), Ld(p.beta, j), p.gelu);
       }
-    }
-    std::sort(used.begin(), used.end());
-    auto& out = packed[g];
-    out.reserve(used.size());
-    for (int32_t u : used) {
-      Entry<T> e;
-      e.row = p.w2 + static_cast<int64_t>(uni[u]) * d;
-      e.u = u;
-      for (int q = 0; q < 4; ++q) e.c[q] = c[q * nu + u];
-      out.push_back(e);
     }
   };
   ParallelFor(par, static_cast<size_t>(groups), pack);
 
-  // 3. Y += C . W2_U, parallel over column blocks; entries blocked so each W2 panel stays in cache.
+  // 4. Y += C . W2_U, parallel over column blocks; entries blocked so each W2 panel stays in cache.
   const int64_t cb = std::max<int64_t>(64, std::min<int64_t>(512, CeilDiv(CeilDiv(d, 8), 16) * 16));
   const int64_t cblocks = CeilDiv(d, cb);
   constexpr int64_t kUB = 256;
@@ -476,12 +513,24 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
   const T* hi = static_cast<const T*>(op.hi);
 
   // Flag sets, one row of D int32 per token (first counts[t] entries valid).
-  std::unique_ptr<int32_t[]> flags(new int32_t[static_cast<size_t>(tokens * D)]);
+  // Reused per calling thread up to 16 MB (a fresh multi-MB buffer per call costs page faults).
+  const size_t flag_n = static_cast<size_t>(tokens * D);
+  constexpr size_t kKeep = size_t{4} << 20;
+  thread_local std::vector<int32_t> flag_keep;
+  std::unique_ptr<int32_t[]> flag_big;
+  int32_t* flags;
+  if (flag_n <= kKeep) {
+    if (flag_keep.size() < flag_n) flag_keep.resize(flag_n);
+    flags = flag_keep.data();
+  } else {
+    flag_big.reset(new int32_t[flag_n]);
+    flags = flag_big.get();
+  }
   std::vector<int64_t> counts(static_cast<size_t>(tokens), 0);
   const int64_t fblocks = std::min<int64_t>(tokens, 64);
   auto flag_work = [&](size_t b) {
     const int64_t t0 = tokens * static_cast<int64_t>(b) / fblocks, t1 = tokens * (static_cast<int64_t>(b) + 1) / fblocks;
-    for (int64_t t = t0; t < t1; ++t) counts[t] = FlagRow(h_hat + t * D, lo, hi, D, flags.get() + t * D);
+    for (int64_t t = t0; t < t1; ++t) counts[t] = FlagRow(h_hat + t * D, lo, hi, D, flags + t * D, isa);
   };
   ParallelFor(par, static_cast<size_t>(fblocks), flag_work);
 
@@ -497,7 +546,7 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
   const Kernels<T> kernels = GetKernels<T>(isa);
   Problem<T> p{tokens, d, D, x, y,
                static_cast<const T*>(op.w1t), static_cast<const T*>(op.b1), static_cast<const T*>(op.w2),
-               static_cast<const T*>(op.alpha), static_cast<const T*>(op.beta), gelu, &kernels, flags.get(),
+               static_cast<const T*>(op.alpha), static_cast<const T*>(op.beta), gelu, &kernels, flags,
                counts.data()};
 
   bool use_union = false;
@@ -509,7 +558,7 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
     int64_t group_sum = 0;
     for (int64_t t = 0; t < tokens; ++t) {
       const int32_t g = static_cast<int32_t>(t / 4);
-      const int32_t* list = flags.get() + t * D;
+      const int32_t* list = flags + t * D;
       for (int64_t i = 0; i < counts[t]; ++i) {
         const int32_t j = list[i];
         in_union[j] = 1;
@@ -523,12 +572,13 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
       if (in_union[j]) uni.push_back(static_cast<int32_t>(j));
     const int64_t nu = static_cast<int64_t>(uni.size());
     local.union_size = nu;
-    // token path: 2 d per flagged pair, gathered rows, vector-at-a-time;
-    // union path: d per (token, union neuron) for H plus 4 d per (group, neuron) for Y, register-blocked
-    // and streaming each weight row once per token block (about kUnionGain times cheaper per flop).
-    constexpr double kUnionGain = 3.0;
-    const double cost_token = 2.0 * static_cast<double>(total);
-    const double cost_union = (static_cast<double>(tokens) * nu + 4.0 * group_sum) / kUnionGain;
+    // Cost model. token path: one W1 and one W2 row per flagged (token, neuron) pair, used once each
+    // (sum_t |F(t)| = total row pairs, vector-at-a-time, bound by cache/memory traffic). union path: per
+    // group of 4 tokens one row pair per neuron needed by the group (group_sum row pairs), each used by 4
+    // tokens in register-blocked tiles: 4x the flops of a row pair, at kBlockedGain x the speed.
+    constexpr double kBlockedGain = 2.5;
+    const double cost_token = static_cast<double>(total);
+    const double cost_union = 4.0 * static_cast<double>(group_sum) / kBlockedGain;
     use_union = strategy == Strategy::kUnion || cost_union < cost_token;
     if (use_union) {
       pos.assign(static_cast<size_t>(D), -1);
