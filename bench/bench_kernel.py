@@ -11,12 +11,14 @@ session settings (CPU EP, intra_op_num_threads = 1 or 2, weights as initializers
   kernel       GuardedFallback alone (y_lin and h_hat fed as inputs)
 
 Flags: lo/hi per neuron are set to the two-sided quantiles of the (Gaussian) pre-activation so each
-token-neuron pair is flagged independently with the given share; the measured share (from the kernel's
-counter) is reported next to it. Independent flags are the worst case for the union-gather path; real
-prefill flags are correlated across tokens.
+token-neuron pair is flagged with the given share; the measured share (from the kernel's counter) is
+reported next to it. By default tokens are independent, so are their flags: the worst case for the
+union-gather path. ``--token-correlation 0.9`` gives the tokens a common component, so their flagged sets
+overlap as in a real prefill.
 
     python bench/bench_kernel.py            # full grid (tens of minutes; 4544x18176 needs ~6 GB RAM)
     python bench/bench_kernel.py --quick    # small subset, seconds
+    python bench/bench_kernel.py --quick --token-correlation 0.9   # overlapping flags (union path)
 
 Writes bench/results/kernel.json and bench/results/kernel.md (or --out DIR).
 """
@@ -151,14 +153,22 @@ def session(model: bytes, threads: int, lib: bool) -> ort.InferenceSession:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def run(sizes, tokens_list, shares, threads_list, min_time: float, log) -> list[dict]:
+def make_x(rng, tokens: int, d: int, rho: float) -> np.ndarray:
+    """Tokens x ~ N(0, I) marginally; with ``rho`` > 0 they share a common component (correlation rho), so
+    their pre-activations, hence their flagged sets, overlap as in a real prefill."""
+    common = rng.standard_normal((1, d), dtype=np.float32)
+    own = rng.standard_normal((tokens, d), dtype=np.float32)
+    return (np.float32(math.sqrt(rho)) * common + np.float32(math.sqrt(1.0 - rho)) * own).astype(np.float32)
+
+
+def run(sizes, tokens_list, shares, threads_list, min_time: float, log, rho: float = 0.0) -> list[dict]:
     records = []
     for d, D in sizes:
         log(f"== d={d} D={D}: building weights and models")
         w = make_weights(d, D)
         models = build_models(w)
         rng = np.random.default_rng(1)
-        xs = {t: rng.standard_normal((t, d), dtype=np.float32) for t in tokens_list}
+        xs = {t: make_x(rng, t, d, rho) for t in tokens_list}
         for threads in threads_list:
             sess = {name: session(m, threads, lib=(name != "dense")) for name, m in models.items()}
             for t in tokens_list:
@@ -182,7 +192,7 @@ def run(sizes, tokens_list, shares, threads_list, min_time: float, log) -> list[
                     used_union = stats1["union_calls"] > stats0["union_calls"]
                     ms = {name: time_run(sess[name], feeds[name], **reps) for name in feeds}
                     ms["dense"] = dense_ms
-                    rec = {"d": d, "D": D, "tokens": t, "threads": threads, "share": share,
+                    rec = {"d": d, "D": D, "tokens": t, "threads": threads, "share": share, "token_correlation": rho,
                            "measured_share": round(measured, 5), "union_path": used_union,
                            "ms": {k: round(v, 4) for k, v in ms.items()},
                            "speedup_vs_dense": {k: round(dense_ms / v, 3) for k, v in ms.items() if k != "dense"}}
@@ -204,7 +214,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"onnxruntime {meta['onnxruntime']}, {meta['cpu']}, {meta['cpus']} CPUs, AVX2 path: "
         f"{bool(meta['cpu_has_avx2'])}. Medians in ms; speed-up = dense / variant (>1 is faster than dense).",
         "`block` = folded MatMul + exact predictor (full x·W1) + kernel; `fold+kernel` = folded MatMul + kernel "
-        "with h_hat given (a free predictor); `kernel` = the op alone. Flags independent per token-neuron pair.",
+        "with h_hat given (a free predictor); `kernel` = the op alone. Token input correlation "
+        f"{meta['token_correlation']} (0: flags independent per token-neuron pair).",
         "",
         "| d×D | tokens | threads | share (measured) | path | dense | block | fold+kernel | kernel "
         "| ×block | ×fold+kernel |",
@@ -225,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=None, help="intra-op thread counts (default 1 2)")
     ap.add_argument("--sizes", type=str, nargs="+", default=None, help="sizes as dxD, e.g. 768x3072")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
+    ap.add_argument("--token-correlation", type=float, default=0.0,
+                    help="correlation of the tokens' inputs (0: independent flags; e.g. 0.9: shared, prefill-like)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
 
@@ -241,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 0.5)
 
     t0 = time.time()
-    records = run(sizes, tokens, shares, threads, min_time, log=lambda m: print(m, flush=True))
+    records = run(sizes, tokens, shares, threads, min_time, log=lambda m: print(m, flush=True),
+                  rho=args.token_correlation)
     stats = runtime.kernel_stats()
     meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "library": str(lib), "quick": args.quick,
-            "variant": VARIANT, "seconds": round(time.time() - t0, 1)}
+            "variant": VARIANT, "token_correlation": args.token_correlation, "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernel.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     (args.out / "kernel.md").write_text(markdown(records, meta))

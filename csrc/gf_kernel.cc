@@ -53,10 +53,8 @@ inline float Corr(float h, float a, float b, GeluKind kind) {
   return static_cast<float>(g - (static_cast<double>(a) * x + static_cast<double>(b)));
 }
 
-// One entry of a packed C block: the W2 row of a union neuron and its corrections for 4 tokens.
-template <class W>
+// One entry of a packed C block: a union neuron and its corrections for 4 tokens.
 struct Entry {
-  const W* row;
   float c[4];
   int64_t u;  // index in the union
 };
@@ -67,8 +65,10 @@ struct Kernels {
   void (*axpy)(float* y, float a, const W* w, int64_t n);
   // out[k] = x[k] . w for k < 4 (all four rows valid pointers).
   void (*dot4)(const float* const* x, const W* w, int64_t n, float* out);
-  // y[k][c0:c1] += sum_e e.c[k] * e.row[c0:c1] for k < 4.
-  void (*update4)(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t c1);
+  // y[k][c0 + i] += sum_e e.c[k] * panel[(e.u - ub) * ld + i] for k < 4, i < c1 - c0 (a packed float
+  // panel of W2 rows: contiguous, so the loop over entries does not walk rows d floats apart).
+  void (*update4)(float* const* y, const Entry* e, int64_t ne, const float* panel, int64_t ld, int64_t ub,
+                  int64_t c0, int64_t c1);
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -108,8 +108,8 @@ void Dot4(const float* const* x, const W* w, int64_t n, float* out) {
   out[3] = a3;
 }
 
-template <class W>
-void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t c1) {
+inline void Update4(float* const* y, const Entry* e, int64_t ne, const float* panel, int64_t ld, int64_t ub,
+                    int64_t c0, int64_t c1) {
   constexpr int64_t kB = 16;
   for (int64_t c = c0; c < c1; c += kB) {
     const int64_t m = std::min(kB, c1 - c);
@@ -117,9 +117,9 @@ void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t
     for (int k = 0; k < 4; ++k)
       for (int64_t i = 0; i < m; ++i) acc[k][i] = y[k][c + i];
     for (int64_t q = 0; q < ne; ++q) {
-      const W* row = e[q].row + c;
+      const float* row = panel + (e[q].u - ub) * ld + (c - c0);
       for (int64_t i = 0; i < m; ++i) {
-        const float wv = Ld(row, i);
+        const float wv = row[i];
         for (int k = 0; k < 4; ++k) acc[k][i] += e[q].c[k] * wv;
       }
     }
@@ -130,7 +130,7 @@ void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t
 
 template <class W>
 Kernels<W> Get() {
-  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4<W>};
+  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4};
 }
 
 }  // namespace portable
@@ -218,8 +218,8 @@ TARDIS_AVX2 void Dot4(const float* const* x, const W* w, int64_t n, float* out) 
   out[3] = s3;
 }
 
-template <class W>
-TARDIS_AVX2 void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t c0, int64_t c1) {
+TARDIS_AVX2 void Update4(float* const* y, const Entry* e, int64_t ne, const float* panel, int64_t ld, int64_t ub,
+                        int64_t c0, int64_t c1) {
   float *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
   int64_t c = c0;
   for (; c + 16 <= c1; c += 16) {
@@ -228,8 +228,8 @@ TARDIS_AVX2 void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t
     __m256 p2 = _mm256_loadu_ps(y2 + c), q2 = _mm256_loadu_ps(y2 + c + 8);
     __m256 p3 = _mm256_loadu_ps(y3 + c), q3 = _mm256_loadu_ps(y3 + c + 8);
     for (int64_t k = 0; k < ne; ++k) {
-      const W* row = e[k].row + c;
-      const __m256 w0 = Ld8(row), w1 = Ld8(row + 8);
+      const float* row = panel + (e[k].u - ub) * ld + (c - c0);
+      const __m256 w0 = _mm256_loadu_ps(row), w1 = _mm256_loadu_ps(row + 8);
       __m256 s = _mm256_broadcast_ss(&e[k].c[0]);
       p0 = _mm256_fmadd_ps(s, w0, p0);
       q0 = _mm256_fmadd_ps(s, w1, q0);
@@ -256,7 +256,7 @@ TARDIS_AVX2 void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t
     __m256 p0 = _mm256_loadu_ps(y0 + c), p1 = _mm256_loadu_ps(y1 + c);
     __m256 p2 = _mm256_loadu_ps(y2 + c), p3 = _mm256_loadu_ps(y3 + c);
     for (int64_t k = 0; k < ne; ++k) {
-      const __m256 w0 = Ld8(e[k].row + c);
+      const __m256 w0 = _mm256_loadu_ps(panel + (e[k].u - ub) * ld + (c - c0));
       p0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&e[k].c[0]), w0, p0);
       p1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&e[k].c[1]), w0, p1);
       p2 = _mm256_fmadd_ps(_mm256_broadcast_ss(&e[k].c[2]), w0, p2);
@@ -267,12 +267,12 @@ TARDIS_AVX2 void Update4(float* const* y, const Entry<W>* e, int64_t ne, int64_t
     _mm256_storeu_ps(y2 + c, p2);
     _mm256_storeu_ps(y3 + c, p3);
   }
-  if (c < c1) portable::Update4<W>(y, e, ne, c, c1);
+  if (c < c1) portable::Update4(y, e, ne, panel + (c - c0), ld, ub, c, c1);
 }
 
 template <class W>
 Kernels<W> Get() {
-  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4<W>};
+  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4};
 }
 
 // Flag scan of one float token row: indices j with hh[j] < lo[j] or hh[j] > hi[j] (ordered compares:
@@ -445,7 +445,7 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
   ParallelFor(par, static_cast<size_t>(nblocks * tblocks), gemm1);
 
   // 3. Per group: packed entries (W2 row, 4 corrections; zero for tokens where the neuron is not flagged).
-  std::vector<std::vector<Entry<T>>> packed(static_cast<size_t>(groups));
+  std::vector<std::vector<Entry>> packed(static_cast<size_t>(groups));
   auto pack = [&](size_t g) {
     const int64_t t0 = static_cast<int64_t>(g) * 4;
     const uint8_t* row = need.get() + g * nu;
@@ -454,8 +454,7 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
     for (int64_t u = 0; u < nu; ++u) {
       if (!row[u]) continue;
       slot[u] = static_cast<int32_t>(out.size());
-      Entry<T> e;
-      e.row = p.w2 + static_cast<int64_t>(uni[u]) * d;
+      Entry e;
       e.u = u;
       e.c[0] = e.c[1] = e.c[2] = e.c[3] = 0.0f;
       out.push_back(e);
@@ -473,17 +472,25 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
   };
   ParallelFor(par, static_cast<size_t>(groups), pack);
 
-  // 4. Y += C . W2_U, parallel over column blocks; entries blocked so each W2 panel stays in cache.
+  // 4. Y += C . W2_U, parallel over column blocks (threads own columns: no reduction). Per block of kUB
+  //    union neurons, the W2 rows' column slice is packed (as float) into a contiguous panel that stays in
+  //    cache while every group of tokens runs its 4-token x 16-column register tiles over it.
   const int64_t cb = std::max<int64_t>(64, std::min<int64_t>(512, CeilDiv(CeilDiv(d, 8), 16) * 16));
   const int64_t cblocks = CeilDiv(d, cb);
-  constexpr int64_t kUB = 256;
+  constexpr int64_t kUB = 128;
   auto gemm2 = [&](size_t item) {
-    const int64_t c0 = static_cast<int64_t>(item) * cb, c1 = std::min(d, c0 + cb);
+    const int64_t c0 = static_cast<int64_t>(item) * cb, c1 = std::min(d, c0 + cb), ld = c1 - c0;
     std::vector<size_t> cursor(static_cast<size_t>(groups), 0);
+    std::vector<float> panel(static_cast<size_t>(kUB * ld));
     // Rows of padding tokens (last group): private per item, their corrections are zero.
     std::vector<float> pad(tokens % 4 ? static_cast<size_t>(3 * d) : 0, 0.0f);
     for (int64_t ub = 0; ub < nu; ub += kUB) {
-      const int64_t ue = ub + kUB;
+      const int64_t ue = std::min(nu, ub + kUB);
+      for (int64_t u = ub; u < ue; ++u) {
+        const T* src = p.w2 + static_cast<int64_t>(uni[u]) * d + c0;
+        float* dst = panel.data() + (u - ub) * ld;
+        for (int64_t i = 0; i < ld; ++i) dst[i] = Ld(src, i);
+      }
       for (int64_t g = 0; g < groups; ++g) {
         const auto& ent = packed[g];
         const size_t b = cursor[g];
@@ -496,7 +503,7 @@ void RunUnion(const Problem<T>& p, const std::vector<int32_t>& uni, const std::v
           const int64_t t = g * 4 + q;
           ys[q] = t < tokens ? p.y + t * d : pad.data() + (q - 1) * d;
         }
-        k.update4(ys, ent.data() + b, static_cast<int64_t>(e - b), c0, c1);
+        k.update4(ys, ent.data() + b, static_cast<int64_t>(e - b), panel.data(), ld, ub, c0, c1);
       }
     }
   };
