@@ -75,4 +75,23 @@ class BuildPyWithOps(build_py):
         print(f"tardis-compile: built {lib}", file=sys.stderr)
 
 
-setup(cmdclass={"build_py": BuildPyWithOps})
+cmdclass = {"build_py": BuildPyWithOps}
+try:  # the wheel carries a native library: tag it for this platform (any Python 3, no Python ABI used)
+    from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel
+except ImportError:  # older setuptools
+    try:
+        from wheel.bdist_wheel import bdist_wheel as _bdist_wheel
+    except ImportError:
+        _bdist_wheel = None
+if _bdist_wheel is not None:
+
+    class BdistWheelPlatform(_bdist_wheel):
+        def get_tag(self):
+            import sysconfig
+
+            plat = (self.plat_name or sysconfig.get_platform()).replace("-", "_").replace(".", "_")
+            return "py3", "none", plat
+
+    cmdclass["bdist_wheel"] = BdistWheelPlatform
+
+setup(cmdclass=cmdclass)
