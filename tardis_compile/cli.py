@@ -1,4 +1,4 @@
-"""``tardis-compile`` command line: optimize, inspect, verify, demo.
+"""``tardis-compile`` command line: optimize, inspect, verify, demo, prune (baseline).
 
 Every user error (bad file, no foldable block, wrong calibration data, output = input) is printed as one
 ``error:`` line with exit status 2; nothing is written in that case.
@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _threshold_args(p)
 
+    p = sub.add_parser("prune", help="baseline: prune the FFN weights with Wanda or RIA at a parameter budget")
+    p.add_argument("model", help="input ONNX model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output ONNX model")
+    p.add_argument("--calib", required=True, help="calibration data (as for optimize)")
+    p.add_argument("--method", choices=["wanda", "ria"], default="wanda", help="pruning score (default wanda)")
+    p.add_argument("--sparsity", type=float, help="share of W1+W2 weights removed per output neuron "
+                   "(default 0.5; 2:4 is fixed at 0.5)")
+    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
+    p.add_argument("--one-shot", action="store_true",
+                   help="all blocks' statistics from the original model in one pass (default: sequential, "
+                        "as the papers' code does)")
+    _data_args(p)
+
     p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--target-fallback", type=float, default=0.1)
@@ -124,6 +137,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from tardis_compile import baselines
+
+    sparsity = args.sparsity if args.sparsity is not None else 0.5
+    report = baselines.prune(args.model, args.output, args.calib, method=args.method, sparsity=sparsity,
+                             pattern=args.pattern, data=_data_options(args), sequential=not args.one_shot,
+                             threads=args.threads)
+    s = report.summary()
+    print(f"{args.method} {args.pattern}: FFN parameter reduction {s['ffn_param_reduction']:.1%} "
+          f"over {s['blocks_pruned']} block(s), {report.calibration_tokens:,} calibration tokens; "
+          f"wrote {args.output}")
+    print(report.table())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tardis_compile.demo import run_demo
 
@@ -133,7 +161,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "demo": _demo}
+    handlers = {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "demo": _demo,
+                "prune": _prune}
     try:
         return handlers[args.command](args)
     except TardisError as err:
