@@ -59,13 +59,14 @@ IR_VERSION = 10  # opset 20/21 era; read by every ONNX Runtime this project supp
 class _Graph:
     """Accumulates nodes, initializers and extra inputs/outputs, with unique node names."""
 
-    def __init__(self, constants: Literal["node", "initializer"]) -> None:
+    def __init__(self, constants: Literal["node", "initializer"], half: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.feeds: dict[str, np.ndarray] = {}
         self.constants = constants
+        self.half = half  # float16 model: weights and biases are stored as float16
         self._count: dict[str, int] = {}
 
     def name(self, base: str) -> str:
@@ -80,7 +81,11 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, domain=domain, **attrs))
         return name
 
-    def init(self, name: str, array: np.ndarray) -> str:
+    def init(self, name: str, array: np.ndarray, weight: bool = True) -> str:
+        """An initializer; in a float16 model, float32 weights and biases are stored as float16
+        (``weight=False`` keeps float32: the activation's own constants, computed in float32)."""
+        if self.half and weight and array.dtype == np.float32:
+            array = array.astype(np.float16)
         self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
         return name
 
@@ -88,7 +93,7 @@ class _Graph:
         """A constant, as a ``Constant`` node (TorchScript style) or an initializer (dynamo style)."""
         array = np.asarray(value, dtype=dtype)
         if self.constants == "initializer":
-            return self.init(self.name(f"{scope}/const"), array)
+            return self.init(self.name(f"{scope}/const"), array, weight=False)
         name = self.name(f"{scope}/Constant")
         self.nodes.append(helper.make_node("Constant", [], [name], name=name,
                                            value=numpy_helper.from_array(array, name)))
@@ -243,6 +248,18 @@ def _activation(g: _Graph, h: str, spelling: str, scope: str, bias: str | None) 
     raise ValueError(f"unknown activation {spelling!r}; expected one of {ACTIVATIONS}")
 
 
+def _activation_in_float32(g: _Graph, h: str, spelling: str, scope: str, bias: str | None) -> str:
+    """In a float16 model, the activation runs in float32 between two ``Cast`` nodes, as ONNX Runtime's
+    float16 converter writes an op kept in float32 (``op_block_list``) and autocast exports write GELU::
+
+        h (fp16) ─► Cast(to=FLOAT) ─► GELU … ─► Cast(to=FLOAT16) ─► g (fp16)
+    """
+    if not g.half:
+        return _activation(g, h, spelling, scope, bias)
+    up = g.op("Cast", [h], scope, to=TensorProto.FLOAT)
+    return g.op("Cast", [_activation(g, up, spelling, scope, bias)], scope, to=TensorProto.FLOAT16)
+
+
 def activation64(h: np.ndarray, activation: str) -> np.ndarray:
     """Float64 NumPy value of an activation spelling (or of a GELU variant ``"none"``/``"tanh"``)."""
     h = np.asarray(h, dtype=np.float64)
@@ -279,6 +296,7 @@ def ffn_model(
     weights_as_inputs: bool = False,
     quantized: bool = False,
     constants: Literal["node", "initializer"] = "node",
+    dtype: Literal["float32", "float16"] = "float32",
     return_params: bool = False,
 ) -> onnx.ModelProto | tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """A model of ``layers`` residual FFN blocks ``x ← x + W2ᵀ·act(W1ᵀ·x + b1) + b2`` (row convention).
@@ -304,6 +322,8 @@ def ffn_model(
             with the reference at ``ORT_ENABLE_BASIC`` for exact results.
         constants: scalar and shape constants as ``Constant`` nodes (TorchScript exporter style) or as
             initializers (dynamo exporter style).
+        dtype: ``"float16"`` stores x, y, weights and biases as float16 and computes the activation in
+            float32 between ``Cast`` nodes; ``params`` then hold the float16-rounded weights.
         return_params: also return the per-layer parameters (see below).
 
     Returns:
@@ -328,6 +348,11 @@ def ffn_model(
         raise ValueError("ms_biasgelu takes the bias as an input; it needs bias=True")
     if weights_as_inputs and quantized:
         raise ValueError("choose one of weights_as_inputs and quantized")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    half = dtype == "float16"
+    if half and (weights_as_inputs or quantized):
+        raise ValueError("dtype='float16' is for plain, gated and shared-intermediate blocks only")
     shared = {False: None, True: "gelu"}.get(shared_intermediate, shared_intermediate)  # type: ignore[call-overload]
     if shared is not None and shared not in SHARED_INTERMEDIATE:
         raise ValueError(f"shared_intermediate must be a bool or one of {SHARED_INTERMEDIATE}")
@@ -337,7 +362,8 @@ def ffn_model(
         raise ValueError(f"gelu={gelu!r} needs opset >= {min_opset}, got {opset}")
 
     rng = np.random.default_rng(seed)
-    g = _Graph(constants)
+    elem = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+    g = _Graph(constants, half)
     lead = ["batch", "seq"] if rank == 3 else ["n"]
     w1_source = "input" if weights_as_inputs else "quantized" if quantized else "initializer"
     bias_in_act = gelu in _BIAS_IN_ACTIVATION
@@ -353,18 +379,21 @@ def ffn_model(
         bu = rng.normal(0.0, 0.1, D).astype(np.float32)
         if not bias:
             b1, b2, bu = np.zeros_like(b1), np.zeros_like(b2), np.zeros_like(bu)
+        if half:  # the values the float16 graph computes with
+            W1, b1, W2, b2, Wu, bu = (a.astype(np.float16).astype(np.float32) for a in (W1, b1, W2, b2, Wu, bu))
         scope = f"layer{i}"
         fc1 = f"{scope}.fc1" if not gated else f"{scope}.gate"
         b1_for_linear = b1 if bias and not bias_in_act else None
         h, W1_used = _linear(g, x, W1, b1_for_linear, linear, fc1, source=w1_source)
-        b1_act = g.init(f"{fc1}.bias", b1) if bias and bias_in_act else None
-        a = _activation(g, h, gelu, f"{scope}.act", b1_act)
+        # A bias fused into the activation op has the activation's type (float32 in a float16 model).
+        b1_act = g.init(f"{fc1}.bias", b1, weight=False) if bias and bias_in_act else None
+        a = _activation_in_float32(g, h, gelu, f"{scope}.act", b1_act)
         if shared in ("gelu", "preact"):
             t = a if shared == "gelu" else h
             aux = g.op("ReduceSum", [t, g.const(f"{scope}.aux", [-1], np.int64)], f"{scope}.aux", keepdims=1)
-            g.outputs.append(helper.make_tensor_value_info(aux, TensorProto.FLOAT, lead + [1]))
+            g.outputs.append(helper.make_tensor_value_info(aux, elem, lead + [1]))
         elif shared == "gelu_output":
-            g.outputs.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, lead + [D]))
+            g.outputs.append(helper.make_tensor_value_info(a, elem, lead + [D]))
         if gated:
             u, _ = _linear(g, x, Wu, bu if bias else None, linear, f"{scope}.up")
             a = g.op("Mul", [a, u], f"{scope}.gated")
@@ -387,8 +416,8 @@ def ffn_model(
 
     graph = helper.make_graph(
         g.nodes, f"ffn_{gelu}_{linear}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, lead + [d]), *g.inputs],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, lead + [d]), *g.outputs],
+        [helper.make_tensor_value_info("x", elem, lead + [d]), *g.inputs],
+        [helper.make_tensor_value_info("y", elem, lead + [d]), *g.outputs],
         initializer=g.initializers,
     )
     imports = [helper.make_opsetid("", opset)]
@@ -413,7 +442,8 @@ def ffn_reference(x: np.ndarray, params: list[dict[str, Any]]) -> np.ndarray:
     return y
 
 
-def random_input(d: int = 16, *, rank: int = 3, batch: int = 2, seq: int = 5, seed: int = 0) -> np.ndarray:
-    """A float32 input for ``ffn_model``: [batch, seq, d] (rank 3) or [batch·seq, d] (rank 2), N(0, 1)."""
+def random_input(d: int = 16, *, rank: int = 3, batch: int = 2, seq: int = 5, seed: int = 0,
+                 dtype: str = "float32") -> np.ndarray:
+    """An input for ``ffn_model``: [batch, seq, d] (rank 3) or [batch·seq, d] (rank 2), N(0, 1)."""
     shape = (batch, seq, d) if rank == 3 else (batch * seq, d)
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)

@@ -79,11 +79,24 @@ def data_uses(value: ir.Value) -> list:
     return [u for u in value.uses() if u.node.op_type != "Shape"]
 
 
+def _const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+    """A constant's tensor, seeing through ``Cast``/``Identity`` of a constant (float16 converters keep
+    an op's constants in float16 and cast them up next to the op)."""
+    tensor = ir.convenience.get_const_tensor(value)
+    producer = value.producer()
+    while tensor is None and producer is not None and producer.op_type in ("Cast", "Identity") \
+            and producer.inputs and producer.inputs[0] is not None:
+        value = producer.inputs[0]
+        tensor = ir.convenience.get_const_tensor(value)
+        producer = value.producer()
+    return tensor
+
+
 def _scalar_const(value: ir.Value | None) -> float | None:
     """The value of a constant holding a single number, else None."""
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = _const_tensor(value)
     if tensor is None or math.prod(tensor.shape.numpy()) != 1:
         return None
     return float(np.asarray(tensor.numpy()).reshape(-1)[0])
@@ -92,7 +105,7 @@ def _scalar_const(value: ir.Value | None) -> float | None:
 def _vector_const(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = _const_tensor(value)
     return None if tensor is None else np.asarray(tensor.numpy())
 
 
@@ -153,7 +166,7 @@ def _region_op_ok(node: ir.Node) -> bool:
     for value in node.inputs:
         if value is None:
             return False
-        if ir.convenience.get_const_tensor(value) is not None and _scalar_const(value) is None:
+        if _const_tensor(value) is not None and _scalar_const(value) is None:
             return False
     return True
 
@@ -166,6 +179,7 @@ def collect(h: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], list[str]]:
     """
     region: list[ir.Node] = []
     region_values: set[ir.Value] = {h}
+    entry_values: set[ir.Value] = {h}  # h itself, or h through Cast/Identity only (same values)
     problems: list[str] = []
     changed = True
     while changed:
@@ -177,16 +191,19 @@ def collect(h: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], list[str]]:
                     continue
                 key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
                 others = [v for v in node.inputs if v is not None and v not in region_values]
-                if key in _FUSED:
-                    others = [v for v in node.inputs[1:] if v is not None] if node.inputs[0] is h else others
+                at_entry = node.inputs[0] in entry_values
+                if key in _FUSED:  # a bias input is only foldable into b1 when added to h itself
+                    others = [v for v in node.inputs[1:] if v is not None] if at_entry else others
                     ok = node.inputs[0] in region_values and (
-                        not others or (node.inputs[0] is h and _vector_const(others[0]) is not None)
+                        not others or (at_entry and _vector_const(others[0]) is not None)
                     )
                 else:
                     ok = all(_scalar_const(v) is not None for v in others)
                 if ok:
                     region.append(node)
                     region_values.update(node.outputs)
+                    if at_entry and node.op_type in ("Cast", "Identity"):
+                        entry_values.update(node.outputs)
                     changed = True
     for value in region_values:
         for use in value.uses():
@@ -194,7 +211,7 @@ def collect(h: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], list[str]]:
             if node in region or node.op_type != "Mul":
                 continue
             other = node.inputs[1 - use.idx]
-            if other is not None and ir.convenience.get_const_tensor(other) is None:
+            if other is not None and _const_tensor(other) is None:
                 problems.append(
                     f"gated FFN: the activation is multiplied by the non-constant tensor '{other.name}' "
                     f"(node '{node.name}'); linearising a gate leaves a term quadratic in x, so it "
@@ -203,8 +220,26 @@ def collect(h: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], list[str]]:
 
 
 def _topological(nodes: list[ir.Node], graph: ir.Graph) -> list[ir.Node]:
+    """The region's nodes in dependency order, ties broken by file order.
+
+    File order alone is not enough: ONNX Runtime's float16 converter appends the ``Cast`` nodes it
+    inserts at the end of the node list, so a file need not be topologically sorted.
+    """
     order = {node: i for i, node in enumerate(graph)}
-    return sorted(nodes, key=lambda n: order.get(n, 0))
+    pending = sorted(nodes, key=lambda n: order.get(n, 0))
+    produced_inside = {v for n in nodes for v in n.outputs}
+    ready: set[ir.Value] = set()
+    result: list[ir.Node] = []
+    while pending:
+        for node in pending:
+            if all(v is None or v not in produced_inside or v in ready for v in node.inputs):
+                break
+        else:  # a cycle cannot occur in a valid graph; keep file order rather than loop forever
+            return result + pending
+        pending.remove(node)
+        result.append(node)
+        ready.update(node.outputs)
+    return result
 
 
 def evaluate(h: ir.Value, nodes: list[ir.Node], probe: np.ndarray) -> tuple[dict[ir.Value, np.ndarray], np.ndarray | None]:

@@ -47,6 +47,31 @@ class LinearMismatch(Exception):
     """The tensors around the activation are not a foldable Linear; the message says why."""
 
 
+def quantized_origin(value: ir.Value, depth: int = 4) -> ir.Node | None:
+    """The quantized matrix product ``value`` is computed from, if any.
+
+    ONNX Runtime's dynamic quantization spells ``x·W`` as::
+
+        x ─► DynamicQuantizeLinear ─► MatMulInteger(·, W_q) ─► Cast ─► Mul(scales) ─► [Add(b)] ─►
+
+    so the float tensor next to the activation is a few elementwise ops away from the quantized op.
+    """
+    frontier, seen = [value], set()
+    for _ in range(depth):
+        next_frontier = []
+        for v in frontier:
+            node = v.producer()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node.op_type in _QUANTIZED_LINEARS or node.op_type in _QUANTIZED_PRODUCERS:
+                return node
+            if node.op_type in ("Mul", "Cast", "Add"):
+                next_frontier.extend(i for i in node.inputs if i is not None)
+        frontier = next_frontier
+    return None
+
+
 def _const(value: ir.Value, role: str, node: ir.Node) -> ir.TensorProtocol:
     tensor = ir.convenience.get_const_tensor(value)
     if tensor is not None:
@@ -123,6 +148,12 @@ def _gemm(node: ir.Node, input_index: int) -> tuple[Callable[[], np.ndarray], Ca
     return weight, (bias or (lambda: None)), shape[0], shape[1], dtype
 
 
+def _refuse_quantized(h: ir.Value, which: str) -> None:
+    origin = quantized_origin(h)
+    if origin is not None:
+        raise LinearMismatch(f"quantized weights: the {which} Linear is {origin.op_type} '{origin.name}'")
+
+
 def match_before(h: ir.Value) -> Linear:
     """The Linear layer producing ``h`` (the activation's input)."""
     node = h.producer()
@@ -142,6 +173,7 @@ def match_before(h: ir.Value) -> Linear:
         bias_value = b if mm_value is a else a
         mm = mm_value.producer()
         if mm is None or mm.op_type not in ("MatMul", *_QUANTIZED_LINEARS):
+            _refuse_quantized(h, "first")
             raise LinearMismatch(f"no Linear before the activation: '{h.name}' comes from Add '{node.name}' "
                                  "whose operands are not a MatMul and a constant bias")
         if mm.op_type in _QUANTIZED_LINEARS:
@@ -155,6 +187,7 @@ def match_before(h: ir.Value) -> Linear:
     elif node.op_type == "MatMul":
         mm, node_bias = node, None
     else:
+        _refuse_quantized(h, "first")
         raise LinearMismatch(f"no Linear before the activation: '{h.name}' is produced by {node.op_type} "
                              f"'{node.name}'")
     if mm.inputs[1] is None or mm.inputs[0] is None:
@@ -183,6 +216,11 @@ def match_after(g: ir.Value) -> Linear:
     if node.op_type == "Gemm":
         weight, bias, d_in, d_out, dtype = _gemm(node, index)
         return Linear(g, node.outputs[0], [node], weight, bias, d_in, d_out, "Gemm", dtype)
+    if node.op_type in _QUANTIZED_PRODUCERS:
+        consumer = next((u.node for o in node.outputs for u in o.uses()
+                         if u.node.op_type in _QUANTIZED_LINEARS), node)
+        raise LinearMismatch(f"quantized weights: the second Linear is {consumer.op_type} '{consumer.name}' "
+                             f"(the activation is quantized by {node.op_type} '{node.name}')")
     if node.op_type != "MatMul" or index != 0:
         raise LinearMismatch(f"no Linear after the activation: '{g.name}' feeds {node.op_type} "
                              f"'{node.name}'" + (" as its right operand" if node.op_type == "MatMul" else ""))

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from tardis_compile.errors import ModelLoadError, OutputPathError
 
@@ -30,18 +31,26 @@ def load(path: str | os.PathLike) -> ir.Model:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"cannot read model '{path}': no such file")
+    unsorted = False
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"invalid ONNX model '{path}': {first}") from err
+        # ONNX Runtime's float16 converter appends its Casts at the end of the node list; ORT sorts
+        # such a graph itself, so we do too rather than refuse an otherwise valid model.
+        unsorted = "topologically sorted" in first
+        if not unsorted:
+            raise ModelLoadError(f"invalid ONNX model '{path}': {first}") from err
     except Exception as err:  # protobuf decode errors and friends
         raise ModelLoadError(f"cannot read model '{path}': not a valid ONNX file ({type(err).__name__}: "
                              f"{str(err).strip()[:200] or 'unparseable'})") from err
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as err:
         raise ModelLoadError(f"cannot read model '{path}': {type(err).__name__}: {err}") from err
+    if unsorted:
+        common_passes.TopologicalSortPass()(model)
+    return model
 
 
 def weight_bytes(model: ir.Model) -> int:
