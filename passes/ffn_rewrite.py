@@ -2,13 +2,16 @@
 
 Emitted graph (the block's output keeps its original tensor name, so consumers are untouched)::
 
-    x ─┬─► MatMul(W_f) ─► Add(b_f) ───────────────► y_lin ─┐
-       ├─► predictor (e.g. MatMul(Ŵ1) ─► Add(b1)) ─► ĥ ────┤
-       └───────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
+    x ─┬─► MatMul(W_f) ─► Add(b_f) ───────────────────────────► y_lin ─┐
+       ├─► predictor (e.g. com.microsoft::MatMulNBits ─► Add(b1)) ─► ĥ ────┤
+       │   range_lo ─► Add(margin) ─► lo      range_hi ─► Sub(margin) ─► hi ┤ (constant-folded by ORT)
+       └───────────────────────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
 
 The folded part is plain ``MatMul``/``Add`` (any runtime optimises it); ``GuardedFallback`` is our
 compiled kernel when ``libtardis_ops`` is registered and the model-local function body otherwise.
-Provenance (source nodes, coverage, fallback rate, tool version) goes into the node's
+The guards are the fitted range shrunk by the predictor's safety margin; they are spelled as
+``range ± margin`` so the file keeps both (verification measures recall against the true range).
+Provenance (source nodes, coverage, fallback rate, predictor, tool version) goes into the node's
 ``metadata_props`` so Netron shows what happened.
 """
 
@@ -34,6 +37,7 @@ class FoldedBlock:
     w_f: np.ndarray  # (d, d_out) float64
     b_f: np.ndarray  # (d_out,)
     predictor: object  # tardis_compile.predictor.Predictor
+    margin: np.ndarray  # (D,) ≥ 0: the guards are [lo + margin, hi − margin]
     metadata: dict[str, str]
 
 
@@ -61,16 +65,17 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     dtype = block.dtype.numpy()
     prefix = f"tardis/{block.name}"
     add = _initializer_adder(graph)
-    margin = folded.predictor.margin(block)
     w_f = add(f"{prefix}/W_f", folded.w_f.astype(dtype))
     b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
     x = block.x
     mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
     y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
-    pred_nodes, h_hat = folded.predictor.emit(block, x, add, prefix)
+    folded.predictor.check(block)
+    pred_nodes, h_hat = folded.predictor.emit(x, add, prefix)
+    guard_nodes, (lo, hi) = _guards(folded, add, prefix, dtype)
     operands = [
-        add(f"{prefix}/lo", (lines.lo + margin).astype(dtype)),
-        add(f"{prefix}/hi", (lines.hi - margin).astype(dtype)),
+        lo,
+        hi,
         add(f"{prefix}/W1t", np.ascontiguousarray(block.w1().T).astype(dtype)),
         add(f"{prefix}/b1", block.b1().astype(dtype)),
         add(f"{prefix}/W2", block.w2().astype(dtype)),
@@ -84,13 +89,25 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     fallback.metadata_props["tardis.source_nodes"] = ",".join(describe(n) for n in block.nodes)
     fallback.metadata_props["tardis.spelling"] = block.spelling
     first = min(block.nodes, key=lambda n: _position(graph, n))
-    graph.insert_before(first, [mm, y_lin, *pred_nodes, fallback])
+    graph.insert_before(first, [mm, y_lin, *pred_nodes, *guard_nodes, fallback])
     _reroute_shape_reads(graph, block, h_hat, prefix, fallback)
     old_name = block.y.name
     block.y.replace_all_uses_with(fallback.outputs[0], replace_graph_outputs=True)
     block.y.name = f"{old_name}/replaced"
     fallback.outputs[0].name = old_name
     return fallback
+
+
+def _guards(folded: FoldedBlock, add, prefix: str, dtype: np.dtype) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value]]:
+    """``lo``/``hi`` operands: the range itself, or ``range_lo + margin`` / ``range_hi − margin``."""
+    lo = add(f"{prefix}/range_lo", folded.lines.lo.astype(dtype))
+    hi = add(f"{prefix}/range_hi", folded.lines.hi.astype(dtype))
+    if not np.any(folded.margin > 0):
+        return [], (lo, hi)
+    margin = add(f"{prefix}/margin", folded.margin.astype(dtype))
+    lo_node = _node("Add", [lo, margin], f"{prefix}/guard_lo", f"{prefix}/lo")
+    hi_node = _node("Sub", [hi, margin], f"{prefix}/guard_hi", f"{prefix}/hi")
+    return [lo_node, hi_node], (lo_node.outputs[0], hi_node.outputs[0])
 
 
 def _reroute_shape_reads(graph: ir.Graph, block: FfnBlock, h_hat: ir.Value, prefix: str, after: ir.Node) -> None:
@@ -133,6 +150,9 @@ def rewrite(model: ir.Model, blocks: list[FoldedBlock]) -> list[ir.Node]:
     if opset < 13:
         raise ValueError(f"model opset {opset} is older than 13; upgrade it with onnx.version_converter first")
     model.opset_imports[fallback_op.DOMAIN] = fallback_op.OPSET_VERSION
+    for node in model.graph:  # predictors may use ONNX Runtime contrib ops (MatMulNBits)
+        if node.domain not in model.opset_imports:
+            model.opset_imports[node.domain] = 1
     proto = fallback_op.fallback_function(variants.pop(), opset, int(dtypes.pop()))
     function = ir.serde.deserialize_function(proto)
     model.functions[function.identifier()] = function

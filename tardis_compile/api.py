@@ -48,6 +48,9 @@ class Settings:
     refit: bool = True
     ridge: float = DEFAULT_RIDGE
     predictor: str = "exact"
+    predictor_recall: float = 0.99  # calibrated share of out-of-range pairs the predictor must flag
+    predictor_quantizer: str = "gptq"  # int4/int2: gptq or rtn
+    predictor_rank: int | None = None  # lowrank: fixed rank (default: chosen per layer)
     flag_all: bool = False  # self-test: every neuron takes the exact fallback (output = original)
 
     def __post_init__(self) -> None:
@@ -59,8 +62,13 @@ class Settings:
             raise TardisError(f"--target-fallback must be within [0, 1], got {self.target_fallback}")
         if self.coverage is not None and not 0.0 <= self.coverage <= 1.0:
             raise TardisError(f"--coverage must be within [0, 1], got {self.coverage}")
-        if self.predictor not in predictors.PREDICTORS:
-            raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.PREDICTORS)}")
+        if self.predictor not in predictors.KINDS:
+            raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.KINDS)}")
+        self.predictor_options()
+
+    def predictor_options(self) -> predictors.PredictorOptions:
+        return predictors.PredictorOptions(recall=self.predictor_recall, quantizer=self.predictor_quantizer,
+                                           rank=self.predictor_rank)
 
 
 @dataclasses.dataclass
@@ -132,23 +140,67 @@ def _fit_lines(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], 
     return lines
 
 
-def _refit(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSource, lines: dict[str, fit.Lines],
-           folds: dict[str, tuple[np.ndarray, np.ndarray]], settings: Settings, data: DataOptions,
-           progress: Callable[[str], Progress], threads: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Pass 2: the ridge refit of ``W_f, b_f`` on the calibration inputs (METHOD.md §2)."""
-    eqs = {b.name: NormalEquations(b.d, b.d_out) for b in blocks}
+def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSource, lines: dict[str, fit.Lines],
+                 folds: dict[str, tuple[np.ndarray, np.ndarray]], built: dict[str, predictors.Built],
+                 settings: Settings, data: DataOptions, progress: Callable[[str], Progress],
+                 threads: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, predictors.Margin]]:
+    """Pass 2 over the calibration data, only for what needs it: the ridge refit of ``W_f, b_f``
+    (METHOD.md §2) and, for inexact predictors, the margin search that meets the recall target."""
+    refit = settings.refit and not settings.flag_all
+    searches = {b.name: predictors.MarginSearch(lines[b.name], built[b.name].sigma) for b in blocks
+                if not settings.flag_all and np.any(built[b.name].sigma > 0)}
+    no_margin = predictors.Margin(0.0, 1.0, float("nan"), float("nan"))
+    if not refit and not searches:
+        return folds, {b.name: no_margin for b in blocks}
+    eqs = {b.name: NormalEquations(b.d, b.d_out) for b in blocks} if refit else {}
     weights = BlockWeights(blocks)
     w2 = {b.name: np.asarray(b.w2(), np.float64) for b in blocks}
     b2 = {b.name: b.b2() for b in blocks}
     variant = {b.name: b.variant for b in blocks}
-    bar = progress("calibrate: refit")
+    bar = progress("calibrate: " + " + ".join(["refit"] * refit + ["predictor margins"] * bool(searches)))
     for batch in stream_block_inputs(model, blocks, source, what="calibration data", mask_input=data.mask_input,
                                      threads=threads, progress=bar):
         for name, x in batch.items():
             h = weights.pre_activation(name, x).astype(np.float64)
-            eqs[name].add(x, h, w2[name], b2[name], lines[name], variant[name])
+            if refit:
+                eqs[name].add(x, h, w2[name], b2[name], lines[name], variant[name])
+            if name in searches:
+                searches[name].add(h, built[name].predictor.estimate(x))
     bar.done()
-    return {name: eqs[name].solve(*folds[name], ridge=settings.ridge) for name in folds}
+    if refit:
+        folds = {name: eqs[name].solve(*folds[name], ridge=settings.ridge) for name in folds}
+    margins = {b.name: searches[b.name].choose(settings.predictor_recall) if b.name in searches else no_margin
+               for b in blocks}
+    return folds, margins
+
+
+def _build_predictors(blocks: list[FfnBlock], stats: dict[str, histogram.NeuronStats],
+                      settings: Settings, progress: Callable[[str], Progress]) -> dict[str, predictors.Built]:
+    bar = progress(f"predictor: {settings.predictor}")
+    built = {}
+    for b in blocks:
+        gram = stats[b.name].input_moments() if stats[b.name].gram is not None else None
+        built[b.name] = predictors.build(settings.predictor, b, gram, settings.predictor_options())
+        bar.step(1)
+    bar.done()
+    return built
+
+
+def _block_metadata(tool: str, settings: Settings, block: FfnBlock, lines: fit.Lines, built: predictors.Built,
+                    margin: predictors.Margin) -> dict[str, str]:
+    """Provenance for the fallback node's ``metadata_props`` (shown by Netron)."""
+    coverage = float(np.mean(lines.coverage))
+    meta = {"tardis.version": tool, "tardis.strategy": "flag-all" if settings.flag_all else settings.strategy,
+            "tardis.predictor": built.predictor.kind, "tardis.variant": block.variant,
+            "tardis.calibrated_coverage": f"{coverage:.6f}",
+            "tardis.calibrated_fallback_rate": f"{1.0 - coverage:.6f}",
+            "tardis.refit": str(settings.refit and not settings.flag_all).lower(),
+            "tardis.predictor_params": f"{built.predictor.parameters():.0f}"}
+    if margin.z > 0 or np.isfinite(margin.flagged_share):
+        meta.update({"tardis.predictor_margin_z": f"{margin.z:.3f}",
+                     "tardis.predictor_calibrated_recall": f"{margin.recall:.6f}",
+                     "tardis.predictor_calibrated_flagged_share": f"{margin.flagged_share:.6f}"})
+    return meta
 
 
 def optimize(
@@ -207,19 +259,16 @@ def optimize(
     lines = _fit_lines(stats, blocks, settings)
     folds = {b.name: fold(b.w1(), b.b1(), b.w2(), b.b2(), lines[b.name].alpha, lines[b.name].beta)
              for b in blocks}
-    if settings.refit and not settings.flag_all:
-        folds = _refit(original, blocks, calib_source, lines, folds, settings, data, progress, threads)
-    predictor = predictors.make(settings.predictor)
+    built = _build_predictors(blocks, stats, settings, progress)
+    folds, margins = _second_pass(original, blocks, calib_source, lines, folds, built, settings, data, progress,
+                                  threads)
     tool = version()
-    folded = []
-    for b in blocks:
-        meta = {"tardis.version": tool, "tardis.strategy": "flag-all" if settings.flag_all else settings.strategy,
-                "tardis.predictor": predictor.kind, "tardis.variant": b.variant,
-                "tardis.calibrated_coverage": f"{float(np.mean(lines[b.name].coverage)):.6f}",
-                "tardis.calibrated_fallback_rate": f"{1.0 - float(np.mean(lines[b.name].coverage)):.6f}",
-                "tardis.refit": str(settings.refit and not settings.flag_all).lower()}
-        folded.append(FoldedBlock(b, lines[b.name], *folds[b.name], predictor, meta))
-    reports = [block_report(b, float(np.mean(lines[b.name].coverage)), predictor.parameters(b)) for b in blocks]
+    folded = [FoldedBlock(b, lines[b.name], *folds[b.name], built[b.name].predictor,
+                          margins[b.name].widths(built[b.name].sigma),
+                          _block_metadata(tool, settings, b, lines[b.name], built[b.name], margins[b.name]))
+              for b in blocks]
+    reports = [block_report(b, float(np.mean(lines[b.name].coverage)), built[b.name].predictor.parameters())
+               for b in blocks]
     report = Report(str(model_path), str(out_path), dataclasses.asdict(settings), reports, rejected,
                     verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
     optimized = modelio.load(model_path)  # a second, untouched copy stays as the reference

@@ -5,8 +5,9 @@ exposed instead; pre-activations are recomputed as ``h = x·W1 + b1`` in NumPy. 
 than ``h`` moves D/d = 4× less data out of ORT and sees every spelling the same way (a bias fused into
 ``FastGelu``/``BiasGelu`` is part of ``b1`` here). Padding rows are dropped when an attention mask is fed.
 
-Pass 1 reduces ``h`` into per-neuron histogram moments (:mod:`tardis_compile.histogram`); pass 2 (after
-the ranges are fitted) accumulates the refit's normal equations. Neither keeps more than one batch.
+Pass 1 reduces ``h`` into per-neuron histogram moments (:mod:`tardis_compile.histogram`) and ``x`` into
+its second moments; pass 2 (after the ranges are fitted and the predictors built) accumulates the refit's
+normal equations and the predictors' margin curves. Neither keeps more than one batch.
 """
 
 from __future__ import annotations
@@ -101,14 +102,15 @@ def collect_stats(
     model: ir.Model, blocks: list[FfnBlock], source: FeedSource, *, grid: Grid | None = None,
     mask_input: str | None = None, threads: int = 0, progress_factory: Callable[[str], Progress] | None = None,
 ) -> dict[str, NeuronStats]:
-    """Pass 1: per-neuron histogram moments of every block's pre-activations."""
-    stats = {b.name: NeuronStats.empty(b.hidden, b.variant, grid) for b in blocks}
+    """Pass 1: per-neuron histogram moments of every block's pre-activations, and input moments."""
+    stats = {b.name: NeuronStats.empty(b.hidden, b.variant, grid, inputs=b.d) for b in blocks}
     weights = BlockWeights(blocks)
     progress = progress_factory("calibrate: ranges") if progress_factory else None
     for batch in stream_block_inputs(model, blocks, source, what="calibration data", mask_input=mask_input,
                                      threads=threads, progress=progress):
         for name, x in batch.items():
             stats[name].add(weights.pre_activation(name, x))
+            stats[name].add_inputs(x)
     if progress is not None:
         progress.done()
     tokens = min((s.tokens for s in stats.values()), default=0)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tardis_compile import api
+from tardis_compile import predictor as predictors
 from tardis_compile.errors import TardisError
 from tardis_compile.verify import Thresholds
 
@@ -54,7 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["error", "coverage"], default="error",
                    help="range strategy: error-aware under one budget (default) or shortest-interval coverage")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the folded matrix")
-    p.add_argument("--predictor", default="exact", help="online predictor (default: exact)")
+    p.add_argument("--predictor", choices=list(predictors.KINDS), default=api.Settings.predictor,
+                   help=f"online predictor of out-of-range neurons (default: {api.Settings.predictor})")
+    p.add_argument("--predictor-recall", type=float, default=api.Settings.predictor_recall,
+                   help="calibrated share of out-of-range pairs the predictor must flag; sets its safety "
+                        f"margins (default {api.Settings.predictor_recall})")
+    p.add_argument("--predictor-quantizer", choices=["gptq", "rtn"], default=api.Settings.predictor_quantizer,
+                   help="int4/int2 predictors: GPTQ with the calibration inputs (default) or round-to-nearest")
+    p.add_argument("--predictor-rank", type=int, help="lowrank predictor: fixed rank (default: per layer)")
     p.add_argument("--flag-all", action="store_true",
                    help="self-test: every neuron takes the exact fallback; the output must equal the original")
     p.add_argument("--stats-out", help="save calibration statistics (.npz) for reuse or merging")
@@ -98,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _optimize(args: argparse.Namespace) -> int:
     settings = api.Settings(target_fallback=args.target_fallback, coverage=args.coverage,
                             strategy=args.strategy, refit=not args.no_refit, predictor=args.predictor,
-                            flag_all=args.flag_all)
+                            predictor_recall=args.predictor_recall, predictor_quantizer=args.predictor_quantizer,
+                            predictor_rank=args.predictor_rank, flag_all=args.flag_all)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     report = api.optimize(args.model, args.output, args.calib, settings=settings, data=_data_options(args),
                           eval_data=args.eval_data, thresholds=_thresholds(args), stats_out=args.stats_out,

@@ -6,6 +6,10 @@ uniform, covering ±1e4 with open-ended first and last bins. Each bin keeps the 
 ``n, Σh, Σh², Σg, Σg², Σh·g`` with ``g = GELU(h)``, so the least-squares line of GELU on *any* interval
 between grid edges — and its squared error — comes out of prefix sums in O(1), which is what the
 error-aware range search needs. Histograms of separate shards merge by addition.
+
+Beside the histograms, each block keeps the second moments of its *inputs*, ``Σ[x,1]ᵀ[x,1]``
+((d+1)², also independent of token count): the predictors' GPTQ and whitened SVD and their error
+scales need them.
 """
 
 from __future__ import annotations
@@ -56,11 +60,24 @@ class NeuronStats:
     variant: str
     grid: Grid
     moments: np.ndarray  # (6, D, bins) float64
+    gram: np.ndarray | None = None  # (d+1, d+1) Σ[x,1]ᵀ[x,1] of the block inputs, when collected
 
     @classmethod
-    def empty(cls, neurons: int, variant: str, grid: Grid | None = None) -> "NeuronStats":
+    def empty(cls, neurons: int, variant: str, grid: Grid | None = None, inputs: int | None = None) -> "NeuronStats":
         grid = grid or Grid()
-        return cls(variant, grid, np.zeros((len(MOMENTS), neurons, grid.bins), np.float64))
+        gram = np.zeros((inputs + 1, inputs + 1)) if inputs is not None else None
+        return cls(variant, grid, np.zeros((len(MOMENTS), neurons, grid.bins), np.float64), gram)
+
+    def add_inputs(self, x: np.ndarray) -> None:
+        """Accumulate the block inputs ``x`` (tokens, d) into ``gram``."""
+        xa = np.concatenate([np.asarray(x, np.float64), np.ones((x.shape[0], 1))], axis=1)
+        self.gram += xa.T @ xa
+
+    def input_moments(self) -> np.ndarray:
+        """Mean ``[x,1]ᵀ[x,1]`` over tokens; a clear error when the statistics predate it."""
+        if self.gram is None:
+            raise ValueError("these statistics hold no input moments (saved by an older version?): recalibrate")
+        return self.gram / max(self.gram[-1, -1], 1.0)
 
     @property
     def neurons(self) -> int:
@@ -89,6 +106,10 @@ class NeuronStats:
         if other.grid != self.grid or other.moments.shape != self.moments.shape or other.variant != self.variant:
             raise ValueError("cannot merge statistics with a different grid, variant or neuron count")
         self.moments += other.moments
+        if self.gram is not None and other.gram is not None:
+            self.gram += other.gram
+        else:
+            self.gram = None
 
     def prefix(self) -> np.ndarray:
         """(6, D, bins + 1) prefix sums over bins: interval [a, b) sums are ``P[..., b] - P[..., a]``."""
@@ -104,6 +125,8 @@ def save(stats: dict[str, NeuronStats], path: str | Path) -> None:
         arrays[f"{name}/moments"] = s.moments
         arrays[f"{name}/grid"] = np.array([s.grid.bins, s.grid.scale, s.grid.limit])
         arrays[f"{name}/variant"] = np.array(s.variant)
+        if s.gram is not None:
+            arrays[f"{name}/gram"] = s.gram
     np.savez_compressed(path, **arrays)
 
 
@@ -114,6 +137,7 @@ def load(path: str | Path) -> dict[str, NeuronStats]:
         out = {}
         for name in names:
             bins, scale, limit = data[f"{name}/grid"]
+            gram = data[f"{name}/gram"] if f"{name}/gram" in data.files else None
             out[name] = NeuronStats(str(data[f"{name}/variant"]), Grid(int(bins), float(scale), float(limit)),
-                                    data[f"{name}/moments"])
+                                    data[f"{name}/moments"], gram)
     return out

@@ -1,66 +1,335 @@
 """Online predictors: which neurons leave their linear range, decided without the exact ``x·W1``.
 
-A predictor emits graph nodes computing ``ĥ`` from the block input; the fallback op flags neuron j when
-``ĥ_j ∉ [lo_j, hi_j]`` (the guards already include the predictor's safety margin). Predictors are
-swappable pieces: this module holds the interface and the ``exact`` predictor (``Ŵ1 = W1``, no margin),
-used for tests and as the accuracy reference; cheaper ones (int4, 2-bit, low-rank) plug in here.
+A predictor computes ``ĥ ≈ x·W1 + b1`` cheaply; the fallback op flags neuron j when ``ĥ_j`` leaves the
+*guards* ``[lo_j + m_j, hi_j − m_j]``. The margin ``m_j = z·σ_j`` is the predictor's own error scale
+``σ_j = sqrt(E[(x·(Ŵ1 − W1)_j)²])`` — exact from the calibration inputs' second moments, no extra data
+pass — times one multiplier ``z`` per layer, chosen on the calibration data (:class:`MarginSearch`) so
+that the share of truly out-of-range pairs the predictor flags (recall) meets a target.
+
+Kinds (METHOD.md §4), each emitted with standard or ONNX Runtime contrib ops:
+
+==========  ============================================================  ==========================
+kind        ĥ                                                             stored (float32 model)
+==========  ============================================================  ==========================
+exact       ``MatMul(x, W1) + b1`` (tests and accuracy reference)          d·D
+int4        ``com.microsoft::MatMulNBits`` bits=4, GPTQ, blocks of 32       ≈ d·D·5.1/32
+int2        ``com.microsoft::MatMulNBits`` bits=2, GPTQ (or RTN)            ≈ d·D·3.1/32
+lowrank     ``MatMul(MatMul(x, U), V) + b1``, rank per layer by whitened    r·(d + D)
+            SVD energy
+==========  ============================================================  ==========================
+
+``MatMulNBits`` runs with ``accuracy_level=4`` (int8 activations, the fast path of ORT's CPU kernel);
+:meth:`LowBitPredictor.estimate` reproduces that rounding so the margin search sees what the runtime does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Protocol
 
 import numpy as np
 import onnx_ir as ir
 
+from tardis_compile import quantize
+from tardis_compile.errors import TardisError
+from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock
 
 AddInitializer = Callable[[str, np.ndarray], ir.Value]
+MS_DOMAIN = "com.microsoft"
+ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (MLAS's fast CPU path)
+Z_GRID = np.linspace(0.0, 8.0, 161)
+
+
+class PredictorError(TardisError):
+    """A predictor that cannot serve the block it is attached to."""
+
+
+@dataclasses.dataclass
+class PredictorOptions:
+    """How predictors are built. ``recall`` is the calibrated target that sets the margins."""
+
+    recall: float = 0.99
+    quantizer: str = "gptq"  # int4/int2: "gptq" (needs calibration inputs) or "rtn"
+    block_size: int = 32
+    rank: int | None = None  # lowrank: fixed rank; None chooses per layer by ``energy``
+    energy: float = 0.99  # lowrank: share of the whitened spectrum kept
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.recall <= 1.0:
+            raise TardisError(f"--predictor-recall must be within (0, 1], got {self.recall}")
+        if self.quantizer not in ("gptq", "rtn"):
+            raise TardisError(f"unknown quantizer {self.quantizer!r}; choose gptq or rtn")
+        if self.block_size not in (16, 32, 64, 128):
+            raise TardisError(f"predictor block size must be 16, 32, 64 or 128, got {self.block_size}")
 
 
 class Predictor(Protocol):
-    """What the rewrite and the report need from a predictor."""
+    """What the rewrite, the margin search and the report need from a built predictor."""
 
     kind: str
 
-    def emit(self, block: FfnBlock, x: ir.Value, add_initializer: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
-        """Nodes computing ``ĥ`` (same leading axes as ``x``, last axis D) and the ``ĥ`` value."""
+    def check(self, block: FfnBlock) -> None:
+        """Raise :class:`PredictorError` when the predictor's weights do not fit ``block``."""
 
-    def margin(self, block: FfnBlock) -> np.ndarray:
-        """Per-neuron safety margin ``m_j ≥ 0`` added around the range (guards: ``[lo − m, hi + m]``
-        would widen; we flag outside ``[lo + m, hi − m]``, i.e. shrink the trusted range)."""
+    def estimate(self, x: np.ndarray) -> np.ndarray:
+        """NumPy ``ĥ`` for rows ``x`` (tokens, d), as the runtime computes it (float64)."""
 
-    def parameters(self, block: FfnBlock) -> float:
-        """Stored parameters in dtype-equivalents (e.g. int4 counts 4/32 in a float32 model)."""
+    def weights(self) -> np.ndarray:
+        """The effective ``Ŵ1`` (d, D) float64 the predictor multiplies with."""
+
+    def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
+        """Graph nodes computing ``ĥ`` from ``x`` and the ``ĥ`` value."""
+
+    def parameters(self) -> float:
+        """Stored parameters in the block dtype's equivalents (int4 counts 4/32 in float32)."""
 
 
+def _node(domain: str, op: str, inputs: list[ir.Value], name: str, **attrs: int) -> ir.Node:
+    node = ir.Node(domain, op, inputs, attributes=[ir.AttrInt64(k, v) for k, v in attrs.items()], name=name)
+    node.outputs[0].name = name
+    return node
+
+
+def _add_bias(nodes: list[ir.Node], value: ir.Value, b1: np.ndarray, add: AddInitializer, prefix: str,
+              dtype: np.dtype) -> tuple[list[ir.Node], ir.Value]:
+    bias = _node("", "Add", [value, add(f"{prefix}/predictor/b1", b1.astype(dtype))], f"{prefix}/h_hat")
+    return [*nodes, bias], bias.outputs[0]
+
+
+def _rms_of_delta(delta: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """``sqrt(diag(Δᵀ G Δ))`` for Δ (d, D) and the input block of ``gram``."""
+    g = gram[:-1, :-1]
+    return np.sqrt(np.maximum(np.sum((g @ delta) * delta, axis=0), 0.0))
+
+
+def _expect_shape(kind: str, block: FfnBlock, d: int, hidden: int) -> None:
+    if (d, hidden) != (block.d, block.hidden):
+        raise PredictorError(f"{kind} predictor for a {d}×{hidden} W1 cannot serve block '{block.name}' "
+                             f"(W1 is {block.d}×{block.hidden})")
+
+
+@dataclasses.dataclass
 class ExactPredictor:
     """``ĥ = x·W1 + b1`` with the original weights: perfect recall and precision, full cost."""
 
-    kind = "exact"
+    w1: np.ndarray
+    b1: np.ndarray
+    dtype: np.dtype
+    kind: str = "exact"
 
-    def emit(self, block: FfnBlock, x: ir.Value, add_initializer: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
-        dtype = block.dtype.numpy()
-        w1 = add_initializer(f"{prefix}/predictor/W1", block.w1().astype(dtype))
-        b1 = add_initializer(f"{prefix}/predictor/b1", block.b1().astype(dtype))
-        matmul = ir.Node("", "MatMul", [x, w1], name=f"{prefix}/predictor/MatMul")
-        matmul.outputs[0].name = f"{prefix}/predictor/xW1"
-        add = ir.Node("", "Add", [matmul.outputs[0], b1], name=f"{prefix}/predictor/Add")
-        add.outputs[0].name = f"{prefix}/h_hat"
-        return [matmul, add], add.outputs[0]
+    def check(self, block: FfnBlock) -> None:
+        _expect_shape(self.kind, block, *self.w1.shape)
 
-    def margin(self, block: FfnBlock) -> np.ndarray:
-        return np.zeros(block.hidden)
+    def estimate(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float64) @ self.w1 + self.b1
 
-    def parameters(self, block: FfnBlock) -> float:
-        return float(block.d * block.hidden + block.hidden)
+    def weights(self) -> np.ndarray:
+        return self.w1
 
+    def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
+        w = add(f"{prefix}/predictor/W1", self.w1.astype(self.dtype))
+        mm = _node("", "MatMul", [x, w], f"{prefix}/predictor/xW1")
+        return _add_bias([mm], mm.outputs[0], self.b1, add, prefix, self.dtype)
 
-PREDICTORS: dict[str, Callable[[], Predictor]] = {"exact": ExactPredictor}
+    def parameters(self) -> float:
+        return float(self.w1.size)
 
 
-def make(kind: str) -> Predictor:
-    """A predictor by name; unknown names are a clear error."""
-    if kind not in PREDICTORS:
-        raise ValueError(f"unknown predictor {kind!r}; available: {', '.join(PREDICTORS)}")
-    return PREDICTORS[kind]()
+def _int8_activations(x: np.ndarray, block_size: int) -> np.ndarray:
+    """MLAS's accuracy-level-4 rounding of the activations: symmetric int8 per block of K."""
+    k = x.shape[1]
+    pad = (-k) % block_size
+    xb = np.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], -1, block_size)
+    scale = np.abs(xb).max(axis=2, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    return (np.round(xb / scale) * scale).reshape(x.shape[0], -1)[:, :k]
+
+
+@dataclasses.dataclass
+class LowBitPredictor:
+    """``ĥ = MatMulNBits(x, Q(W1)) + b1`` with a 4- or 2-bit block-quantized copy of W1."""
+
+    quant: quantize.Quantized
+    b1: np.ndarray
+    dtype: np.dtype
+    kind: str
+
+    def __post_init__(self) -> None:
+        self._w = self.quant.dequantize()
+
+    def check(self, block: FfnBlock) -> None:
+        _expect_shape(self.kind, block, self.quant.k, self.quant.n)
+        if self.b1.shape != (block.hidden,):
+            raise PredictorError(f"{self.kind} predictor bias has shape {self.b1.shape}, block '{block.name}' "
+                                 f"needs ({block.hidden},)")
+
+    def estimate(self, x: np.ndarray) -> np.ndarray:
+        xq = _int8_activations(np.asarray(x, np.float64), self.quant.block_size)
+        return xq @ self._w + self.b1
+
+    def weights(self) -> np.ndarray:
+        return self._w
+
+    def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
+        b, scales, zp = quantize.pack(self.quant, self.dtype)
+        inputs = [x, add(f"{prefix}/predictor/W1_q{self.quant.bits}", b),
+                  add(f"{prefix}/predictor/scales", scales), add(f"{prefix}/predictor/zero_points", zp)]
+        mm = _node(MS_DOMAIN, "MatMulNBits", inputs, f"{prefix}/predictor/xW1_q", K=self.quant.k, N=self.quant.n,
+                   bits=self.quant.bits, block_size=self.quant.block_size, accuracy_level=ACCURACY_LEVEL)
+        return _add_bias([mm], mm.outputs[0], self.b1, add, prefix, self.dtype)
+
+    def parameters(self) -> float:
+        scale_bits = 8 * np.dtype(self.dtype).itemsize
+        return self.quant.stored_bits(scale_bits) / scale_bits + self.b1.size
+
+
+@dataclasses.dataclass
+class LowRankPredictor:
+    """``ĥ = (x·U)·V + b1``: the best rank-r approximation of W1 in the calibration inputs' metric."""
+
+    u: np.ndarray  # (d, r)
+    v: np.ndarray  # (r, D)
+    b1: np.ndarray
+    dtype: np.dtype
+    kind: str = "lowrank"
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def check(self, block: FfnBlock) -> None:
+        _expect_shape(self.kind, block, self.u.shape[0], self.v.shape[1])
+
+    def estimate(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, np.float64) @ self.u) @ self.v + self.b1
+
+    def weights(self) -> np.ndarray:
+        return self.u @ self.v
+
+    def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
+        first = _node("", "MatMul", [x, add(f"{prefix}/predictor/U", self.u.astype(self.dtype))], f"{prefix}/predictor/xU")
+        second = _node("", "MatMul", [first.outputs[0], add(f"{prefix}/predictor/V", self.v.astype(self.dtype))],
+                       f"{prefix}/predictor/xUV")
+        return _add_bias([first, second], second.outputs[0], self.b1, add, prefix, self.dtype)
+
+    def parameters(self) -> float:
+        return float(self.u.size + self.v.size + self.b1.size)
+
+
+def _whitened_factors(w1: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``L`` (Cholesky of the input second moments, damped) and the SVD of ``Lᵀ·W1``."""
+    g = gram[:-1, :-1]
+    g = g + (1e-6 * float(np.mean(np.diag(g))) + 1e-12) * np.eye(g.shape[0])
+    chol = np.linalg.cholesky(g)
+    p, s, qt = np.linalg.svd(chol.T @ w1, full_matrices=False)
+    return chol, p * s, qt
+
+
+def low_rank(w1: np.ndarray, b1: np.ndarray, gram: np.ndarray, dtype: np.dtype, options: PredictorOptions) -> LowRankPredictor:
+    """Rank fixed by ``options.rank`` or the smallest keeping ``options.energy`` of the whitened spectrum,
+    capped where ``U, V`` would stop being smaller than ``W1`` (the margins absorb the rest)."""
+    chol, ps, qt = _whitened_factors(w1, gram)
+    d, hidden = w1.shape
+    energy = np.cumsum(np.sum(ps * ps, axis=0))
+    rank = options.rank or min(int(np.searchsorted(energy, options.energy * energy[-1]) + 1),
+                               d * hidden // (2 * (d + hidden)))
+    rank = max(1, min(rank, ps.shape[1]))
+    u = np.linalg.solve(chol.T, ps[:, :rank])
+    return LowRankPredictor(u, qt[:rank], b1, dtype)
+
+
+@dataclasses.dataclass
+class Built:
+    """A predictor attached to its block, with its error scale for the margins."""
+
+    predictor: Predictor
+    sigma: np.ndarray  # (D,) RMS error of ĥ on the calibration inputs
+
+
+def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: PredictorOptions | None = None) -> Built:
+    """Build predictor ``kind`` for ``block``; ``gram`` = mean ``[x,1]ᵀ[x,1]`` over calibration tokens
+    (only the exact predictor works without it)."""
+    options = options or PredictorOptions()
+    if kind == "exact":
+        pred = ExactPredictor(np.asarray(block.w1(), np.float64), np.asarray(block.b1(), np.float64),
+                              block.dtype.numpy())
+        return Built(pred, np.zeros(block.hidden))
+    if gram is None:
+        raise PredictorError(f"the {kind} predictor needs the calibration inputs' moments, which these "
+                             "statistics lack: recalibrate")
+    w1 = np.asarray(block.w1(), np.float64)
+    b1 = np.asarray(block.b1(), np.float64)
+    dtype = block.dtype.numpy()
+    pred: Predictor
+    if kind in ("int4", "int2"):
+        bits = 4 if kind == "int4" else 2
+        if options.quantizer == "gptq":
+            quant = quantize.gptq(w1, gram[:-1, :-1], bits, options.block_size)
+        else:
+            quant = quantize.rtn(w1, bits, options.block_size)
+        pred = LowBitPredictor(quant, b1, dtype, kind)
+    elif kind == "lowrank":
+        pred = low_rank(w1, b1, gram, dtype, options)
+    else:
+        raise PredictorError(f"unknown predictor {kind!r}; available: {', '.join(KINDS)}")
+    return Built(pred, _rms_of_delta(pred.weights() - w1, gram))
+
+
+KINDS = ("exact", "int4", "int2", "lowrank")
+
+
+class MarginSearch:
+    """Streams, per layer, how recall and flagged share grow with the margin multiplier ``z``.
+
+    A pair (token, neuron) is flagged at multiplier z iff ``ĥ ∉ [lo + zσ, hi − zσ]``, i.e. iff
+    ``z > t`` with ``t = min(hi − ĥ, ĥ − lo)/σ``; so one histogram of ``t`` over all pairs and one over
+    the truly out-of-range pairs give recall(z) and flagged share(z) for every z at once.
+    """
+
+    def __init__(self, lines: Lines, sigma: np.ndarray) -> None:
+        self.lo, self.hi = lines.lo, lines.hi
+        self.exact = sigma <= 0
+        self.sigma = np.where(self.exact, 1.0, sigma)
+        self.flag_hist = np.zeros(Z_GRID.size + 1)
+        self.out_hist = np.zeros(Z_GRID.size + 1)
+        self.pairs = 0
+
+    def add(self, h: np.ndarray, h_hat: np.ndarray) -> None:
+        """Exact ``h`` and predicted ``ĥ`` for the same rows (tokens, D)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            raw = np.minimum(self.hi - h_hat, h_hat - self.lo)
+            t = np.where(self.exact, np.where(raw < 0, -np.inf, np.inf), raw / self.sigma)
+        bins = np.searchsorted(Z_GRID, t, side="right")  # flagged at Z_GRID[k] iff t < Z_GRID[k] iff bin <= k
+        out = (h < self.lo) | (h > self.hi)
+        self.flag_hist += np.bincount(bins.ravel(), minlength=Z_GRID.size + 1)
+        self.out_hist += np.bincount(bins[out], minlength=Z_GRID.size + 1)
+        self.pairs += h.size
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(recall, flagged share) at every ``Z_GRID`` value."""
+        out = self.out_hist.sum()
+        recall = np.cumsum(self.out_hist)[:-1] / out if out else np.ones(Z_GRID.size)
+        flagged = np.cumsum(self.flag_hist)[:-1] / max(self.pairs, 1)
+        return recall, flagged
+
+    def choose(self, target: float) -> "Margin":
+        """The smallest multiplier whose calibrated recall meets ``target``."""
+        recall, flagged = self.curve()
+        ok = np.nonzero(recall >= target - 1e-12)[0]
+        k = int(ok[0]) if ok.size else Z_GRID.size - 1
+        out_share = self.out_hist.sum() / max(self.pairs, 1)
+        return Margin(float(Z_GRID[k]), float(recall[k]), float(flagged[k]), float(out_share))
+
+
+@dataclasses.dataclass
+class Margin:
+    """The chosen multiplier and what it achieved on the calibration data."""
+
+    z: float
+    recall: float
+    flagged_share: float
+    out_share: float
+
+    def widths(self, sigma: np.ndarray) -> np.ndarray:
+        return self.z * sigma

@@ -83,10 +83,27 @@ class _FallbackSite:
     x: ir.Value
     h_hat: ir.Value
     y: ir.Value
-    lo: np.ndarray
+    lo: np.ndarray  # the fitted range
     hi: np.ndarray
+    guard_lo: np.ndarray  # what the op compares ĥ with: the range shrunk by the predictor's margin
+    guard_hi: np.ndarray
     w1t: np.ndarray
     b1: np.ndarray
+
+
+def _bound_and_guard(value: ir.Value) -> tuple[np.ndarray, np.ndarray]:
+    """(fitted range bound, guard) behind a ``lo``/``hi`` operand: a constant (no margin), or
+    ``range ± margin`` evaluated in the model's dtype as the runtime does."""
+    const = ir.convenience.get_const_tensor(value)
+    if const is not None:
+        return np.asarray(const.numpy(), np.float64), np.asarray(const.numpy(), np.float64)
+    producer = value.producer()
+    operands = [ir.convenience.get_const_tensor(v) for v in producer.inputs] if producer is not None else [None]
+    if producer is None or producer.op_type not in ("Add", "Sub") or any(o is None for o in operands):
+        raise ValueError(f"guard '{value.name}' is neither a constant nor range ± margin")
+    bound, margin = (o.numpy() for o in operands)
+    guard = bound + margin if producer.op_type == "Add" else bound - margin
+    return np.asarray(bound, np.float64), np.asarray(guard, np.float64)
 
 
 def fallback_sites(model: ir.Model) -> list[_FallbackSite]:
@@ -96,8 +113,9 @@ def fallback_sites(model: ir.Model) -> list[_FallbackSite]:
             const = [ir.convenience.get_const_tensor(v) for v in node.inputs]
             arrays = {name: (np.asarray(c.numpy(), np.float64) if c is not None else None)
                       for name, c in zip(fallback_op.INPUT_NAMES, const)}
+            (lo, guard_lo), (hi, guard_hi) = (_bound_and_guard(node.inputs[i]) for i in (3, 4))
             sites.append(_FallbackSite(node.name, node.inputs[0], node.inputs[2], node.outputs[0],
-                                       arrays["lo"], arrays["hi"], arrays["w1t"], arrays["b1"]))
+                                       lo, hi, guard_lo, guard_hi, arrays["w1t"], arrays["b1"]))
     return sites
 
 
@@ -166,7 +184,7 @@ def compare(
                     rows, h_hat, y_ref, y_got = rows[keep], h_hat[keep], y_ref[keep], y_got[keep]
                 h = rows.astype(np.float64) @ site.w1t.T + site.b1
                 inside = (h >= site.lo) & (h <= site.hi)
-                flagged = (h_hat < site.lo) | (h_hat > site.hi)
+                flagged = (h_hat < site.guard_lo) | (h_hat > site.guard_hi)
                 out = ~inside
                 counts[site.name] += [h.size, inside.sum(), flagged.sum(), out.sum(), (flagged & out).sum()]
                 block_err[site.name].add(y_ref, y_got, thresholds.atol, thresholds.rtol)

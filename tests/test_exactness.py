@@ -57,8 +57,8 @@ def test_none_flagged_is_the_folded_linear_map(tmp_path, variant):
     tc.optimize(path, out, batches(), settings=tc.Settings(refit=False), show_progress=False)
     model = onnx.load(out)
     for init in model.graph.initializer:  # widen every range: nobody is flagged
-        if init.name.endswith("/lo") or init.name.endswith("/hi"):
-            value = -np.inf if init.name.endswith("/lo") else np.inf
+        if init.name.endswith("/range_lo") or init.name.endswith("/range_hi"):
+            value = -np.inf if init.name.endswith("/range_lo") else np.inf
             init.CopyFrom(onnx.numpy_helper.from_array(np.full(init.dims, value, np.float32), init.name))
     onnx.save(model, tmp_path / "none.onnx")
     (op,) = _operands(out)
