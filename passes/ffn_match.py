@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from tardis_compile import fallback_op
 from tardis_compile.passes import activation as act
 from tardis_compile.passes.linear import Linear, LinearMismatch, match_after, match_before, shape_last_dim
 
@@ -150,39 +151,63 @@ def describe(node: ir.Node) -> str:
     return f"{node.op_type}→{out}"
 
 
-def match_block(seed: ir.Node, graph: ir.Graph) -> FfnBlock | Rejection:
-    """``pattern`` + ``check`` for one activation seed: a block, or the reason there is none."""
+def _linear_summary(linear: Linear, weight: str) -> str:
+    names = ", ".join(f"'{describe(n)}'" for n in linear.nodes)
+    bias = "bias" if linear.bias() is not None else "no bias"
+    return f"{linear.spelling} ({names}), {weight} {linear.in_features}×{linear.out_features}, {bias}"
+
+
+def match_block(seed: ir.Node, graph: ir.Graph, trace: list[str] | None = None) -> FfnBlock | Rejection:
+    """``pattern`` + ``check`` for one activation seed: a block, or the reason there is none.
+
+    With ``trace``, each stage that passed appends one line saying what it found (``inspect --explain``).
+    """
+    note = trace.append if trace is not None else (lambda line: None)
+
+    def refuse(stage: str, reason: str) -> Rejection:
+        return Rejection(describe(seed), seed.op_type, stage, reason)
+
     h = act.find_region_input(seed)
     if h is None:
-        return Rejection(describe(seed), seed.op_type, "activation",
-                         "unsupported activation: the activation does not have a single input tensor")
+        return refuse("activation", "unsupported activation: the activation does not have a single input tensor")
     activation = act.classify(h, graph)
     if activation.reason is not None:
-        return Rejection(describe(seed), seed.op_type, "activation", activation.reason)
+        return refuse("activation", activation.reason)
+    ops = ", ".join(n.op_type for n in activation.nodes)
+    name = "erf-GELU" if activation.variant == "none" else "tanh-GELU"
+    note(f"activation: '{h.name}' → [{ops}] → '{activation.g.name}' computes {name} (max deviation "
+         f"{activation.deviation:.2g})" + (", with a fused bias" if activation.entry_bias is not None else ""))
     h_lin, reshape_before = _step_over_reshape(h, forward=False)
     g_lin, reshape_after = _step_over_reshape(activation.g, forward=True)
     try:
         linear1 = match_before(h_lin)
     except LinearMismatch as err:
-        return Rejection(describe(seed), seed.op_type, "linear1", str(err))
+        return refuse("linear1", str(err))
     if reshape_before is not None and len(act.data_uses(h_lin)) != 1:
-        return Rejection(describe(seed), seed.op_type, "linear1",
-                         f"shared intermediate: '{h_lin.name}' has another consumer")
+        return refuse("linear1", f"shared intermediate: '{h_lin.name}' has another consumer")
+    note(f"linear1: {_linear_summary(linear1, 'W1')}")
     try:
         linear2 = match_after(g_lin)
     except LinearMismatch as err:
-        return Rejection(describe(seed), seed.op_type, "linear2", str(err))
+        return refuse("linear2", str(err))
+    note(f"linear2: {_linear_summary(linear2, 'W2')}")
     if linear2.in_features != linear1.out_features:
-        return Rejection(describe(seed), seed.op_type, "shape",
-                         f"shape mismatch: W1 has {linear1.out_features} columns but W2 has "
-                         f"{linear2.in_features} rows")
+        return refuse("shape", f"shape mismatch: W1 has {linear1.out_features} columns but W2 has "
+                               f"{linear2.in_features} rows")
     if activation.entry_bias is not None and activation.entry_bias.size != linear1.out_features:
-        return Rejection(describe(seed), seed.op_type, "shape", "the fused activation bias is not a vector of D")
+        return refuse("shape", "the fused activation bias is not a vector of D")
     reason = _check_reshapes(reshape_before, reshape_after, linear1.out_features)
     if reason is not None:
-        return Rejection(describe(seed), seed.op_type, "shape", reason)
+        return refuse("shape", reason)
     reshapes = [n for n in (reshape_before, reshape_after) if n is not None]
+    note("shape: " + ("Reshape pair " + ", ".join(f"'{describe(n)}'" for n in reshapes) + " keeps the last axis"
+                      if reshapes else f"D = {linear1.out_features} on both sides"))
     return FfnBlock("", linear1.x, linear2.y, linear1, activation, linear2, reshapes)
+
+
+def count_rewritten(model: ir.Model) -> int:
+    """How many blocks of ``model`` are already tardis-compile's rewritten form (``GuardedFallback`` nodes)."""
+    return sum(1 for n in model.graph if n.domain == fallback_op.DOMAIN and n.op_type == fallback_op.OP_TYPE)
 
 
 def find_blocks(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:

@@ -16,12 +16,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import feeds, fit, histogram, modelio
+from tardis_compile import fallback_op, feeds, fit, histogram, modelio
 from tardis_compile import predictor as predictors
 from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs
-from tardis_compile.errors import CalibrationDataError, NoFoldableBlockError, TardisError
+from tardis_compile.errors import AlreadyOptimizedError, CalibrationDataError, NoFoldableBlockError, TardisError
 from tardis_compile.fold import fold
-from tardis_compile.passes.ffn_match import FfnBlock, Rejection, find_blocks
+from tardis_compile.passes.ffn_match import FfnBlock, Rejection, count_rewritten, find_blocks
 from tardis_compile.passes.ffn_rewrite import FoldedBlock, rewrite
 from tardis_compile.progress import Progress
 from tardis_compile.refit import DEFAULT_RIDGE, NormalEquations
@@ -115,9 +115,15 @@ def inspect(model_path: str | os.PathLike) -> tuple[list[FfnBlock], list[Rejecti
     return find_blocks(modelio.load(model_path))
 
 
-def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rejection]) -> None:
+def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rejection], rewritten: int = 0) -> None:
     if blocks:
         return
+    if rewritten:
+        others = (f"; {len(rejected)} other candidate(s) left alone — "
+                  + "; ".join(f"{r.anchor}: {r.reason}" for r in rejected[:5])) if rejected else ""
+        raise AlreadyOptimizedError(f"nothing to do: '{model_path}' is already optimized by tardis-compile "
+                                    f"({rewritten} {fallback_op.DOMAIN}::{fallback_op.OP_TYPE} block(s)) and "
+                                    f"has no other foldable block{others}; nothing was written")
     if not rejected:
         raise NoFoldableBlockError(f"no foldable block in '{model_path}': the model has no GELU-like "
                                    "activation between two Linear layers")
@@ -234,7 +240,7 @@ def optimize(
     modelio.check_destination(model_path, out_path)
     original = modelio.load(model_path)
     blocks, rejected = find_blocks(original)
-    _require_blocks(model_path, blocks, rejected)
+    _require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(original))
     progress = lambda label: Progress(label, enabled=show_progress)  # noqa: E731
     source = open_data(calib, _input_names(original), data)
     if eval_data is not None:

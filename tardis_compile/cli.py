@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tardis_compile import api
 from tardis_compile import predictor as predictors
-from tardis_compile.errors import TardisError
+from tardis_compile.errors import AlreadyOptimizedError, TardisError
 from tardis_compile.verify import Thresholds
 
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list foldable blocks and why other candidates were rejected")
     p.add_argument("model")
+    p.add_argument("--explain", metavar="NODE",
+                   help="show how far the matcher got for the candidate containing this node (or tensor)")
 
     p = sub.add_parser("verify", help="compare an optimized model with its original on data")
     p.add_argument("original")
@@ -118,6 +120,12 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.explain:
+        from tardis_compile import modelio
+        from tardis_compile.passes.explain import explain
+
+        print("\n".join(explain(modelio.load(args.model), args.explain).lines()))
+        return 0
     blocks, rejected = api.inspect(args.model)
     print(f"{len(blocks)} foldable block(s) in {args.model}")
     for b in blocks:
@@ -174,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 "prune": _prune}
     try:
         return handlers[args.command](args)
+    except AlreadyOptimizedError as err:  # running the pass on its own output is not a mistake
+        print(f"note: {err}", file=sys.stderr)
+        return 0
     except TardisError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

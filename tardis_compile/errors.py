@@ -21,3 +21,9 @@ class CalibrationDataError(TardisError):
 
 class OutputPathError(TardisError):
     """The output would overwrite the input or cannot be written."""
+
+
+class AlreadyOptimizedError(NoFoldableBlockError):
+    """The model is tardis-compile's own output and has nothing left to fold: the pass changes nothing.
+
+    The CLI reports it as a note and exits 0 (running the pass twice is not a mistake)."""
