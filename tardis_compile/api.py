@@ -192,6 +192,19 @@ def _build_predictors(blocks: list[FfnBlock], stats: dict[str, histogram.NeuronS
     return built
 
 
+def _predictor_summary(built: predictors.Built, margin: predictors.Margin) -> dict:
+    """What the report says about a block's predictor (calibrated figures; held-out ones come from
+    verification)."""
+    out = {"kind": built.predictor.kind, "margin_z": margin.z, "mean_sigma": float(np.mean(built.sigma))}
+    if np.isfinite(margin.flagged_share):
+        out.update(calibrated_recall=margin.recall, calibrated_flagged_share=margin.flagged_share,
+                   calibrated_out_share=margin.out_share)
+    rank = getattr(built.predictor, "rank", None)
+    if rank is not None:
+        out["rank"] = int(rank)
+    return out
+
+
 def _block_metadata(tool: str, settings: Settings, block: FfnBlock, lines: fit.Lines, built: predictors.Built,
                     margin: predictors.Margin) -> dict[str, str]:
     """Provenance for the fallback node's ``metadata_props`` (shown by Netron)."""
@@ -273,8 +286,8 @@ def optimize(
                           margins[b.name].widths(built[b.name].sigma),
                           _block_metadata(tool, settings, b, lines[b.name], built[b.name], margins[b.name]))
               for b in blocks]
-    reports = [block_report(b, float(np.mean(lines[b.name].coverage)), built[b.name].predictor.parameters())
-               for b in blocks]
+    reports = [block_report(b, float(np.mean(lines[b.name].coverage)), built[b.name].predictor.parameters(),
+                            _predictor_summary(built[b.name], margins[b.name])) for b in blocks]
     report = Report(str(model_path), str(out_path), dataclasses.asdict(settings), reports, rejected,
                     verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
     optimized = modelio.load(model_path)  # a second, untouched copy stays as the reference

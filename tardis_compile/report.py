@@ -27,6 +27,7 @@ class BlockReport:
     params_folded: int  # W_f
     params_predictor: float
     params_fallback: int  # W1ᵀ + W2 rows kept for the fallback
+    predictor: dict = dataclasses.field(default_factory=dict)  # kind, margin z, calibrated recall/flagged
     measured: dict | None = None  # from verification: coverage, fallback_rate, recall, precision, error
 
     @property
@@ -49,11 +50,11 @@ class BlockReport:
         return out
 
 
-def block_report(block: FfnBlock, coverage: float, predictor_params: float) -> BlockReport:
+def block_report(block: FfnBlock, coverage: float, predictor_params: float, predictor: dict) -> BlockReport:
     d, hidden, d_out = block.d, block.hidden, block.d_out
     return BlockReport(
         block.name, block.spelling, [n.name for n in block.nodes], d, hidden, d_out, block.variant, coverage,
-        d * hidden + hidden * d_out, d * d_out, predictor_params, hidden * (d + d_out))
+        d * hidden + hidden * d_out, d * d_out, predictor_params, hidden * (d + d_out), predictor)
 
 
 @dataclasses.dataclass
@@ -97,17 +98,21 @@ class Report:
 
     def table(self) -> str:
         """The per-block table (Markdown, also readable in a terminal)."""
-        rows = ["| block | spelling | d×D | coverage | fallback | recall | rel. error | reduction | touched/token |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| block | spelling | d×D | predictor | coverage | flagged | recall | precision | rel. error | "
+                "reduction | touched/token |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         measured = {m.name.split("/")[1] if "/" in m.name else m.name: m for m in
                     (self.verification.blocks if self.verification else [])}
         for b in self.blocks:
             m = measured.get(b.name)
             cov = f"{m.coverage:.1%}" if m else f"{b.calibrated_coverage:.1%} (calib)"
             rate = m.fallback_rate if m else 1.0 - b.calibrated_coverage
+            z = b.predictor.get("margin_z")
+            pred = b.predictor.get("kind", "?") + (f" (z={z:.2f})" if z else "")
             rows.append(
-                f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {cov} | {rate:.1%} | "
-                f"{(f'{m.recall:.3f}' if m else '-')} | {(f'{m.relative_error:.2e}' if m else '-')} | "
+                f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {pred} | {cov} | {rate:.1%} | "
+                f"{(f'{m.recall:.3f}' if m else '-')} | {(f'{m.precision:.3f}' if m else '-')} | "
+                f"{(f'{m.relative_error:.2e}' if m else '-')} | "
                 f"{b.reduction:.1%} | {b.touched_per_token(rate) / b.params_original:.1%} |")
         return "\n".join(rows)
 
