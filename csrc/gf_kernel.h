@@ -8,8 +8,8 @@
 namespace tardis {
 
 enum class GeluKind { kErf, kTanh };
-enum class Strategy { kAuto, kToken, kUnion };  // kToken / kUnion force a path (tests, benchmarks)
-enum class Isa { kPortable, kAvx2 };
+enum class Strategy { kAuto, kToken, kUnion, kNeuron };  // all but kAuto force a path (tests, benchmarks)
+enum class Isa { kPortable, kAvx2, kAvx512 };  // kAvx512: AVX2 set + AVX-512F block kernels
 
 // Runs fn(data, i) for every i in [0, n), possibly in parallel; returns when all are done.
 class Parallel {
@@ -36,6 +36,7 @@ struct Operands {
 };
 
 struct RunInfo {
+  Strategy path = Strategy::kToken;  // the path that ran (kToken, kUnion or kNeuron)
   bool used_union = false;
   int64_t flagged_pairs = 0;  // sum over tokens of |F(t)|
   int64_t union_size = 0;     // |U| = |union of F(t)|
@@ -43,6 +44,8 @@ struct RunInfo {
 
 // True when the CPU supports AVX2, FMA and F16C (checked once at run time).
 bool CpuHasAvx2();
+// True when the CPU also supports AVX-512F.
+bool CpuHasAvx512();
 
 // y = y_lin + sum_{j in F(t)} (GELU(h_j) - alpha_j h_j - beta_j) w2[j,:], for float32 operands.
 void RunFloat(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info);

@@ -7,7 +7,8 @@
 //
 // Environment (read when a kernel is created, i.e. at session creation):
 //   TARDIS_OPS_FORCE_PORTABLE=1   use the portable C++ path even on AVX2 machines
-//   TARDIS_OPS_STRATEGY=token|union|auto   force the per-token or the union-gather strategy
+//   TARDIS_OPS_ISA=avx2|portable  cap the instruction set (default: the best the CPU has: avx512 > avx2)
+//   TARDIS_OPS_STRATEGY=token|union|neuron|auto   force the per-token, union-gather or neuron-major strategy
 
 #ifndef ORT_API_MANUAL_INIT
 #define ORT_API_MANUAL_INIT
@@ -36,7 +37,9 @@ constexpr int kRequiredApi = 21;
 
 std::atomic<uint64_t> g_calls{0};
 std::atomic<uint64_t> g_union_calls{0};
+std::atomic<uint64_t> g_neuron_calls{0};
 std::atomic<uint64_t> g_portable_calls{0};
+std::atomic<uint64_t> g_avx512_calls{0};
 std::atomic<uint64_t> g_flagged_pairs{0};
 
 bool EnvFlag(const char* name) {
@@ -86,11 +89,18 @@ struct GuardedFallbackKernel {
       ORT_CXX_API_THROW("GuardedFallback: attribute 'approximate' must be \"none\" or \"tanh\", got \"" + approx + "\"",
                         ORT_INVALID_ARGUMENT);
     }
-    isa_ = (!EnvFlag("TARDIS_OPS_FORCE_PORTABLE") && tardis::CpuHasAvx2()) ? tardis::Isa::kAvx2
-                                                                            : tardis::Isa::kPortable;
+    const char* isa = std::getenv("TARDIS_OPS_ISA");
+    const bool no512 = isa != nullptr && std::strcmp(isa, "avx2") == 0;
+    if (EnvFlag("TARDIS_OPS_FORCE_PORTABLE") || (isa != nullptr && std::strcmp(isa, "portable") == 0))
+      isa_ = tardis::Isa::kPortable;
+    else if (!no512 && tardis::CpuHasAvx512())
+      isa_ = tardis::Isa::kAvx512;
+    else if (tardis::CpuHasAvx2())
+      isa_ = tardis::Isa::kAvx2;
     const char* s = std::getenv("TARDIS_OPS_STRATEGY");
     if (s != nullptr && std::strcmp(s, "token") == 0) strategy_ = tardis::Strategy::kToken;
     if (s != nullptr && std::strcmp(s, "union") == 0) strategy_ = tardis::Strategy::kUnion;
+    if (s != nullptr && std::strcmp(s, "neuron") == 0) strategy_ = tardis::Strategy::kNeuron;
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, In<T> h_hat, In<T> lo, In<T> hi, In<T> w1t,
@@ -148,7 +158,9 @@ struct GuardedFallbackKernel {
       else
         tardis::RunHalf(op, gelu_, strategy_, isa_, par, &info);
       if (info.used_union) g_union_calls.fetch_add(1, std::memory_order_relaxed);
+      if (info.path == tardis::Strategy::kNeuron) g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
       if (isa_ == tardis::Isa::kPortable) g_portable_calls.fetch_add(1, std::memory_order_relaxed);
+      if (isa_ == tardis::Isa::kAvx512) g_avx512_calls.fetch_add(1, std::memory_order_relaxed);
       g_flagged_pairs.fetch_add(static_cast<uint64_t>(info.flagged_pairs), std::memory_order_relaxed);
       return Ort::Status{nullptr};
     } catch (const Ort::Exception& e) {
@@ -238,11 +250,17 @@ TARDIS_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* optio
 TARDIS_EXPORT uint64_t TardisOpsKernelCalls() { return g_calls.load(); }
 // Invocations that took the union-gather (matrix-product) strategy.
 TARDIS_EXPORT uint64_t TardisOpsUnionCalls() { return g_union_calls.load(); }
+// Invocations that took the neuron-major (prefill, per-token flags) strategy.
+TARDIS_EXPORT uint64_t TardisOpsNeuronCalls() { return g_neuron_calls.load(); }
 // Invocations that ran the portable (non-AVX2) code.
 TARDIS_EXPORT uint64_t TardisOpsPortableCalls() { return g_portable_calls.load(); }
+// Invocations that ran with the AVX-512 block kernels.
+TARDIS_EXPORT uint64_t TardisOpsAvx512Calls() { return g_avx512_calls.load(); }
 // Sum over invocations of the flagged (token, neuron) pairs.
 TARDIS_EXPORT uint64_t TardisOpsFlaggedPairs() { return g_flagged_pairs.load(); }
 // 1 when the AVX2/FMA/F16C path is available on this CPU.
 TARDIS_EXPORT int TardisOpsCpuHasAvx2() { return tardis::CpuHasAvx2() ? 1 : 0; }
+// 1 when the CPU also has AVX-512F (block kernels of the neuron path).
+TARDIS_EXPORT int TardisOpsCpuHasAvx512() { return tardis::CpuHasAvx512() ? 1 : 0; }
 // ORT API version the library was built against.
 TARDIS_EXPORT int TardisOpsOrtApiVersion() { return ORT_API_VERSION; }

@@ -150,7 +150,8 @@ def test_kernel_runs_instead_of_function_body(lib):
 def test_library_metadata(lib):
     stats = runtime.kernel_stats(lib)
     assert stats["ort_api"] == 21
-    assert set(stats) >= {"calls", "union_calls", "portable_calls", "flagged_pairs", "cpu_has_avx2"}
+    assert set(stats) >= {"calls", "union_calls", "neuron_calls", "portable_calls", "avx512_calls", "flagged_pairs",
+                          "cpu_has_avx2", "cpu_has_avx512"}
 
 
 @pytest.mark.parametrize("variant", ["none", "tanh"])
@@ -181,25 +182,87 @@ def test_random_shapes_both_strategies(lib, seed, monkeypatch):
     inp = make_inputs(rng, (tokens,), d, D, flags=flags, rate=float(rng.uniform(0.01, 0.5)))
     ref = fo.reference(**inp)
     model = fo.standalone_model(d, D)
-    for strategy in ("token", "union", "auto"):
+    for strategy in ("token", "union", "neuron", "auto"):
         monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)  # read when the session creates the kernel
         out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
         assert rel_err(out, ref) < 1e-5, strategy
 
 
-def test_union_path_chosen_for_shared_flags(lib):
+ISAS = ["default", "avx2", "portable"]  # TARDIS_OPS_ISA caps the instruction set (default: AVX-512 if present)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+@pytest.mark.parametrize("flags", ["none", "all", "random", "shared", "nan"])
+@pytest.mark.parametrize("lead", [(1,), (2, 37)], ids=["decode", "batch-seq"])
+def test_neuron_path_matches_reference(lib, monkeypatch, isa, dtype, flags, lead):
+    """The neuron-major path, forced, vs the float64 reference: full 64-column blocks plus a ragged tail
+    (d = 64k + r), batch and sequence axes, every flag pattern, float and float16, each instruction set."""
+    rng = np.random.default_rng(hash((isa, dtype, flags, lead)) % 2**32)
+    d, D = 2 * 64 + int(rng.integers(1, 64)), int(rng.integers(100, 400))
+    npdt = NP[dtype]
+    inp = make_inputs(rng, lead, d, D, dtype=npdt, flags=flags, rate=0.15)
+    monkeypatch.setenv("TARDIS_OPS_STRATEGY", "neuron")
+    if isa != "default":
+        monkeypatch.setenv("TARDIS_OPS_ISA", isa)
+    before = runtime.kernel_stats(lib)
+    model = fo.standalone_model(d, D, dtype=dtype, rank=len(lead) + 1)
+    out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
+    after = runtime.kernel_stats(lib)
+    assert after["calls"] == before["calls"] + 1
+    if after["flagged_pairs"] > before["flagged_pairs"]:
+        assert after["neuron_calls"] == before["neuron_calls"] + 1
+    if isa == "portable":
+        assert after["portable_calls"] == before["portable_calls"] + 1
+    if isa == "default" and after["cpu_has_avx512"]:
+        assert after["avx512_calls"] == before["avx512_calls"] + 1
+    else:
+        assert after["avx512_calls"] == before["avx512_calls"]
+    assert out.dtype == npdt
+    ref = fo.reference(**inp)
+    assert rel_err(out, ref) < (1e-5 if dtype == TensorProto.FLOAT else 2e-3)
+    if flags == "none":
+        np.testing.assert_array_equal(out, inp["y_lin"])
+
+
+@pytest.mark.parametrize("d", [64, 384, 1000])
+def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
+    """128 tokens, independent 10% flags (the bench's prefill case): token, union and neuron paths, 1 and
+    2 threads, agree with the reference; auto picks the neuron path there."""
+    rng = np.random.default_rng(d)
+    D = 4 * d
+    inp = make_inputs(rng, (128,), d, D, flags="random", rate=0.1)
+    ref = fo.reference(**inp)
+    model = fo.standalone_model(d, D)
+    for strategy in ("token", "union", "neuron", "auto"):
+        monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)
+        for threads in (1, 2):
+            before = runtime.kernel_stats(lib)
+            out = session(model, with_lib(lib), threads=threads).run(None, inp)[0]
+            assert rel_err(out, ref) < 1e-5, (strategy, threads)
+            if strategy == "auto":
+                assert runtime.kernel_stats(lib)["neuron_calls"] == before["neuron_calls"] + 1
+
+
+def test_cost_model_choices(lib):
+    """auto: union-gather when every token of a group shares the flagged set, neuron-major for prefill with
+    shared-plus-own or independent flags, per-token for one token."""
     rng = np.random.default_rng(3)
     d, D, tokens = 64, 512, 32
-    inp = make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2)
-    stats0 = runtime.kernel_stats(lib)
-    out = session(fo.standalone_model(d, D), with_lib(lib), threads=2).run(None, inp)[0]
-    stats1 = runtime.kernel_stats(lib)
-    assert stats1["union_calls"] == stats0["union_calls"] + 1
-    assert rel_err(out, fo.reference(**inp)) < 1e-5
-    # independent sparse flags: per-token work is far smaller than the union product
-    inp = make_inputs(rng, (tokens,), d, D, flags="random", rate=0.02)
-    session(fo.standalone_model(d, D), with_lib(lib)).run(None, inp)
-    assert runtime.kernel_stats(lib)["union_calls"] == stats1["union_calls"]
+    model = fo.standalone_model(d, D)
+
+    def run(inp, threads=2):
+        before = runtime.kernel_stats(lib)
+        out = session(model, with_lib(lib), threads=threads).run(None, inp)[0]
+        after = runtime.kernel_stats(lib)
+        assert rel_err(out, fo.reference(**inp)) < 1e-5
+        return {k: after[k] - before[k] for k in ("union_calls", "neuron_calls")}
+
+    assert run(make_inputs(rng, (tokens,), d, D, flags="all")) == {"union_calls": 1, "neuron_calls": 0}
+    shared = run(make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2))
+    assert shared["union_calls"] + shared["neuron_calls"] == 1  # a blocked path, not per-token
+    assert run(make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1)) == {"union_calls": 0, "neuron_calls": 1}
+    assert run(make_inputs(rng, (1,), d, D, flags="random", rate=0.3)) == {"union_calls": 0, "neuron_calls": 0}
 
 
 def test_decode_many_flags_threads(lib):
@@ -237,7 +300,7 @@ def test_forced_portable_path(lib, monkeypatch, dtype):
     npdt = NP[dtype]
     model = fo.standalone_model(d, D, dtype=dtype)
     tol = 1e-5 if dtype == TensorProto.FLOAT else 2e-3
-    for strategy in ("token", "union"):
+    for strategy in ("token", "union", "neuron"):
         inp = make_inputs(rng, (9,), d, D, dtype=npdt, flags="shared")
         monkeypatch.setenv("TARDIS_OPS_FORCE_PORTABLE", "1")
         monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)
