@@ -288,6 +288,8 @@ def classify(h: ir.Value, graph: ir.Graph) -> Activation:
     elif outside_h:
         reason = (f"shared intermediate: the pre-activation '{h.name}' is also used by node "
                   f"'{outside_h[0].name}' ({outside_h[0].op_type})")
+    elif h.is_graph_output():
+        reason = f"shared intermediate: the pre-activation '{h.name}' is also a graph output"
     elif len(exits) != 1:
         names = ", ".join(f"'{v.name}'" for v in exits)
         reason = (f"shared intermediate: the activation has {len(exits)} tensors used outside it ({names}); "

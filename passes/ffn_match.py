@@ -113,6 +113,8 @@ class Rejection:
 
 def _step_over_reshape(value: ir.Value, forward: bool) -> tuple[ir.Value, ir.Node | None]:
     """Step over one Reshape next to the activation (GPT-2's Conv1D export wraps Gemm in Reshapes)."""
+    if value.is_graph_output():  # stepping over would hide the second use; match_after refuses it
+        return value, None
     if forward:
         uses = act.data_uses(value)
         if len(uses) == 1 and uses[0].node.op_type == "Reshape" and uses[0].idx == 0:
@@ -183,7 +185,7 @@ def match_block(seed: ir.Node, graph: ir.Graph, trace: list[str] | None = None) 
         linear1 = match_before(h_lin)
     except LinearMismatch as err:
         return refuse("linear1", str(err))
-    if reshape_before is not None and len(act.data_uses(h_lin)) != 1:
+    if reshape_before is not None and (len(act.data_uses(h_lin)) != 1 or h_lin.is_graph_output()):
         return refuse("linear1", f"shared intermediate: '{h_lin.name}' has another consumer")
     note(f"linear1: {_linear_summary(linear1, 'W1')}")
     try:

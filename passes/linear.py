@@ -208,8 +208,10 @@ def match_after(g: ir.Value) -> Linear:
     """The Linear layer consuming ``g`` (the activation's output) as its only consumer."""
     uses = data_uses(g)
     if len(uses) != 1 or g.is_graph_output():
-        raise LinearMismatch(f"shared intermediate: the activation output '{g.name}' has {len(uses)} "
-                             f"consumers{' and is a graph output' if g.is_graph_output() else ''}")
+        users = ", ".join(sorted(f"'{u.node.name or u.node.op_type}'" for u in uses))
+        raise LinearMismatch(f"shared intermediate: the activation output '{g.name}' is read by "
+                             f"{len(uses)} node(s) ({users}){' and is a graph output' if g.is_graph_output() else ''}"
+                             "; folding would change what the other consumers see")
     node, index = uses[0].node, uses[0].idx
     if node.op_type in _QUANTIZED_LINEARS:
         raise LinearMismatch(f"quantized weights: the second Linear is {node.op_type} '{node.name}'")
