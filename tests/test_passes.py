@@ -112,3 +112,49 @@ def test_emitted_graph_has_function_metadata_and_keeps_output_names(tmp_path):
     assert {p.key for p in model.metadata_props} >= {"tardis.version", "tardis.blocks"}
     assert [o.name for o in model.graph.output] == [o.name for o in onnx.load(path).graph.output]
     assert not any(n.op_type in ("Erf", "Gelu") for n in model.graph.node)
+
+
+def test_running_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys):
+    from tardis_compile.cli import main
+    from tardis_compile.errors import AlreadyOptimizedError
+
+    path, _ = save_tiny(tmp_path, layers=2)
+    out, again = tmp_path / "out.onnx", tmp_path / "again.onnx"
+    tc.optimize(path, out, batches(), show_progress=False)
+    before = out.read_bytes()
+    message = (f"nothing to do: '{out}' is already optimized by tardis-compile (2 ai.tardis::GuardedFallback "
+               "block(s)) and has no other foldable block; nothing was written")
+    with pytest.raises(AlreadyOptimizedError) as err:
+        tc.optimize(out, again, batches(), show_progress=False)
+    assert str(err.value) == message
+    np.savez(tmp_path / "calib.npz", **batches()[0])
+    assert main(["optimize", str(out), "-o", str(again), "--calib", str(tmp_path / "calib.npz")]) == 0
+    assert capsys.readouterr().err.strip() == f"note: {message}"
+    assert not again.exists() and out.read_bytes() == before
+
+
+@pytest.mark.parametrize("level", ["ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"])
+@pytest.mark.parametrize("with_library", [True, False])
+def test_output_survives_ort_offline_optimization(tmp_path, level, with_library):
+    """ORT's offline graph optimizations (``optimized_model_filepath``) compose with the rewrite: the file
+    ORT writes loads again and computes the same result — with our kernel, or with the function inlined."""
+    import onnxruntime as ort
+
+    from tardis_compile.runtime import session_options
+
+    path, params = save_tiny(tmp_path, layers=2, gelu="tanh_decomposed")
+    out = tmp_path / "out.onnx"
+    tc.optimize(path, out, batches(), show_progress=False)
+    options = (lambda: session_options(require=True)) if with_library else ort.SessionOptions
+    so = options()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.optimized_model_filepath = str(tmp_path / "offline.onnx")
+    x = batches(seed=3)[0]["x"]
+    first = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    reload = options()
+    reload.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    again = ort.InferenceSession(str(tmp_path / "offline.onnx"), reload, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(again.run(None, {"x": x})[0], first, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(first, run(out, {"x": x}), atol=1e-5, rtol=0)
+    kept = any(n.domain == "ai.tardis" for n in onnx.load(tmp_path / "offline.onnx").graph.node)
+    assert kept == with_library  # without the library ORT inlines the exact function body
