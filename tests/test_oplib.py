@@ -382,3 +382,66 @@ def test_shape_and_type_inference(lib, dtype):
     out = session(model, with_lib(lib)).get_outputs()[0]
     assert out.type == ("tensor(float)" if dtype == TensorProto.FLOAT else "tensor(float16)")
     assert out.shape == ["n0", "n1", 8]
+
+
+# ------------------------------------------------------------------------------------------------ ORT 1.21
+
+ORT_MIN = "1.21.1"  # the oldest onnxruntime the library supports (ORT API 21)
+_CHILD = r"""
+import ctypes, sys, numpy as np, onnxruntime as ort
+lib, model, data = sys.argv[1:4]
+assert ort.__version__ == sys.argv[4], ort.__version__
+z = np.load(data)
+so = ort.SessionOptions()
+so.register_custom_ops_library(lib)
+calls = ctypes.CDLL(lib).TardisOpsKernelCalls
+calls.restype = ctypes.c_uint64
+before = calls()
+out = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(
+    None, {k: z[k] for k in z.files if k != "ref"})[0]
+assert calls() == before + 1, "the kernel did not run"
+err = float(np.max(np.abs(out.astype(np.float64) - z["ref"])) / max(1.0, float(np.max(np.abs(z["ref"])))))
+print(ort.__version__, out.dtype, err)
+assert err < (1e-5 if out.dtype == np.float32 else 2e-3), err
+"""
+
+
+def _ort_min_python() -> str:
+    """Python of a side venv with onnxruntime==ORT_MIN (created once under build/, ~1 min)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    venv = Path(os.environ.get("TARDIS_ORT_MIN_VENV") or Path(__file__).resolve().parents[1] / "build" / "venv-ort-min")
+    py = venv / "bin" / "python"
+    probe = [str(py), "-c", f"import onnxruntime as o; assert o.__version__ == '{ORT_MIN}'"]
+    if py.is_file() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return str(py)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          f"onnxruntime=={ORT_MIN}", "numpy"], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.fail(f"could not install onnxruntime=={ORT_MIN}: {res.stderr[-2000:]}")
+    return str(py)
+
+
+@pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("TARDIS_TEST_ORT_MIN")),
+                    reason="installs onnxruntime 1.21 into a side venv (~1 min once): runs under CI or with "
+                           "TARDIS_TEST_ORT_MIN=1")
+@pytest.mark.parametrize("strategy", ["token", "neuron"])
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_loads_into_onnxruntime_1_21(lib, tmp_path, dtype, strategy):
+    """The same library file loads into onnxruntime 1.21 (the oldest supported) and computes the op."""
+    import subprocess
+
+    py = _ort_min_python()
+    rng = np.random.default_rng(11)
+    d, D = 70, 260
+    inp = make_inputs(rng, (2, 9), d, D, dtype=NP[dtype], flags="random", rate=0.2)
+    onnx.save(fo.standalone_model(d, D, dtype=dtype, rank=3), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "in.npz", ref=fo.reference(**inp), **inp)
+    env = dict(os.environ, TARDIS_OPS_STRATEGY=strategy)
+    res = subprocess.run([py, "-c", _CHILD, str(lib), str(tmp_path / "m.onnx"), str(tmp_path / "in.npz"), ORT_MIN],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith(ORT_MIN)

@@ -1,0 +1,262 @@
+"""The whole rewritten FFN block, as ``tardis_compile.optimize`` emits it with the int4 predictor, against the
+original dense block in ONNX Runtime: same process, same session settings, same thread count.
+
+For each size d x D and flagged share s:
+
+1. ``models.tiny.ffn_model(d, D)``: one residual block ``y = x + GELU(x·W1 + b1)·W2 + b2`` (ONNX ``Gelu``,
+   erf), weights drawn like a trained layer's scale (``N(0, 1/d)``, ``N(0, 1/D)``).
+2. ``tardis_compile.optimize(..., Settings(predictor="int4", target_fallback=s, refit=False))`` on Gaussian
+   calibration inputs: the folded ``MatMul``/``Add``, the int4 predictor ``com.microsoft::MatMulNBits``
+   (bits 4, block 32, accuracy_level 4) + ``Add(b1)``, and ``ai.tardis::GuardedFallback``.
+3. Timing, interleaved round by round (so machine noise hits all variants alike), medians:
+
+   dense       the original model (plain session options)
+   tardis      the rewritten model, ``tardis_compile.session_options()`` (the compiled kernel runs)
+   predictor   the rewritten model cut at the predictor's output ``h_hat`` (``x -> h_hat``)
+   fold        the rewritten model cut at ``y_lin`` (the folded MatMul + Add)
+
+   ``tardis - predictor - fold`` is the kernel's (plus the residual Add). The flagged share actually seen
+   at run time comes from the kernel's counter, and the path it took (token / union / neuron).
+
+Bytes read at 1 token (the decode bound): dense 2·d·D·4; rewritten d·d·4 (fold) + d·D·(0.5 + 4/32)
+(int4 + float scales) + share·2·d·D·4 (flagged rows of W1ᵀ and W2): ``bound`` in the table.
+
+    python bench/bench_block.py --quick                       # 2 sizes, 1 and 128 tokens, 5% and 10%
+    python bench/bench_block.py                               # full grid (~6 GB RAM for 4544x18176)
+    python bench/bench_block.py --sizes 4544x18176 --reps 5   # the big one, fewer rounds
+
+Writes bench/results/block.json and bench/results/block.md (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tardis_compile as tc  # noqa: E402
+from tardis_compile import runtime  # noqa: E402
+from tardis_compile.models import tiny  # noqa: E402
+
+SIZES = [(384, 1536), (768, 3072), (1024, 4096), (4544, 18176)]
+TOKENS = [1, 8, 128]
+SHARES = [0.01, 0.05, 0.10, 0.20]
+THREADS = [1, 2]
+QUICK_SIZES = [(384, 1536), (1024, 4096)]
+QUICK_TOKENS = [1, 128]
+QUICK_SHARES = [0.05, 0.10]
+
+
+def calib_batches(d: int, n_batches: int, tokens: int, seed: int = 123) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((tokens, d), dtype=np.float32)} for _ in range(n_batches)]
+
+
+def fallback_node(model: onnx.ModelProto) -> onnx.NodeProto:
+    nodes = [n for n in model.graph.node if n.op_type == "GuardedFallback"]
+    if len(nodes) != 1:
+        raise RuntimeError(f"expected one GuardedFallback node, found {len(nodes)}")
+    return nodes[0]
+
+
+def cut(model_path: Path, output: str, out_path: Path) -> Path:
+    """The sub-model computing ``output`` from ``x`` (only the nodes and weights it needs), for timing one
+    part of the block. (``onnx.utils.extract_model`` needs shape info the contrib ops do not give.)"""
+    m = onnx.load(str(model_path))
+    g = m.graph
+    need, keep = {output}, []
+    for node in reversed(list(g.node)):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [t for t in g.initializer if t.name in need]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.output[:]
+    g.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+    del g.value_info[:]
+    del m.functions[:]
+    onnx.save(m, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
+    return out_path
+
+
+def session(path: Path, threads: int, lib: bool) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if lib:
+        tc.session_options(so, require=True)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, min_time: float, min_reps: int,
+                max_reps: int) -> dict[str, float]:
+    """Median ms per variant; each round runs every variant once, in rotating order."""
+    for s in sessions.values():
+        s.run(None, feeds)
+    names = list(sessions)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    start, r = time.perf_counter(), 0
+    while r < max_reps and (r < min_reps or time.perf_counter() - start < min_time):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds)
+            times[k].append(time.perf_counter() - t0)
+        r += 1
+    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
+
+
+def bytes_bound(d: int, D: int, share: float) -> float:
+    dense = 2.0 * d * D * 4
+    rewritten = d * d * 4 + d * D * (0.5 + 4.0 / 32) + share * 2.0 * d * D * 4
+    return dense / rewritten
+
+
+def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float, reps: int | None, work: Path,
+             log) -> list[dict]:
+    records = []
+    model = tiny.ffn_model(d, D, gelu="erf_op", rank=2, constants="initializer", seed=0)
+    dense_path = work / "dense.onnx"
+    onnx.save(model, str(dense_path), save_as_external_data=d * D > 50_000_000, location="dense.onnx.data")
+    del model
+    big = d * D >= 4544 * 18176
+    calib = calib_batches(d, n_batches=4 if big else 8, tokens=128 if big else 256)
+    rng = np.random.default_rng(7)
+    xs = {t: rng.standard_normal((t, d), dtype=np.float32) for t in tokens_list}
+    for share in shares:
+        t0 = time.time()
+        out = work / f"tardis_{share}.onnx"
+        tc.optimize(dense_path, out, calib, settings=tc.Settings(predictor="int4", target_fallback=share, refit=False),
+                    show_progress=False, report_path=work / f"report_{share}.json")
+        m = onnx.load(str(out), load_external_data=False)
+        gf = fallback_node(m)
+        y_lin, h_hat = gf.input[1], gf.input[2]
+        ops = sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node})
+        del m
+        pred_path = cut(out, h_hat, work / f"pred_{share}.onnx")
+        fold_path = cut(out, y_lin, work / f"fold_{share}.onnx")
+        log(f"== d={d} D={D} share={share:.0%}: optimized in {time.time() - t0:.1f} s; ops {', '.join(ops)}")
+        for threads in threads_list:
+            sess = {"dense": session(dense_path, threads, False), "tardis": session(out, threads, True),
+                    "predictor": session(pred_path, threads, False), "fold": session(fold_path, threads, False)}
+            for t in tokens_list:
+                feeds = {"x": xs[t]}
+                s0 = runtime.kernel_stats()
+                y_t = sess["tardis"].run(None, feeds)[0]
+                s1 = runtime.kernel_stats()
+                y_d = sess["dense"].run(None, feeds)[0]
+                measured = (s1["flagged_pairs"] - s0["flagged_pairs"]) / (t * D)
+                path = ("neuron" if s1["neuron_calls"] > s0["neuron_calls"] else
+                        "union" if s1["union_calls"] > s0["union_calls"] else "token")
+                rel = float(np.max(np.abs(y_t - y_d)) / max(1e-12, float(np.max(np.abs(y_d)))))
+                n_min, n_max = (3, reps or 10) if big else (5, reps or 200)
+                ms = interleaved(sess, feeds, min_time, n_min, n_max)
+                rec = {"d": d, "D": D, "tokens": t, "threads": threads, "share": share,
+                       "measured_share": round(measured, 5), "path": path, "max_rel_diff": rel,
+                       "ms": {k: round(v, 4) for k, v in ms.items()},
+                       "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4),
+                       "speedup": round(ms["dense"] / ms["tardis"], 3),
+                       "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3),
+                       "bytes_bound_1tok": round(bytes_bound(d, D, share), 2)}
+                records.append(rec)
+                log(f"d={d:5d} D={D:5d} T={t:4d} thr={threads} share={share:4.0%} (meas {measured:6.2%}, {path:6s}): "
+                    f"dense {ms['dense']:9.3f} | tardis {ms['tardis']:9.3f} (x{rec['speedup']:.2f}) | predictor "
+                    f"{ms['predictor']:8.3f} | fold {ms['fold']:8.3f} | rel diff {rel:.1e}")
+            del sess
+            gc.collect()
+        for p in work.glob(f"*_{share}.onnx*"):
+            p.unlink()
+    return records
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = [
+        "# Rewritten FFN block (int4 predictor + GuardedFallback) vs dense block (ONNX Runtime, CPU)",
+        "",
+        f"onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs (AVX2 {bool(meta['cpu_has_avx2'])}, AVX-512 "
+        f"{bool(meta['cpu_has_avx512'])}). Medians in ms, variants interleaved round by round. `tardis` = the "
+        "whole rewritten block (fold + int4 `MatMulNBits` predictor + kernel + residual); `predictor`, `fold` = "
+        "the block cut at `h_hat`, `y_lin`; `kernel` ≈ tardis − predictor − fold. ×dense = dense / tardis. "
+        "`bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy.",
+        "",
+        "| d×D | tokens | threads | share (run) | path | dense | tardis | predictor | fold | kernel | ×dense "
+        "| pred % | bound |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(records, key=lambda r: (r["d"], r["threads"], r["tokens"], r["share"])):
+        ms = r["ms"]
+        lines.append(
+            f"| {r['d']}×{r['D']} | {r['tokens']} | {r['threads']} | {r['share']:.0%} ({r['measured_share']:.1%}) "
+            f"| {r['path']} | {ms['dense']:.3f} | {ms['tardis']:.3f} | {ms['predictor']:.3f} | {ms['fold']:.3f} "
+            f"| {r['kernel_ms_est']:.3f} | **{r['speedup']:.2f}** | {100 * r['predictor_share_of_block']:.0f}% "
+            f"| {r['bytes_bound_1tok']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 sizes, 1 and 128 tokens, 5%% and 10%% flagged")
+    ap.add_argument("--sizes", nargs="+", default=None, help="sizes as dxD, e.g. 768x3072")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--shares", type=float, nargs="+", default=None)
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="intra-op thread counts (default 1 2)")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds of timed rounds per measurement")
+    ap.add_argument("--reps", type=int, default=None, help="max rounds per measurement")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--name", default="block", help="output file stem (default: block)")
+    ap.add_argument("--append", action="store_true", help="add to the existing JSON's records (other sizes)")
+    args = ap.parse_args(argv)
+
+    if runtime.library_path() is None and runtime.build_library() is None:
+        print("libtardis_ops is not available: " + "; ".join(runtime.missing_build_requirements()), file=sys.stderr)
+        return 1
+    sizes = QUICK_SIZES if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    shares = args.shares or (QUICK_SHARES if args.quick else SHARES)
+    threads = args.threads or THREADS
+    min_time = args.min_time if args.min_time is not None else (0.3 if args.quick else 0.6)
+
+    t0 = time.time()
+    records: list[dict] = []
+    json_path = args.out / f"{args.name}.json"
+    if args.append and json_path.is_file():
+        records = [r for r in json.loads(json_path.read_text())["records"]
+                   if (r["d"], r["D"]) not in set(sizes)]
+    with tempfile.TemporaryDirectory(prefix="tardis-bench-block-") as tmp:
+        for d, D in sizes:
+            records += run_size(d, D, tokens, shares, threads, min_time, args.reps, Path(tmp),
+                                log=lambda m: print(m, flush=True))
+            gc.collect()
+    stats = runtime.kernel_stats()
+    meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
+            "library": str(runtime.library_path()), "predictor": "int4", "refit": False,
+            "seconds": round(time.time() - t0, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(records, meta))
+    print(f"wrote {json_path} and {args.out / (args.name + '.md')} ({meta['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
