@@ -881,12 +881,13 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
     // (sum_t |F(t)| = total row pairs, vector-at-a-time, bound by cache/memory traffic). union path: per
     // group of 4 tokens one row pair per neuron needed by the group (group_sum row pairs), each used by 4
     // tokens in register-blocked tiles: 4x the flops of a row pair, at kBlockedGain x the speed.
-    constexpr double kBlockedGain = 4.5;
+    constexpr double kBlockedGain = 2.5;
     const double cost_token = static_cast<double>(total);
     const double cost_union = 4.0 * static_cast<double>(group_sum) / kBlockedGain;
     // neuron path: each union row pair read once, then every pair at L1-panel speed. (Measured: the neuron
     // path beats the token path from ~8 tokens at >= 5% flagged, and the union path unless nearly every
-    // token of a group shares the group's flagged set, where the two tie.)
+    // token of a group shares the group's flagged set, where the two tie; the union path lost at 8 tokens
+    // with a real int4 predictor's partly shared flags, hence its modest gain.)
     constexpr double kNeuronPair = 0.25;
     const double cost_neuron = static_cast<double>(nu) + kNeuronPair * static_cast<double>(total);
     if (strategy == Strategy::kAuto) {

@@ -245,8 +245,8 @@ def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
 
 
 def test_cost_model_choices(lib):
-    """auto: union-gather when every token of a group shares the flagged set, neuron-major for prefill with
-    shared-plus-own or independent flags, per-token for one token."""
+    """auto: a blocked path (neuron-major or union-gather) for prefill with shared flags, neuron-major with
+    independent flags, per-token for one token."""
     rng = np.random.default_rng(3)
     d, D, tokens = 64, 512, 32
     model = fo.standalone_model(d, D)
@@ -258,7 +258,8 @@ def test_cost_model_choices(lib):
         assert rel_err(out, fo.reference(**inp)) < 1e-5
         return {k: after[k] - before[k] for k in ("union_calls", "neuron_calls")}
 
-    assert run(make_inputs(rng, (tokens,), d, D, flags="all")) == {"union_calls": 1, "neuron_calls": 0}
+    full = run(make_inputs(rng, (tokens,), d, D, flags="all"))
+    assert full["union_calls"] + full["neuron_calls"] == 1
     shared = run(make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2))
     assert shared["union_calls"] + shared["neuron_calls"] == 1  # a blocked path, not per-token
     assert run(make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1)) == {"union_calls": 0, "neuron_calls": 1}
