@@ -190,15 +190,17 @@ def run(sizes, tokens_list, shares, threads_list, min_time: float, log, rho: flo
                     stats1 = runtime.kernel_stats()
                     measured = (stats1["flagged_pairs"] - stats0["flagged_pairs"]) / (t * D)
                     used_union = stats1["union_calls"] > stats0["union_calls"]
+                    path = ("neuron" if stats1.get("neuron_calls", 0) > stats0.get("neuron_calls", 0) else
+                            "union" if used_union else "token")
                     ms = {name: time_run(sess[name], feeds[name], **reps) for name in feeds}
                     ms["dense"] = dense_ms
                     rec = {"d": d, "D": D, "tokens": t, "threads": threads, "share": share, "token_correlation": rho,
-                           "measured_share": round(measured, 5), "union_path": used_union,
+                           "measured_share": round(measured, 5), "union_path": used_union, "path": path,
                            "ms": {k: round(v, 4) for k, v in ms.items()},
                            "speedup_vs_dense": {k: round(dense_ms / v, 3) for k, v in ms.items() if k != "dense"}}
                     records.append(rec)
                     log(f"d={d:5d} D={D:5d} T={t:4d} thr={threads} share={share:4.0%} (meas {measured:6.2%}"
-                        f"{', union' if used_union else ''}): dense {dense_ms:9.3f} ms | block {ms['block']:9.3f}"
+                        f", {path}): dense {dense_ms:9.3f} ms | block {ms['block']:9.3f}"
                         f" | fold+kernel {ms['fold+kernel']:9.3f} | kernel {ms['kernel']:9.3f}")
             del sess
             gc.collect()
@@ -225,7 +227,7 @@ def markdown(records: list[dict], meta: dict) -> str:
         ms, sp = r["ms"], r["speedup_vs_dense"]
         lines.append(
             f"| {r['d']}×{r['D']} | {r['tokens']} | {r['threads']} | {r['share']:.0%} ({r['measured_share']:.1%}) "
-            f"| {'union' if r['union_path'] else 'token'} | {ms['dense']:.3f} | {ms['block']:.3f} "
+            f"| {r.get('path', 'union' if r['union_path'] else 'token')} | {ms['dense']:.3f} | {ms['block']:.3f} "
             f"| {ms['fold+kernel']:.3f} | {ms['kernel']:.3f} | {sp['block']:.2f} | {sp['fold+kernel']:.2f} |")
     return "\n".join(lines) + "\n"
 
