@@ -1,4 +1,4 @@
-"""``tardis-compile`` command line: optimize, inspect, verify, demo, prune (baseline).
+"""``tardis-compile`` command line: optimize, inspect, verify, bench, demo, prune (baseline).
 
 Every user error (bad file, no foldable block, wrong calibration data, output = input) is printed as one
 ``error:`` line with exit status 2; nothing is written in that case.
@@ -99,6 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "as the papers' code does)")
     _data_args(p)
 
+    p = sub.add_parser("bench", help="time an optimized model against its original in ONNX Runtime "
+                       "(interleaved rounds, medians, speed-ups; optional per-node profile)")
+    p.add_argument("original")
+    p.add_argument("optimized")
+    p.add_argument("--data", help="FEEDS.npz, folder, SCRIPT.py or TEXT (as --calib); its first --max-batches feeds")
+    p.add_argument("--shape", action="append", default=[],
+                   help="synthetic feeds from the model's inputs with these symbolic dims, e.g. "
+                        "batch=8,sequence=128 (repeatable: one case each)")
+    p.add_argument("--threads", dest="thread_list", default="1,2", help="thread counts (default 1,2)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up runs per model (default 2)")
+    p.add_argument("--max-batches", type=int, default=4, help="feeds taken from --data per round (default 4)")
+    p.add_argument("--int-high", type=int, default=100, help="synthetic token ids are drawn from [0, this)")
+    p.add_argument("--opt-level", choices=["disable", "basic", "extended", "all"], default="all",
+                   help="ORT graph optimization level for both models (default all)")
+    p.add_argument("--no-library", action="store_true",
+                   help="run the optimized model without libtardis_ops (its ONNX function body)")
+    p.add_argument("--profile", action="store_true", help="also profile both models per node (ORT profiling)")
+    p.add_argument("--json", dest="json_out", help="write all results (rounds, profile) to this JSON file")
+    p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for text data")
+    p.add_argument("--batch-size", type=int, default=8, help="documents per batch for text data (default 8)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per document for text data (default 128)")
+    p.add_argument("--mask-input", help="input holding the attention mask (default: any '*attention_mask*')")
+
     p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--target-fallback", type=float, default=0.1)
@@ -169,6 +193,30 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from tardis_compile import benchmark
+
+    try:
+        threads = [int(t) for t in args.thread_list.split(",") if t.strip()]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1:
+        raise TardisError(f"--threads: '{args.thread_list}' is not a list of positive integers (e.g. 1,2)")
+    sets = benchmark.load_feed_sets(args.original, data=args.data, data_options=_data_options(args),
+                                    shapes=args.shape, max_batches=args.max_batches, int_high=args.int_high)
+    print(benchmark.TABLE_HEADER)
+    result = benchmark.bench(args.original, args.optimized, sets, threads=threads, warmup=args.warmup,
+                             rounds=args.rounds, opt_level=args.opt_level, library=not args.no_library,
+                             profile_runs=10 if args.profile else 0)
+    print()
+    print(result.markdown())
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result.to_json(), indent=1))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tardis_compile.demo import run_demo
 
@@ -178,7 +226,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "demo": _demo,
+    handlers = {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "demo": _demo, "bench": _bench,
                 "prune": _prune}
     try:
         return handlers[args.command](args)
