@@ -306,6 +306,8 @@ def optimize(
         if not report.verification.passed:
             raise TardisError("verification failed, nothing written: " + "; ".join(report.verification.failures))
 
+    if external_data is None and modelio.uses_external_data(original):
+        external_data = True  # auto: an input with external data gets an output with external data
     modelio.save(optimized, out_path, external_data=external_data, validate=validate)
     json_path, md_path = _report_paths(out_path, report_path)
     report.write(json_path, md_path)

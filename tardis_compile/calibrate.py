@@ -27,8 +27,6 @@ from tardis_compile.histogram import Grid, NeuronStats
 from tardis_compile.passes.ffn_match import FfnBlock
 from tardis_compile.progress import Progress
 
-_IN_MEMORY_LIMIT = 1_800_000_000
-
 
 @contextlib.contextmanager
 def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0) -> Iterator[ort.InferenceSession]:
@@ -41,17 +39,9 @@ def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0) -
     options.log_severity_level = 3
     try:
         with tempfile.TemporaryDirectory(prefix="tardis-capture-") as tmp:
-            from tardis_compile.modelio import weight_bytes
+            from tardis_compile.modelio import ort_session  # external weights are read in place
 
-            if weight_bytes(model) > _IN_MEMORY_LIMIT:
-                path = Path(tmp) / "capture.onnx"
-                ir.save(model, path, external_data="capture.onnx.data")
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            else:
-                proto = ir.to_proto(model)
-                session = ort.InferenceSession(proto.SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
-            yield session
+            yield ort_session(model, options, Path(tmp))
     finally:
         model.graph.outputs.clear()
         model.graph.outputs.extend(original)

@@ -62,6 +62,37 @@ def uses_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+def ort_session(model: ir.Model, options: "ort.SessionOptions", scratch: Path) -> "ort.InferenceSession":
+    """An ONNX Runtime session over an in-memory model, without copying its external weights.
+
+    Weights still in their original external data files stay there: the graph (plus any in-memory
+    tensors) goes to ORT as bytes and ORT reads the external files from their folder
+    (``session.model_external_initializers_file_folder_path``). Only when the in-memory tensors
+    themselves approach protobuf's 2 GB limit, or the external files lie in several folders, is the
+    model written to ``scratch`` with external data. Prepacking is disabled: it would keep a second,
+    repacked copy of every MatMul weight on the heap (calibration and verification run a few batches,
+    where prepacking buys little).
+    """
+    import onnxruntime as ort
+
+    external = [t for t in _initializer_tensors(model) if isinstance(t, ir.ExternalTensor)]
+    in_memory = sum(t.nbytes for t in _initializer_tensors(model) if not isinstance(t, ir.ExternalTensor))
+    folders = {str(t.base_dir) for t in external}
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    providers = ["CPUExecutionProvider"]
+    if in_memory <= _EXTERNAL_THRESHOLD and len(folders) <= 1:
+        if folders:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
+    path = scratch / "session.onnx"
+    ir.save(model, path, external_data="session.onnx.data")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _initializer_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    return [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+
+
 def _external_files(model_path: Path) -> set[Path]:
     """External data files a model on disk refers to (without loading the weights)."""
     try:
