@@ -277,6 +277,24 @@ def time_pair(original: ort.InferenceSession, optimized: ort.InferenceSession, f
                 flagged_share=flagged, kernel_calls=calls, original_rounds_ms=orig_t, optimized_rounds_ms=opt_t)
 
 
+def time_many(sessions: dict[str, ort.InferenceSession], feeds: list[Feed], *, warmup: int = 2,
+              rounds: int = 10) -> dict[str, dict]:
+    """Several sessions (e.g. one model under different session options) on the same feeds, rotated round
+    by round; name → ``{"median_ms", "iqr_ms", "rounds_ms", "vs_first"}`` (first median / this median)."""
+    names = list(sessions)
+    for _ in range(max(warmup, 0)):
+        for n in names:
+            _run_all(sessions[n], feeds)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(_run_all(sessions[n], feeds))
+    first = statistics.median(times[names[0]])
+    return {n: {"median_ms": statistics.median(t), "iqr_ms": _quartiles(t), "rounds_ms": t,
+                "vs_first": first / statistics.median(t)} for n, t in times.items()}
+
+
 def machine_info() -> dict:
     """Machine, date, load average and library versions, for the results file."""
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

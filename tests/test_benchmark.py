@@ -149,3 +149,15 @@ def test_library_required(models, monkeypatch):
     monkeypatch.setenv(runtime.ENV_LIBRARY, "/nonexistent/libtardis_ops.so")
     with pytest.raises(TardisError, match="--no-library"):
         benchmark.make_session(opt, 1, library=True)
+
+
+def test_time_many(models):
+    orig, opt = models
+    feed = benchmark.synthetic_feed(benchmark.input_specs(benchmark.make_session(orig, 1)), {"batch": 1, "seq": 2})
+    sessions = {"all": benchmark.make_session(opt, 1, library=True),
+                "basic": benchmark.make_session(opt, 1, library=True, opt_level="basic"),
+                "no-spin": benchmark.make_session(opt, 1, library=True, spinning=False)}
+    out = benchmark.time_many(sessions, [feed], warmup=0, rounds=4)
+    assert list(out) == ["all", "basic", "no-spin"]
+    assert out["all"]["vs_first"] == pytest.approx(1.0)
+    assert all(len(v["rounds_ms"]) == 4 and v["median_ms"] > 0 for v in out.values())
