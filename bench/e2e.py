@@ -1,0 +1,392 @@
+"""End-to-end speed: original vs optimized models in ONNX Runtime (issue 7).
+
+Models (all timed with :mod:`tardis_compile.benchmark`: same process, CPU EP, sequential, graph
+optimization 'all', original/optimized interleaved round by round, medians and ratios, threads 1 and 2;
+the optimized model runs the compiled ``GuardedFallback`` kernels of ``libtardis_ops``):
+
+* **MiniLM** — real all-MiniLM-L6-v2 from ``tardis_compile.demo.prepare`` (BBC News calibration text),
+  optimized with ``api.Settings()`` defaults (and, when the default predictor is not int4, also with the
+  int4 predictor); timed on real BBC evaluation text tokenized to 1×16 and 8×128 tokens (every document
+  long enough, so no padding); zero-shot BBC topic accuracy of both models on held-out articles.
+* **GPT-2-small-shaped**, **BLOOM-560m-shaped**, **Falcon** — ``models.hf_export.export_random(arch,
+  size="real")``: random weights (real FFN shapes and layer counts, vocab 1000; Falcon: the Falcon-7B
+  layer shape 4544/18176 with **one** layer). The export has **no KV cache** (``use_cache=False``; inputs
+  ``input_ids``/``attention_mask`` over the full sequence), so the "decode step" is a full forward of one
+  token (batch 1, sequence 1): the FFN work is exactly a decode step's, attention is over 1 position
+  instead of the context (which under-counts attention, i.e. flatters neither side much at short
+  contexts). Also a 16-token step. Calibrated on **uniform random token ids** pushed through the
+  exported model (so activations are the model's own, not synthetic Gaussians), target fallback 10%.
+
+    python bench/e2e.py                       # MiniLM + GPT-2
+    python bench/e2e.py --archs gpt2,bloom    # which models (minilm, gpt2, bloom, falcon)
+
+Writes ``bench/results/e2e.json`` (machine, date, load average, every round, profiles) and ``e2e.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tardis_compile import api, benchmark, evaluate, runtime  # noqa: E402
+from tardis_compile.feeds import from_text  # noqa: E402
+
+OUT = ROOT / "out"
+WORK = OUT / "e2e"
+RESULTS = ROOT / "bench" / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def wait_for_load(max_load: float, max_wait: float) -> list[float]:
+    """Wait (up to max_wait s) for the 1-minute load average to drop below max_load; return the load."""
+    t0 = time.time()
+    while os.getloadavg()[0] > max_load and time.time() - t0 < max_wait:
+        time.sleep(10)
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def optimized_model(src: Path, dst: Path, calib, settings: api.Settings, **kw) -> dict:
+    """Optimize once (cached by settings); return the report summary."""
+    report_json = dst.with_suffix(".report.json")
+    want = dataclasses.asdict(settings)
+    if dst.exists() and report_json.exists():
+        rep = json.loads(report_json.read_text())
+        if rep.get("settings") == want:
+            log(f"reusing {dst}")
+            return {"settings": rep["settings"], "summary": rep.get("summary"), "optimize_seconds": None}
+    log(f"optimizing {src.name} -> {dst.name} ({settings.predictor}, target fallback {settings.target_fallback})")
+    t0 = time.time()
+    report = api.optimize(src, dst, calib, settings=settings, show_progress=False, **kw)
+    rep = json.loads(report_json.read_text())
+    return {"settings": rep["settings"], "summary": rep.get("summary"), "optimize_seconds": round(time.time() - t0, 1),
+            "report_md": str(dst.with_suffix(".report.md").relative_to(ROOT)), "_report": report}
+
+
+def predictor_list(arg: str | None) -> list[str]:
+    if arg:
+        return arg.split(",")
+    default = api.Settings().predictor
+    return [default] if default == "int4" else [default, "int4"]
+
+
+def summarize_cases(result: benchmark.BenchResult) -> list[dict]:
+    keep = ("label", "threads", "feeds", "rows", "tokens", "rounds", "original_ms", "optimized_ms", "speedup",
+            "speedup_paired", "original_rows_per_s", "optimized_rows_per_s", "original_tokens_per_s",
+            "optimized_tokens_per_s", "flagged_share", "original_iqr_ms", "optimized_iqr_ms",
+            "original_rounds_ms", "optimized_rounds_ms")
+    return [{k: getattr(c, k) for k in keep} for c in result.cases]
+
+
+def session_variants(original: Path, optimized: Path, feeds: list[dict], args) -> dict:
+    """Cheap overhead removals on the session side: the optimized model (and the original, for scale) under
+    graph optimization levels and with intra-op spinning off, rotated round by round, 1 thread."""
+    t = args.threads[0]
+    sessions = {"original, all": benchmark.make_session(original, t),
+                "optimized, all": benchmark.make_session(optimized, t, library=True),
+                "optimized, extended": benchmark.make_session(optimized, t, library=True, opt_level="extended"),
+                "optimized, basic": benchmark.make_session(optimized, t, library=True, opt_level="basic"),
+                "optimized, disable": benchmark.make_session(optimized, t, library=True, opt_level="disable"),
+                "optimized, all, no spinning": benchmark.make_session(optimized, t, library=True, spinning=False)}
+    out = benchmark.time_many(sessions, feeds, warmup=2, rounds=args.rounds)
+    for name, r in out.items():
+        log(f"  {name}: {r['median_ms']:.2f} ms (original/this {r['vs_first']:.2f}×)")
+    return {"threads": t, **{k: {kk: vv for kk, vv in v.items() if kk != "rounds_ms"} for k, v in out.items()}}
+
+
+def with_accuracy_level(optimized: Path, level: int) -> Path:
+    """A copy of ``optimized`` whose MatMulNBits predictors run at ``accuracy_level=level`` (an experiment:
+    the pass emits level 4, int8 activations)."""
+    import onnx
+
+    dst = WORK / f"{optimized.stem}.acc{level}.onnx"
+    if dst.exists():
+        return dst
+    m = onnx.load(str(optimized))
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    onnx.save(m, str(dst))
+    return dst
+
+
+def accuracy_level_experiment(original: Path, optimized: Path, sets: dict, args) -> dict:
+    """The optimized model with its int4 predictor at accuracy_level 0 (fp32 activations) vs 4 (int8)."""
+    out = {}
+    for label, feeds in sets.items():
+        t = args.threads[0]
+        sessions = {"original": benchmark.make_session(original, t),
+                    "optimized, accuracy_level 4": benchmark.make_session(optimized, t, library=True)}
+        for level in (0, 1):
+            sessions[f"optimized, accuracy_level {level}"] = benchmark.make_session(
+                with_accuracy_level(optimized, level), t, library=True)
+        r = benchmark.time_many(sessions, feeds, warmup=2, rounds=args.rounds)
+        for name, x in r.items():
+            log(f"  {label} {name}: {x['median_ms']:.2f} ms (original/this {x['vs_first']:.2f}×)")
+        out[label] = {"threads": t, **{k: {kk: vv for kk, vv in v.items() if kk != "rounds_ms"} for k, v in r.items()}}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- MiniLM
+
+
+def run_minilm(args) -> dict:
+    from tardis_compile import demo
+    from tardis_compile.models import corpora
+
+    model, calib, held, tokenizer = demo.prepare(OUT)
+    tok_json = Path(tokenizer) / "tokenizer.json"
+    _, eval_docs = corpora.split_bbc(demo.CALIB_DOCS, seed=0)
+    # timing text: evaluation articles after the ones the demo holds out for verification
+    timing_texts = [corpora.clean(t) for t, _ in eval_docs[demo.EVAL_DOCS:demo.EVAL_DOCS + 64]]
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+
+    def text_feeds(batch: int, length: int, n: int) -> list[dict]:
+        feeds = list(from_text(timing_texts[: batch * n], tok_json, names, batch_size=batch, max_length=length)())
+        sess = benchmark.make_session(model, 1, opt_level="disable")
+        inputs = {i.name for i in sess.get_inputs()}
+        feeds = [{k: v for k, v in f.items() if k in inputs} for f in feeds]
+        assert all(f["attention_mask"].all() for f in feeds), "timing text must not be padded"
+        return feeds
+
+    sets = {"1×16": text_feeds(1, 16, 8), "8×128": text_feeds(8, 128, 2)}
+    acc_texts = eval_docs[demo.EVAL_DOCS + 64: demo.EVAL_DOCS + 64 + args.accuracy_docs]
+    prompts = list(evaluate.BBC_TOPIC_PROMPTS.values())
+    topics = list(evaluate.BBC_TOPIC_PROMPTS)
+
+    def zero_shot(path: Path, library: bool) -> tuple[float, np.ndarray]:
+        so = runtime.session_options(require=True) if library else None
+        emb = evaluate.embed_texts(path, [corpora.clean(t) for t, _ in acc_texts] + prompts, tokenizer,
+                                   batch_size=32, max_length=128, session_options=so)
+        docs = emb[: len(acc_texts)]
+        return evaluate.zero_shot_accuracy(docs, [c for _, c in acc_texts], emb[len(acc_texts):], topics), docs
+
+    section: dict = {"model": str(model.relative_to(ROOT)), "data": "BBC News evaluation articles "
+                     "(not used for calibration), tokenized to batch×tokens, unpadded",
+                     "accuracy_docs": len(acc_texts), "variants": []}
+    log(f"zero-shot accuracy of the original on {len(acc_texts)} articles")
+    acc0, emb0 = zero_shot(model, False)
+    section["original_zero_shot"] = acc0
+    for pred in predictor_list(args.predictors):
+        settings = dataclasses.replace(api.Settings(), predictor=pred)
+        dst = WORK / f"minilm.{pred}.onnx"
+        info = optimized_model(model, dst, calib, settings, eval_data=held,
+                               data=api.DataOptions(tokenizer=tokenizer, batch_size=16, max_length=128))
+        info.pop("_report", None)
+        acc, emb = zero_shot(dst, True)
+        info.update(zero_shot=acc, zero_shot_delta_points=100 * (acc - acc0),
+                    embedding_cosine=evaluate.mean_cosine(emb0, emb), default=pred == api.Settings().predictor)
+        log(f"minilm {pred}: zero-shot {acc:.3f} vs {acc0:.3f}; timing")
+        load = wait_for_load(args.max_load, args.max_wait)
+        result = benchmark.bench(model, dst, sets, threads=args.threads, warmup=2, rounds=args.rounds,
+                                 profile_runs=args.profile_runs, log=lambda r: log(r))
+        info.update(optimized=str(dst.relative_to(ROOT)), load_before=load, cases=summarize_cases(result),
+                    profiles=result.profiles, machine=result.machine)
+        if args.session_variants:
+            log("session variants, 1×16")
+            info["session_variants"] = {"1×16": session_variants(model, dst, sets["1×16"], args)}
+        if args.accuracy_levels and pred in ("int4", "int2"):
+            log("predictor accuracy_level experiment")
+            exp = accuracy_level_experiment(model, dst, sets, args)
+            info["session_variants"] = {**info.get("session_variants", {}),
+                                        **{f"{k}, accuracy_level": v for k, v in exp.items()}}
+        section["variants"].append(info)
+    return section
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+
+def run_decoder(arch: str, args) -> dict:
+    from tardis_compile.models import hf_export
+
+    info_arch = hf_export.arch_info(arch, "real")
+    src = WORK / f"{arch}-real.onnx"
+    if not src.exists():
+        log(f"exporting random {arch} (size='real': d={info_arch.d}, D={info_arch.D}, {info_arch.layers} layers)")
+        hf_export.export_random(arch, src, size="real")  # external data: <src>.data, referenced by name
+    rng = np.random.default_rng(0)
+
+    def ids(batch: int, seq: int) -> dict:
+        return {"input_ids": rng.integers(0, 1000, (batch, seq)).astype(np.int64),
+                "attention_mask": np.ones((batch, seq), np.int64)}
+
+    calib = [ids(4, 64) for _ in range(args.calib_batches)]
+    section: dict = {"model": f"random {arch}, size='real' (d={info_arch.d}, D={info_arch.D}, "
+                     f"{info_arch.layers} layer(s), vocab 1000)", "kv_cache": False,
+                     "step": "full forward of the sequence (no KV cache in the export); 1×1 = one-token step",
+                     "calibration": f"{args.calib_batches}×[4×64] uniform random token ids through the exported "
+                                    "model (every 10th batch held out for verification); see each variant",
+                     "variants": []}
+    sets = {"1×1 (1 token)": [ids(1, 1) for _ in range(8)], "1×16": [ids(1, 16) for _ in range(2)]}
+    # without a KV cache a 1-token step is always position 0, whose activations differ from the tokens of a
+    # 64-token calibration sequence; the "+1tok" calibration adds 4 batches of 64 one-token sequences
+    one_tok = [ids(64, 1) for _ in range(4)]
+    calibs = {"seq64": (calib, "uniform random token ids, 4×64 per batch"),
+              "seq64+1tok": (calib + one_tok, "uniform random token ids, 4×64 per batch, plus 4 batches of "
+                                              "64 one-token sequences (position 0, what a cache-less 1-token "
+                                              "step sees)")}
+    for pred, cal in [(p, c) for p in predictor_list(args.predictors) for c in args.decoder_calib.split(",")]:
+        settings = dataclasses.replace(api.Settings(), predictor=pred, target_fallback=0.1)
+        dst = WORK / (f"{arch}-real.{pred}.onnx" if cal == "seq64" else f"{arch}-real.{pred}.{cal}.onnx")
+        info = optimized_model(src, dst, calibs[cal][0], settings)
+        info.pop("_report", None)
+        info["default"] = pred == api.Settings().predictor
+        info["calibration"] = calibs[cal][1]
+        load = wait_for_load(args.max_load, args.max_wait)
+        result = benchmark.bench(src, dst, sets, threads=args.threads, warmup=3, rounds=args.rounds,
+                                 profile_runs=args.profile_runs, log=lambda r: log(r))
+        info.update(optimized=str(dst.relative_to(ROOT)), load_before=load, cases=summarize_cases(result),
+                    profiles=result.profiles, machine=result.machine)
+        if args.session_variants:
+            log("session variants, 1 token")
+            info["session_variants"] = {"1×1 (1 token)": session_variants(src, dst, sets["1×1 (1 token)"], args)}
+        if args.accuracy_levels and pred in ("int4", "int2"):
+            log("predictor accuracy_level experiment")
+            exp = accuracy_level_experiment(src, dst, sets, args)
+            info["session_variants"] = {**info.get("session_variants", {}),
+                                        **{f"{k}, accuracy_level": v for k, v in exp.items()}}
+        section["variants"].append(info)
+    return section
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = ["# End-to-end speed (`bench/e2e.py`)", "",
+             f"Machine: {m['processor']}, {m['cpus']} vCPUs (shared with other jobs), ONNX Runtime "
+             f"{m['onnxruntime']}, CPU EP, graph optimization 'all', sequential; date {m['date']}; load "
+             f"average at start {results['load_start']}, at end {results['load_end']}. Original and optimized "
+             "interleaved round by round in one process; medians of round times; `speed-up` = original median "
+             "/ optimized median, `paired` = median of per-round ratios; `flagged` = share of token-neuron "
+             "pairs the kernels took the exact path for during the timed runs.", ""]
+    for run in results.get("runs", []):
+        lines.append(f"- run {run['date']}: {run['archs']}, load average {run['load_start']} → {run.get('load_end')}")
+    lines.append("")
+    for name, sec in results["models"].items():
+        lines += [f"## {name}", "", sec["model"] + ".", ""]
+        for key in ("data", "step", "calibration"):
+            if key in sec:
+                lines.append(f"- {key}: {sec[key]}")
+        if "original_zero_shot" in sec:
+            lines.append(f"- zero-shot BBC topic accuracy of the original: {sec['original_zero_shot']:.1%} "
+                         f"on {sec['accuracy_docs']} held-out articles")
+        lines.append("")
+        for v in sec["variants"]:
+            s = v["settings"]
+            head = (f"### predictor `{s['predictor']}`{' (default)' if v.get('default') else ''}, target "
+                    f"fallback {s['target_fallback']:.0%}")
+            lines += [head, ""]
+            if v.get("calibration"):
+                lines += [f"calibration: {v['calibration']}", ""]
+            if "zero_shot" in v:
+                lines.append(f"zero-shot {v['zero_shot']:.1%} ({v['zero_shot_delta_points']:+.1f} points), "
+                             f"embedding cosine {v['embedding_cosine']:.4f}; timed {v['machine']['date']}, load average "
+                             f"before {v['load_before']}, after {v['machine']['load_average']}")
+            else:
+                lines.append(f"timed {v['machine']['date']}, load average before {v['load_before']}, after "
+                             f"{v['machine']['load_average']}")
+            lines += ["", "| case | threads | original ms/batch | optimized ms/batch | speed-up | paired | original rows/s | "
+                      "optimized rows/s | flagged |", "|---|---|---|---|---|---|---|---|---|"]
+            for c in v["cases"]:
+                fl = "–" if c["flagged_share"] is None else f"{c['flagged_share']:.1%}"
+                nb = c.get("feeds", 1)
+                lines.append(f"| {c['label']} | {c['threads']} | {c['original_ms'] / nb:.2f} | {c['optimized_ms'] / nb:.2f} | "
+                             f"**{c['speedup']:.2f}×** | {c['speedup_paired']:.2f}× | "
+                             f"{c['original_rows_per_s']:.1f} | {c['optimized_rows_per_s']:.1f} | {fl} |")
+            lines.append("")
+            if v.get("profiles"):
+                lines += ["Per-node profile (1 thread, ms per batch, ORT profiling; parts of the optimized model; "
+                          "`rest` = everything the rewrite did not touch; FFN original (est.) = original nodes − "
+                          "optimized rest):", "",
+                          "| case | original nodes | optimized nodes | FFN original (est.) | FFN optimized | predictor | fold | "
+                          "GuardedFallback | guard | rest |", "|---|---|---|---|---|---|---|---|---|---|"]
+                labels = sorted({k.split("/")[0] for k in v["profiles"]})
+                for lab in labels:
+                    po = next((p for k, p in v["profiles"].items() if k.startswith(lab + "/") and k.endswith("original")), None)
+                    pp = next((p for k, p in v["profiles"].items() if k.startswith(lab + "/") and k.endswith("optimized")), None)
+                    if not (po and pp):
+                        continue
+                    b = pp["by_part_us"]
+                    tot = pp["nodes_us"] or 1
+                    cells = " | ".join(f"{b[p] / 1e3:.2f} ({b[p] / tot:.0%})" for p in benchmark.PARTS)
+                    ffn_o = (po["nodes_us"] - b["rest"]) / 1e3
+                    ffn_p = (pp["nodes_us"] - b["rest"]) / 1e3
+                    lines.append(f"| {lab} | {po['nodes_us'] / 1e3:.2f} | {pp['nodes_us'] / 1e3:.2f} | {ffn_o:.2f} | "
+                                 f"{ffn_p:.2f} | {cells} |")
+                lines.append("")
+            for lab, sv in (v.get("session_variants") or {}).items():
+                lines += [f"Session options, {lab}, {sv['threads']} thread(s) (rotated rounds; ratio = original "
+                          "median / this):", "", "| session | median ms | original / this |", "|---|---|---|"]
+                lines += [f"| {k} | {r['median_ms']:.2f} | {r['vs_first']:.2f}× |" for k, r in sv.items()
+                          if isinstance(r, dict)]
+                lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default="minilm,gpt2", help="minilm, gpt2, bloom, falcon (comma-separated)")
+    ap.add_argument("--predictors", help="predictors to time (default: Settings() default, plus int4 if different)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--profile-runs", type=int, default=5)
+    ap.add_argument("--accuracy-docs", type=int, default=500)
+    ap.add_argument("--calib-batches", type=int, default=20)
+    ap.add_argument("--max-load", type=float, default=3.0, help="wait for the 1-min load to drop below this")
+    ap.add_argument("--max-wait", type=float, default=60.0, help="... but at most this many seconds")
+    ap.add_argument("--session-variants", action="store_true",
+                    help="also time the optimized model under other graph optimization levels / no spinning")
+    ap.add_argument("--accuracy-levels", action="store_true",
+                    help="also time the int4 predictor at MatMulNBits accuracy_level 0 and 1 (copies of the model)")
+    ap.add_argument("--decoder-calib", default="seq64,seq64+1tok",
+                    help="decoder calibration variants: seq64 (4×64 random ids), seq64+1tok (plus one-token sequences)")
+    ap.add_argument("--merge", action="store_true", help="keep the other models' results already in the JSON")
+    ap.add_argument("--out", default=str(RESULTS / "e2e"), help="results stem (.json, .md)")
+    args = ap.parse_args(argv)
+    args.threads = [int(t) for t in args.threads.split(",")]
+    WORK.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out)
+    results = {"machine": benchmark.machine_info(), "load_start": [round(x, 2) for x in os.getloadavg()],
+               "settings_default": dataclasses.asdict(api.Settings()), "threads": args.threads,
+               "rounds": args.rounds, "models": {}}
+    names = {"minilm": "all-MiniLM-L6-v2 (real weights) — sentence embeddings",
+             "gpt2": "GPT-2-small-shaped (random weights)", "bloom": "BLOOM-560m-shaped (random weights)",
+             "falcon": "Falcon-7B layer shape, 1 layer (random weights)"}
+    previous = stem.with_suffix(".json")
+    if args.merge and previous.exists():  # keep the other models' sections of an earlier run
+        old = json.loads(previous.read_text())
+        results["models"] = old.get("models", {})
+        results["runs"] = old.get("runs", [])
+    results.setdefault("runs", []).append({"date": results["machine"]["date"], "archs": args.archs,
+                                           "load_start": results["load_start"]})
+    for arch in args.archs.split(","):
+        t0 = time.time()
+        results["models"][names[arch]] = run_minilm(args) if arch == "minilm" else run_decoder(arch, args)
+        log(f"{arch} done in {time.time() - t0:.0f} s")
+        results["load_end"] = results["runs"][-1]["load_end"] = [round(x, 2) for x in os.getloadavg()]
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        stem.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
