@@ -68,6 +68,7 @@ class Predictor(Protocol):
     """What the rewrite, the margin search and the report need from a built predictor."""
 
     kind: str
+    dtype: np.dtype
 
     def check(self, block: FfnBlock) -> None:
         """Raise :class:`PredictorError` when the predictor's weights do not fit ``block``."""
@@ -215,6 +216,23 @@ class LowRankPredictor:
 
     def parameters(self) -> float:
         return float(self.u.size + self.v.size + self.b1.size)
+
+
+def standalone_model(predictor: Predictor, d: int) -> ir.Model:
+    """The predictor's subgraph alone (input ``x`` [n, d] → ``ĥ``), for tests and benchmarks."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.from_numpy(np.dtype(predictor.dtype))),
+                 shape=ir.Shape(["n", d]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 17, MS_DOMAIN: 1}, name="predictor")
+
+    def add(name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+        graph.register_initializer(value)
+        return value
+
+    nodes, h_hat = predictor.emit(x, add, "p")
+    graph.extend(nodes)
+    graph.outputs.append(h_hat)
+    return ir.Model(graph, ir_version=10)
 
 
 def _whitened_factors(w1: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ def test_all_flagged_equals_original(tmp_path, variant):
 def test_none_flagged_is_the_folded_linear_map(tmp_path, variant):
     path, params = save_tiny(tmp_path, gelu=VARIANTS[variant], layers=1)
     out = tmp_path / "out.onnx"
-    tc.optimize(path, out, batches(), settings=tc.Settings(refit=False), show_progress=False)
+    tc.optimize(path, out, batches(), settings=tc.Settings(refit=False, predictor="exact"), show_progress=False)
     model = onnx.load(out)
     for init in model.graph.initializer:  # widen every range: nobody is flagged
         if init.name.endswith("/range_lo") or init.name.endswith("/range_hi"):
@@ -75,7 +75,7 @@ def test_none_flagged_is_the_folded_linear_map(tmp_path, variant):
 def test_exact_predictor_error_is_bounded_by_in_range_fit_error(tmp_path, variant):
     path, params = save_tiny(tmp_path, gelu=VARIANTS[variant], layers=1, D=64)
     out = tmp_path / "out.onnx"
-    tc.optimize(path, out, batches(), settings=tc.Settings(refit=False, target_fallback=0.2),
+    tc.optimize(path, out, batches(), settings=tc.Settings(refit=False, target_fallback=0.2, predictor="exact"),
                 show_progress=False)
     (op,) = _operands(out)
     p = params[0]
@@ -107,7 +107,7 @@ def test_gated_block_is_reported_and_left_untouched(tmp_path):
 def test_target_fallback_is_met_on_held_out_data(tmp_path):
     path, _ = save_tiny(tmp_path, layers=2, D=128)
     out = tmp_path / "out.onnx"
-    report = tc.optimize(path, out, batches(n=30), settings=tc.Settings(target_fallback=0.1),
+    report = tc.optimize(path, out, batches(n=30), settings=tc.Settings(target_fallback=0.1, predictor="exact"),
                          show_progress=False)
     rate = report.summary()["fallback_rate"]
     assert 0.07 <= rate <= 0.13

@@ -47,9 +47,31 @@ def test_cosine_at_20_percent_fallback(prepared):
     stats = out / "stats.npz"
     kwargs = {"stats_in": stats} if stats.exists() else {}
     report = tc.optimize(model, out / "t20.onnx", calib, eval_data=held, data=data,
-                         settings=tc.Settings(target_fallback=0.2), show_progress=False, **kwargs)
+                         settings=tc.Settings(target_fallback=0.2, predictor="exact"), show_progress=False, **kwargs)
     summary = report.summary()
     assert summary["mean_cosine"] >= 0.99
     assert 0.15 <= summary["fallback_rate"] <= 0.25
     # exact predictor: ORT's float32 ĥ and the float64 check differ only for pairs on a range boundary
     assert all(b.measured["recall"] >= 0.999 for b in report.blocks)
+
+
+def test_default_int4_predictor_on_real_layers(prepared):
+    """The default predictor (int4 GPTQ, MatMulNBits) on every real layer: held-out recall ≥ 0.99, flagged
+    share ≤ 1.5× the truly out-of-range share, and the embedding cosine within 0.005 of the exact
+    predictor's at the same target."""
+    out, model, calib, held, data = prepared
+    stats = out / "stats.npz"
+    kwargs = {"stats_in": stats} if stats.exists() else {}
+    results = {}
+    for kind in ("exact", "int4"):
+        results[kind] = tc.optimize(model, out / f"t10-{kind}.onnx", calib, eval_data=held, data=data,
+                                    settings=tc.Settings(target_fallback=0.1, predictor=kind, refit=False),
+                                    show_progress=False, **kwargs)
+    assert tc.Settings().predictor == "int4"
+    for block in results["int4"].blocks:
+        m = block.measured
+        assert m["recall"] >= 0.99, (block.name, m)
+        assert m["fallback_rate"] <= 1.5 * (1.0 - m["coverage"]), (block.name, m)
+    assert results["int4"].summary()["ffn_param_reduction"] > 0.7
+    cos = {k: r.verification.mean_cosine for k, r in results.items()}
+    assert cos["int4"] >= cos["exact"] - 0.005, cos

@@ -35,19 +35,7 @@ def _correlated_inputs(d: int, n: int, seed: int = 0) -> np.ndarray:
 
 def _run_predictor(built: predictors.Built, x: np.ndarray) -> np.ndarray:
     """The emitted predictor subgraph alone, in ORT."""
-    d = x.shape[1]
-    inp = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["n", d]))
-    graph = ir.Graph([inp], [], nodes=[], opset_imports={"": 17, "com.microsoft": 1})
-
-    def add(name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
-        graph.register_initializer(value)
-        return value
-
-    nodes, out = built.predictor.emit(inp, add, "p")
-    graph.extend(nodes)
-    graph.outputs.append(out)
-    proto = ir.to_proto(ir.Model(graph, ir_version=10))
+    proto = ir.to_proto(predictors.standalone_model(built.predictor, x.shape[1]))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x.astype(np.float32)})[0]
 
