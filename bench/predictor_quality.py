@@ -9,7 +9,7 @@ Gaussian block inputs as after a LayerNorm).
 Cost: the predictor subgraph alone vs the original dense block, in one ORT process, interleaved,
 medians, 1 thread, at 1, 8 and 128 tokens.
 
-    .venv/bin/python bench/predictor_quality.py [--out out] [--target 0.1] [--recall 0.99]
+    .venv/bin/python bench/predictor_quality.py [--out out] [--target 0.1] [--recall 0.995]
 
 Writes ``bench/results/predictor_quality.{json,md}``.
 """
@@ -150,7 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="out")
     parser.add_argument("--target", type=float, default=0.1)
-    parser.add_argument("--recall", type=float, default=0.99)
+    parser.add_argument("--recall", type=float, default=api.Settings.predictor_recall)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()

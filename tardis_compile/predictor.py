@@ -25,10 +25,12 @@ lowrank     ``MatMul(MatMul(x, U), V) + b1``, rank per layer by whitened    r·(
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Protocol
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from tardis_compile import quantize
 from tardis_compile.errors import TardisError
@@ -218,6 +220,19 @@ class LowRankPredictor:
         return float(self.u.size + self.v.size + self.b1.size)
 
 
+@functools.lru_cache(maxsize=None)
+def _require_kernel(bits: int) -> None:
+    """Fail early, with a clear message, when this onnxruntime has no ``MatMulNBits`` kernel for ``bits``."""
+    probe = LowBitPredictor(quantize.rtn(np.ones((32, 1)), bits, 32), np.zeros(1), np.dtype(np.float32), f"int{bits}")
+    proto = ir.to_proto(standalone_model(probe, 32))
+    try:
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT says "Only 4b quantization is supported" and the like
+        raise PredictorError(f"the int{bits} predictor needs ONNX Runtime's {bits}-bit MatMulNBits kernel, which "
+                             f"onnxruntime {ort.__version__} lacks ({str(err).splitlines()[-1][-120:]}); "
+                             "use --predictor int4") from err
+
+
 def standalone_model(predictor: Predictor, d: int) -> ir.Model:
     """The predictor's subgraph alone (input ``x`` [n, d] → ``ĥ``), for tests and benchmarks."""
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.from_numpy(np.dtype(predictor.dtype))),
@@ -282,6 +297,7 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
     pred: Predictor
     if kind in ("int4", "int2"):
         bits = 4 if kind == "int4" else 2
+        _require_kernel(bits)
         if options.quantizer == "gptq":
             quant = quantize.gptq(w1, gram[:-1, :-1], bits, options.block_size)
         else:
