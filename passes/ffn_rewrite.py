@@ -37,8 +37,13 @@ class FoldedBlock:
     w_f: np.ndarray  # (d, d_out) float64
     b_f: np.ndarray  # (d_out,)
     predictor: object  # tardis_compile.predictor.Predictor
-    margin: np.ndarray  # (D,) ≥ 0: the guards are [lo + margin, hi − margin]
+    margin: np.ndarray  # (resident neurons,) ≥ 0: the guards are [lo + margin, hi − margin]
     metadata: dict[str, str]
+    neurons: np.ndarray | None = None  # resident neurons (None: all); the others are always linear
+
+    def resident(self, values: np.ndarray) -> np.ndarray:
+        """Rows (or entries) of a per-neuron array for the resident neurons only."""
+        return values if self.neurons is None else values[self.neurons]
 
 
 def _initializer_adder(graph: ir.Graph):
@@ -70,17 +75,18 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     x = block.x
     mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
     y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
-    folded.predictor.check(block)
+    folded.predictor.check(block, None if folded.neurons is None else len(folded.neurons))
     pred_nodes, h_hat = folded.predictor.emit(x, add, prefix)
     guard_nodes, (lo, hi) = _guards(folded, add, prefix, dtype)
+    keep = folded.resident
     operands = [
         lo,
         hi,
-        add(f"{prefix}/W1t", np.ascontiguousarray(block.w1().T).astype(dtype)),
-        add(f"{prefix}/b1", block.b1().astype(dtype)),
-        add(f"{prefix}/W2", block.w2().astype(dtype)),
-        add(f"{prefix}/alpha", lines.alpha.astype(dtype)),
-        add(f"{prefix}/beta", lines.beta.astype(dtype)),
+        add(f"{prefix}/W1t", np.ascontiguousarray(keep(block.w1().T)).astype(dtype)),
+        add(f"{prefix}/b1", keep(block.b1()).astype(dtype)),
+        add(f"{prefix}/W2", np.ascontiguousarray(keep(block.w2())).astype(dtype)),
+        add(f"{prefix}/alpha", keep(lines.alpha).astype(dtype)),
+        add(f"{prefix}/beta", keep(lines.beta).astype(dtype)),
     ]
     fallback = _node(fallback_op.OP_TYPE, [x, y_lin.outputs[0], h_hat, *operands], f"{prefix}/GuardedFallback",
                      f"{prefix}/y", domain=fallback_op.DOMAIN, approximate=block.variant)
@@ -100,8 +106,8 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
 
 def _guards(folded: FoldedBlock, add, prefix: str, dtype: np.dtype) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value]]:
     """``lo``/``hi`` operands: the range itself, or ``range_lo + margin`` / ``range_hi − margin``."""
-    lo = add(f"{prefix}/range_lo", folded.lines.lo.astype(dtype))
-    hi = add(f"{prefix}/range_hi", folded.lines.hi.astype(dtype))
+    lo = add(f"{prefix}/range_lo", folded.resident(folded.lines.lo).astype(dtype))
+    hi = add(f"{prefix}/range_hi", folded.resident(folded.lines.hi).astype(dtype))
     if not np.any(folded.margin > 0):
         return [], (lo, hi)
     margin = add(f"{prefix}/margin", folded.margin.astype(dtype))

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import fallback_op, feeds, fit, histogram, modelio
+from tardis_compile import budget, fallback_op, feeds, fit, histogram, modelio, resident
 from tardis_compile import predictor as predictors
 from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs
 from tardis_compile.errors import AlreadyOptimizedError, CalibrationDataError, NoFoldableBlockError, TardisError
@@ -51,6 +51,8 @@ class Settings:
     predictor_recall: float = 0.995  # calibrated share of out-of-range pairs the predictor must flag
     predictor_quantizer: str = "gptq"  # int4/int2: gptq or rtn
     predictor_rank: int | None = None  # lowrank: fixed rank (default: chosen per layer)
+    target_params: float | None = None  # share of the FFN parameters touched per token (sets the fallback rate)
+    resident: float | None = None  # share of the FFN parameters kept resident (the rest: always linear)
     flag_all: bool = False  # self-test: every neuron takes the exact fallback (output = original)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,12 @@ class Settings:
             raise TardisError(f"--target-fallback must be within [0, 1], got {self.target_fallback}")
         if self.coverage is not None and not 0.0 <= self.coverage <= 1.0:
             raise TardisError(f"--coverage must be within [0, 1], got {self.coverage}")
+        for name in ("target_params", "resident"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise TardisError(f"--{name.replace('_', '-')} must be within (0, 1], got {value}")
+        if self.resident is not None and (self.strategy != "error" or self.flag_all):
+            raise TardisError("--resident works with the error-aware strategy and without --flag-all")
         if self.predictor not in predictors.KINDS:
             raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.KINDS)}")
         self.predictor_options()
@@ -153,7 +161,8 @@ def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSour
     """Pass 2 over the calibration data, only for what needs it: the ridge refit of ``W_f, b_f``
     (METHOD.md §2) and, for inexact predictors, the margin search that meets the recall target."""
     refit = settings.refit and not settings.flag_all
-    searches = {b.name: predictors.MarginSearch(lines[b.name], built[b.name].sigma) for b in blocks
+    searches = {b.name: predictors.MarginSearch(_columns(lines[b.name], built[b.name]), built[b.name].sigma)
+                for b in blocks
                 if not settings.flag_all and np.any(built[b.name].sigma > 0)}
     no_margin = predictors.Margin(0.0, 1.0, float("nan"), float("nan"))
     if not refit and not searches:
@@ -171,7 +180,7 @@ def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSour
             if refit:
                 eqs[name].add(x, h, w2[name], b2[name], lines[name], variant[name])
             if name in searches:
-                searches[name].add(h, built[name].predictor.estimate(x))
+                searches[name].add(built[name].columns(h), built[name].predictor.estimate(x))
     bar.done()
     if refit:
         folds = {name: eqs[name].solve(*folds[name], ridge=settings.ridge) for name in folds}
@@ -180,13 +189,40 @@ def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSour
     return folds, margins
 
 
-def _build_predictors(blocks: list[FfnBlock], stats: dict[str, histogram.NeuronStats],
-                      settings: Settings, progress: Callable[[str], Progress]) -> dict[str, predictors.Built]:
+def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock],
+          settings: Settings) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float]:
+    """Lines per block, resident neurons per block (None: all) and the fallback rate they carry, from the
+    user's targets (fallback rate, parameters touched per token, resident parameters)."""
+    options = settings.predictor_options()
+    rate = settings.target_fallback
+    if settings.target_params is not None:
+        rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options)
+    lines = _fit_lines(stats, blocks, dataclasses.replace(settings, target_fallback=rate))
+    if settings.resident is None:
+        return lines, {b.name: None for b in blocks}, rate
+    w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
+    neurons = resident.select(stats, lines, w2n, budget.folded(blocks),
+                              budget.per_neuron(blocks, settings.predictor, options),
+                              settings.resident * budget.original(blocks))
+    if settings.target_params is not None:  # the predictor now covers the resident neurons only
+        rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options,
+                                          {n: len(idx) for n, idx in neurons.items()})
+    return resident.lines(stats, w2n, neurons, rate), neurons, rate
+
+
+def _columns(lines: fit.Lines, built: predictors.Built) -> fit.Lines:
+    """The lines of the neurons a predictor covers."""
+    return fit.Lines(*(built.columns(getattr(lines, f.name)) for f in dataclasses.fields(fit.Lines)))
+
+
+def _build_predictors(blocks: list[FfnBlock], stats: dict[str, histogram.NeuronStats], settings: Settings,
+                      neurons: dict[str, np.ndarray | None],
+                      progress: Callable[[str], Progress]) -> dict[str, predictors.Built]:
     bar = progress(f"predictor: {settings.predictor}")
     built = {}
     for b in blocks:
         gram = stats[b.name].input_moments() if stats[b.name].gram is not None else None
-        built[b.name] = predictors.build(settings.predictor, b, gram, settings.predictor_options())
+        built[b.name] = predictors.build(settings.predictor, b, gram, settings.predictor_options(), neurons[b.name])
         bar.step(1)
     bar.done()
     return built
@@ -219,6 +255,8 @@ def _block_metadata(tool: str, settings: Settings, block: FfnBlock, lines: fit.L
         meta.update({"tardis.predictor_margin_z": f"{margin.z:.3f}",
                      "tardis.predictor_calibrated_recall": f"{margin.recall:.6f}",
                      "tardis.predictor_calibrated_flagged_share": f"{margin.flagged_share:.6f}"})
+    if built.neurons is not None:
+        meta["tardis.resident_neurons"] = f"{len(built.neurons)}/{block.hidden}"
     return meta
 
 
@@ -275,20 +313,23 @@ def optimize(
                               progress_factory=progress)
     if stats_out is not None:
         histogram.save(stats, stats_out)
-    lines = _fit_lines(stats, blocks, settings)
+    lines, neurons, rate = _plan(stats, blocks, settings)
     folds = {b.name: fold(b.w1(), b.b1(), b.w2(), b.b2(), lines[b.name].alpha, lines[b.name].beta)
              for b in blocks}
-    built = _build_predictors(blocks, stats, settings, progress)
+    built = _build_predictors(blocks, stats, settings, neurons, progress)
     folds, margins = _second_pass(original, blocks, calib_source, lines, folds, built, settings, data, progress,
                                   threads)
     tool = version()
     folded = [FoldedBlock(b, lines[b.name], *folds[b.name], built[b.name].predictor,
                           margins[b.name].widths(built[b.name].sigma),
-                          _block_metadata(tool, settings, b, lines[b.name], built[b.name], margins[b.name]))
+                          _block_metadata(tool, settings, b, lines[b.name], built[b.name], margins[b.name]),
+                          neurons[b.name])
               for b in blocks]
     reports = [block_report(b, float(np.mean(lines[b.name].coverage)), built[b.name].predictor.parameters(),
-                            _predictor_summary(built[b.name], margins[b.name])) for b in blocks]
-    report = Report(str(model_path), str(out_path), dataclasses.asdict(settings), reports, rejected,
+                            _predictor_summary(built[b.name], margins[b.name]),
+                            None if neurons[b.name] is None else len(neurons[b.name])) for b in blocks]
+    report = Report(str(model_path), str(out_path), {**dataclasses.asdict(settings), "solved_fallback_rate": rate},
+                    reports, rejected,
                     verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
     optimized = modelio.load(model_path)  # a second, untouched copy stays as the reference
     opt_blocks, _ = find_blocks(optimized)

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-fallback", type=float, default=0.1,
                         help="mean share of token-neuron pairs taking the exact fallback (default 0.1)")
     target.add_argument("--coverage", type=float, help="paper's strategy: each neuron's range covers this share")
+    p.add_argument("--target-params", type=float,
+                   help="share of the FFN parameters touched per token (folded matrix + predictor + fallback "
+                        "rows); sets the fallback rate")
+    p.add_argument("--resident", type=float,
+                   help="share of the FFN parameters kept in the file; neurons left out are always linear")
     p.add_argument("--strategy", choices=["error", "coverage"], default="error",
                    help="range strategy: error-aware under one budget (default) or shortest-interval coverage")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the folded matrix")
@@ -133,7 +138,8 @@ def _optimize(args: argparse.Namespace) -> int:
     settings = api.Settings(target_fallback=args.target_fallback, coverage=args.coverage,
                             strategy=args.strategy, refit=not args.no_refit, predictor=args.predictor,
                             predictor_recall=args.predictor_recall, predictor_quantizer=args.predictor_quantizer,
-                            predictor_rank=args.predictor_rank, flag_all=args.flag_all)
+                            predictor_rank=args.predictor_rank, target_params=args.target_params,
+                            resident=args.resident, flag_all=args.flag_all)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     report = api.optimize(args.model, args.output, args.calib, settings=settings, data=_data_options(args),
                           eval_data=args.eval_data, thresholds=_thresholds(args), stats_out=args.stats_out,

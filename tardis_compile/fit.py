@@ -99,7 +99,8 @@ def coverage_lines(stats: NeuronStats, coverage: float) -> Lines:
         starts = np.arange(cum.shape[1])
         ends = np.searchsorted(cum[j], cum[j] + need - 1e-9, side="left")
         valid = ends < cum.shape[1]
-        width = np.where(valid, edges[np.minimum(ends, len(edges) - 1)] - edges[starts], np.inf)
+        with np.errstate(invalid="ignore"):  # inf − inf where both ends are open
+            width = np.where(valid, edges[np.minimum(ends, len(edges) - 1)] - edges[starts], np.inf)
         # prefer finite widths; among equal widths, the earliest start
         width = np.where(np.isnan(width), np.inf, width)
         k = int(np.argmin(width)) if np.isfinite(width).any() else 0

@@ -72,8 +72,9 @@ class Predictor(Protocol):
     kind: str
     dtype: np.dtype
 
-    def check(self, block: FfnBlock) -> None:
-        """Raise :class:`PredictorError` when the predictor's weights do not fit ``block``."""
+    def check(self, block: FfnBlock, neurons: int | None = None) -> None:
+        """Raise :class:`PredictorError` when the predictor's weights do not fit ``block`` (or ``neurons``
+        of its neurons, under a resident budget)."""
 
     def estimate(self, x: np.ndarray) -> np.ndarray:
         """NumPy ``ĥ`` for rows ``x`` (tokens, d), as the runtime computes it (float64)."""
@@ -106,10 +107,11 @@ def _rms_of_delta(delta: np.ndarray, gram: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(np.sum((g @ delta) * delta, axis=0), 0.0))
 
 
-def _expect_shape(kind: str, block: FfnBlock, d: int, hidden: int) -> None:
-    if (d, hidden) != (block.d, block.hidden):
+def _expect_shape(kind: str, block: FfnBlock, d: int, hidden: int, neurons: int | None) -> None:
+    want = block.hidden if neurons is None else neurons
+    if (d, hidden) != (block.d, want):
         raise PredictorError(f"{kind} predictor for a {d}×{hidden} W1 cannot serve block '{block.name}' "
-                             f"(W1 is {block.d}×{block.hidden})")
+                             f"(W1 is {block.d}×{block.hidden}" + (f", {neurons} resident neurons)" if neurons is not None else ")"))
 
 
 @dataclasses.dataclass
@@ -121,8 +123,8 @@ class ExactPredictor:
     dtype: np.dtype
     kind: str = "exact"
 
-    def check(self, block: FfnBlock) -> None:
-        _expect_shape(self.kind, block, *self.w1.shape)
+    def check(self, block: FfnBlock, neurons: int | None = None) -> None:
+        _expect_shape(self.kind, block, *self.w1.shape, neurons)
 
     def estimate(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float64) @ self.w1 + self.b1
@@ -161,11 +163,11 @@ class LowBitPredictor:
     def __post_init__(self) -> None:
         self._w = self.quant.dequantize()
 
-    def check(self, block: FfnBlock) -> None:
-        _expect_shape(self.kind, block, self.quant.k, self.quant.n)
-        if self.b1.shape != (block.hidden,):
-            raise PredictorError(f"{self.kind} predictor bias has shape {self.b1.shape}, block '{block.name}' "
-                                 f"needs ({block.hidden},)")
+    def check(self, block: FfnBlock, neurons: int | None = None) -> None:
+        _expect_shape(self.kind, block, self.quant.k, self.quant.n, neurons)
+        if self.b1.shape != (self.quant.n,):
+            raise PredictorError(f"{self.kind} predictor bias has shape {self.b1.shape}, its weights "
+                                 f"({self.quant.n},)")
 
     def estimate(self, x: np.ndarray) -> np.ndarray:
         xq = _int8_activations(np.asarray(x, np.float64), self.quant.block_size)
@@ -201,8 +203,8 @@ class LowRankPredictor:
     def rank(self) -> int:
         return self.u.shape[1]
 
-    def check(self, block: FfnBlock) -> None:
-        _expect_shape(self.kind, block, self.u.shape[0], self.v.shape[1])
+    def check(self, block: FfnBlock, neurons: int | None = None) -> None:
+        _expect_shape(self.kind, block, self.u.shape[0], self.v.shape[1], neurons)
 
     def estimate(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, np.float64) @ self.u) @ self.v + self.b1
@@ -277,23 +279,39 @@ class Built:
     """A predictor attached to its block, with its error scale for the margins."""
 
     predictor: Predictor
-    sigma: np.ndarray  # (D,) RMS error of ĥ on the calibration inputs
+    sigma: np.ndarray  # RMS error of ĥ on the calibration inputs, per predicted neuron
+    neurons: np.ndarray | None = None  # the block's neurons it predicts (None: all; else the resident ones)
+
+    def columns(self, values: np.ndarray) -> np.ndarray:
+        """The predicted neurons' columns of a (…, D) array."""
+        return values if self.neurons is None else values[..., self.neurons]
 
 
-def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: PredictorOptions | None = None) -> Built:
-    """Build predictor ``kind`` for ``block``; ``gram`` = mean ``[x,1]ᵀ[x,1]`` over calibration tokens
-    (only the exact predictor works without it)."""
+def neuron_parameters(kind: str, d: int, dtype: np.dtype, options: PredictorOptions | None = None) -> float:
+    """Stored parameters one neuron's predictor column costs (dtype-equivalents, bias included)."""
     options = options or PredictorOptions()
     if kind == "exact":
-        pred = ExactPredictor(np.asarray(block.w1(), np.float64), np.asarray(block.b1(), np.float64),
-                              block.dtype.numpy())
-        return Built(pred, np.zeros(block.hidden))
+        return float(d + 1)
+    if kind in ("int4", "int2"):
+        scale_bits = 8 * np.dtype(dtype).itemsize
+        return quantize.stored_bits(d, 1, 4 if kind == "int4" else 2, options.block_size, scale_bits) / scale_bits + 1
+    raise PredictorError(f"the {kind} predictor's size depends on its per-layer rank; choose exact, int4 or int2")
+
+
+def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: PredictorOptions | None = None,
+          neurons: np.ndarray | None = None) -> Built:
+    """Build predictor ``kind`` for ``block`` (or only its ``neurons``); ``gram`` = mean ``[x,1]ᵀ[x,1]``
+    over calibration tokens (only the exact predictor works without it)."""
+    options = options or PredictorOptions()
+    pick = slice(None) if neurons is None else neurons
+    w1 = np.asarray(block.w1(), np.float64)[:, pick]
+    b1 = np.asarray(block.b1(), np.float64)[pick]
+    dtype = block.dtype.numpy()
+    if kind == "exact":
+        return Built(ExactPredictor(w1, b1, dtype), np.zeros(w1.shape[1]), neurons)
     if gram is None:
         raise PredictorError(f"the {kind} predictor needs the calibration inputs' moments, which these "
                              "statistics lack: recalibrate")
-    w1 = np.asarray(block.w1(), np.float64)
-    b1 = np.asarray(block.b1(), np.float64)
-    dtype = block.dtype.numpy()
     pred: Predictor
     if kind in ("int4", "int2"):
         bits = 4 if kind == "int4" else 2
@@ -307,7 +325,7 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
         pred = low_rank(w1, b1, gram, dtype, options)
     else:
         raise PredictorError(f"unknown predictor {kind!r}; available: {', '.join(KINDS)}")
-    return Built(pred, _rms_of_delta(pred.weights() - w1, gram))
+    return Built(pred, _rms_of_delta(pred.weights() - w1, gram), neurons)
 
 
 KINDS = ("exact", "int4", "int2", "lowrank")

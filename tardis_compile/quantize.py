@@ -52,9 +52,15 @@ class Quantized:
         return w.reshape(self.n, -1)[:, : self.k].T
 
     def stored_bits(self, scale_bits: int) -> int:
-        """Bits stored: packed levels, scales (in the model's dtype) and packed zero points."""
-        zp_bytes = -(-self.k_blocks * self.bits // 8)
-        return self.n * (self.k_blocks * self.block_size * self.bits + self.k_blocks * scale_bits + 8 * zp_bytes)
+        return stored_bits(self.k, self.n, self.bits, self.block_size, scale_bits)
+
+
+def stored_bits(k: int, n: int, bits: int, block_size: int, scale_bits: int) -> int:
+    """Bits a (k, n) matrix takes in ``MatMulNBits`` form: packed levels, scales (in the model's dtype)
+    and packed zero points."""
+    k_blocks = -(-k // block_size)
+    zp_bytes = -(-k_blocks * bits // 8)
+    return n * (k_blocks * block_size * bits + k_blocks * scale_bits + 8 * zp_bytes)
 
 
 def _grid(w: np.ndarray, bits: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:

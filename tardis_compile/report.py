@@ -28,6 +28,7 @@ class BlockReport:
     params_predictor: float
     params_fallback: int  # W1ᵀ + W2 rows kept for the fallback
     predictor: dict = dataclasses.field(default_factory=dict)  # kind, margin z, calibrated recall/flagged
+    resident_neurons: int = 0  # neurons whose original weights are kept for the fallback
     measured: dict | None = None  # from verification: coverage, fallback_rate, recall, precision, error
 
     @property
@@ -44,17 +45,21 @@ class BlockReport:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        rate = (self.measured or {}).get("fallback_rate", 1.0 - self.calibrated_coverage)
+        calibrated = (1.0 - self.calibrated_coverage) * self.hidden / max(self.resident_neurons, 1)
+        rate = (self.measured or {}).get("fallback_rate", calibrated)  # share of the resident neurons' pairs
         out.update(reduction=self.reduction, params_touched_per_token=self.touched_per_token(rate),
                    params_resident=self.resident)
         return out
 
 
-def block_report(block: FfnBlock, coverage: float, predictor_params: float, predictor: dict) -> BlockReport:
+def block_report(block: FfnBlock, coverage: float, predictor_params: float, predictor: dict,
+                 resident_neurons: int | None = None) -> BlockReport:
+    """``resident_neurons``: how many neurons keep their weights for the fallback (None: all)."""
     d, hidden, d_out = block.d, block.hidden, block.d_out
+    kept = hidden if resident_neurons is None else resident_neurons
     return BlockReport(
         block.name, block.spelling, [n.name for n in block.nodes], d, hidden, d_out, block.variant, coverage,
-        d * hidden + hidden * d_out, d * d_out, predictor_params, hidden * (d + d_out), predictor)
+        d * hidden + hidden * d_out, d * d_out, predictor_params, kept * (d + d_out), predictor, kept)
 
 
 @dataclasses.dataclass
@@ -88,7 +93,8 @@ class Report:
                "ffn_param_reduction": 1.0 - kept / original}
         if self.verification is not None:
             v = self.verification
-            rates = [b.fallback_rate for b in v.blocks]
+            # the op sees the resident neurons only: its flagged share, over all of the block's neurons
+            rates = [m.fallback_rate * b.resident_neurons / b.hidden for b, m in zip(self.blocks, v.blocks)]
             out.update(max_abs_error=v.max_abs_error, mean_cosine=v.mean_cosine, passed=v.passed,
                        fallback_rate=sum(rates) / len(rates) if rates else 0.0)
             touched = sum(b.touched_per_token(m.fallback_rate) for b, m in zip(self.blocks, v.blocks))
@@ -98,19 +104,20 @@ class Report:
 
     def table(self) -> str:
         """The per-block table (Markdown, also readable in a terminal)."""
-        rows = ["| block | spelling | d×D | predictor | coverage | flagged | recall | precision | rel. error | "
-                "reduction | touched/token |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| block | spelling | d×D | predictor | resident | coverage | flagged | recall | precision | "
+                "rel. error | reduction | touched/token |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         measured = {m.name.split("/")[1] if "/" in m.name else m.name: m for m in
                     (self.verification.blocks if self.verification else [])}
         for b in self.blocks:
             m = measured.get(b.name)
             cov = f"{m.coverage:.1%}" if m else f"{b.calibrated_coverage:.1%} (calib)"
-            rate = m.fallback_rate if m else 1.0 - b.calibrated_coverage
+            kept = b.resident_neurons / b.hidden
+            rate = m.fallback_rate if m else (1.0 - b.calibrated_coverage) / max(kept, 1e-12)  # over resident
             z = b.predictor.get("margin_z")
             pred = b.predictor.get("kind", "?") + (f" (z={z:.2f})" if z else "")
             rows.append(
-                f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {pred} | {cov} | {rate:.1%} | "
+                f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {pred} | {kept:.0%} | {cov} | {rate * kept:.1%} | "
                 f"{(f'{m.recall:.3f}' if m else '-')} | {(f'{m.precision:.3f}' if m else '-')} | "
                 f"{(f'{m.relative_error:.2e}' if m else '-')} | "
                 f"{b.reduction:.1%} | {b.touched_per_token(rate) / b.params_original:.1%} |")

@@ -1,0 +1,74 @@
+"""Resident budget (METHOD.md §5, ours): keep the original weights only for the neurons that need them.
+
+A neuron without resident weights is always linear: its line is fitted on *all* its calibration samples
+(the least-squares line over the whole range, never flagged) and neither its W1 column, W2 row nor
+predictor column is stored. A resident neuron keeps the guarded fallback with an error-aware range.
+Which neurons stay is decided by what the fallback buys: the drop in output error between the neuron's
+full-range line and its ranged line, ``(SSE_full − SSE_ranged)/N · ‖W2[j,:]‖²``, taken greedily across
+all blocks until the resident parameter budget is spent. The fallback-rate target keeps its meaning (the
+share of *all* token-neuron pairs flagged), so the resident neurons' ranges are refitted to carry it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tardis_compile import fit
+from tardis_compile.errors import TardisError
+from tardis_compile.histogram import NeuronStats
+
+
+def subset(stats: NeuronStats, neurons: np.ndarray) -> NeuronStats:
+    """The statistics of some of a block's neurons."""
+    return NeuronStats(stats.variant, stats.grid, stats.moments[:, neurons, :], stats.gram)
+
+
+def select(stats: dict[str, NeuronStats], ranged: dict[str, fit.Lines], w2_norm2: dict[str, np.ndarray],
+           fixed: dict[str, float], per_neuron: dict[str, float], budget: float) -> dict[str, np.ndarray]:
+    """Resident neuron indices per block.
+
+    ``fixed``: parameters every block keeps anyway (the folded matrix); ``per_neuron``: what one resident
+    neuron adds (its W1 column, W2 row, predictor column); ``budget``: total resident parameters allowed.
+    """
+    spare = budget - sum(fixed.values())
+    if spare < 0:
+        raise TardisError(f"--resident budget of {budget:,.0f} parameters is below the folded matrices alone "
+                          f"({sum(fixed.values()):,.0f})")
+    gains, owners, costs = [], [], []
+    for name, s in stats.items():
+        full = fit.coverage_lines(s, 1.0)
+        tokens = max(s.tokens, 1)
+        gains.append((full.sse - ranged[name].sse) / tokens * w2_norm2[name] / per_neuron[name])
+        owners.append(np.full(s.neurons, name, dtype=object))
+        costs.append(np.full(s.neurons, per_neuron[name]))
+    gain, owner, cost = np.concatenate(gains), np.concatenate(owners), np.concatenate(costs)
+    order = np.argsort(-gain, kind="stable")
+    keep = order[np.cumsum(cost[order]) <= spare]
+    chosen = {name: [] for name in stats}
+    offsets, start = {}, 0
+    for name, s in stats.items():
+        offsets[name], start = start, start + s.neurons
+    for k in keep:
+        chosen[owner[k]].append(k - offsets[owner[k]])
+    return {name: np.sort(np.asarray(idx, np.int64)) for name, idx in chosen.items()}
+
+
+def lines(stats: dict[str, NeuronStats], w2_norm2: dict[str, np.ndarray], neurons: dict[str, np.ndarray],
+          target_fallback: float) -> dict[str, fit.Lines]:
+    """Full-size lines per block: error-aware ranges on the resident neurons (carrying the whole fallback
+    target), full-range lines and no range (never flagged) on the others."""
+    total = sum(s.neurons for s in stats.values())
+    kept = sum(len(n) for n in neurons.values())
+    sub_target = min(1.0, target_fallback * total / max(kept, 1))
+    ranged, _ = fit.error_aware_lines({n: subset(stats[n], neurons[n]) for n in stats},
+                                      {n: w2_norm2[n][neurons[n]] for n in stats}, sub_target)
+    out = {}
+    for name, s in stats.items():
+        full = fit.coverage_lines(s, 1.0)
+        lo, hi = np.full(s.neurons, -np.inf), np.full(s.neurons, np.inf)
+        merged = fit.Lines(lo, hi, full.alpha.copy(), full.beta.copy(), np.ones(s.neurons), full.sse.copy())
+        idx, r = neurons[name], ranged[name]
+        for field in ("lo", "hi", "alpha", "beta", "coverage", "sse"):
+            getattr(merged, field)[idx] = getattr(r, field)
+        out[name] = merged
+    return out

@@ -1,0 +1,85 @@
+"""Targets instead of knobs (METHOD.md §5): ``--target-params`` and the resident budget ``--resident``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import tardis_compile as tc
+from tardis_compile import budget, fit, resident
+from tardis_compile import predictor as predictors
+from tardis_compile.histogram import NeuronStats
+from tardis_compile.models import tiny
+from tardis_compile.passes.ffn_match import find_blocks
+from tardis_compile.verify import fallback_sites
+from tests.helpers import batches, save_tiny
+
+
+def _optimize(tmp_path, path, **settings):
+    out = tmp_path / "out.onnx"
+    report = tc.optimize(path, out, batches(d=32, n=16), eval_data=batches(d=32, n=8, seed=7),
+                         settings=tc.Settings(**settings), show_progress=False)
+    return out, report
+
+
+@pytest.mark.parametrize(("predictor", "share"), [("exact", 0.7), ("exact", 0.8), ("int4", 0.3), ("int4", 0.45)])
+def test_target_params_is_met_on_held_out_data(tmp_path, predictor, share):
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
+    _, report = _optimize(tmp_path, path, target_params=share, predictor=predictor, refit=False)
+    touched = report.summary()["params_touched_per_token_ratio"]
+    assert abs(touched - share) <= 0.1 * share, touched
+
+
+def test_target_params_below_the_fixed_cost_is_a_clear_error(tmp_path):
+    path, _ = save_tiny(tmp_path, d=32, D=128)
+    with pytest.raises(tc.TardisError, match=r"--target-params 0.1 is below what the folded matrices and the "
+                                             r"exact predictor touch on their own \(0\.6\d\d"):
+        _optimize(tmp_path, path, target_params=0.1, predictor="exact")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_resident_budget_shrinks_the_file_and_keeps_only_resident_weights(tmp_path):
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
+    out, report = _optimize(tmp_path, path, resident=0.3, predictor="exact", refit=False)
+    summary = report.summary()
+    assert 0.27 <= summary["params_resident_ratio"] <= 0.3
+    assert os.path.getsize(out) < os.path.getsize(path)
+    kept = [b.resident_neurons for b in report.blocks]
+    assert 0 < sum(kept) < 2 * 128
+    model = ir.load(out)
+    for site, k in zip(fallback_sites(model), kept):
+        assert site.w1t.shape == (k, 32) and site.lo.shape == (k,)
+        assert site.y.producer().metadata_props["tardis.resident_neurons"] == f"{k}/128"
+    for block in report.blocks:  # the exact predictor flags exactly the resident neurons out of range
+        assert block.measured["recall"] >= 0.999 and block.measured["precision"] >= 0.999
+    assert 0.07 <= summary["fallback_rate"] <= 0.13  # the target (10%) is over all neurons
+    assert summary["mean_cosine"] > 0.9
+
+
+def test_resident_keeps_the_neurons_the_fallback_helps_most():
+    rng = np.random.default_rng(0)
+    (block,), _ = find_blocks(ir.from_proto(tiny.ffn_model(16, 64, rank=2, constants="initializer")))
+    stats = NeuronStats.empty(64, "none", inputs=16)
+    h = rng.standard_normal((4000, 64)) * np.linspace(0.1, 3.0, 64)  # wider neurons bend more
+    stats.add(h)
+    stats.add_inputs(rng.standard_normal((4000, 16)))
+    w2n = {"b": np.ones(64)}
+    ranged, _ = fit.error_aware_lines({"b": stats}, w2n, 0.1)
+    per = budget.per_neuron([block], "exact", predictors.PredictorOptions())
+    cost = per[block.name]
+    chosen = resident.select({"b": stats}, ranged, w2n, {"b": 0.0}, {"b": cost}, 10 * cost)["b"]
+    assert len(chosen) == 10 and set(chosen) <= set(range(40, 64))  # the widest (most curved) ones
+    lines = resident.lines({"b": stats}, w2n, {"b": chosen}, 0.1)["b"]
+    others = np.setdiff1d(np.arange(64), chosen)
+    assert np.all(np.isneginf(lines.lo[others])) and np.all(np.isposinf(lines.hi[others]))
+    assert np.mean(lines.coverage) == pytest.approx(0.9, abs=0.02)  # 10% of all pairs, carried by 10 neurons
+
+
+def test_resident_needs_the_error_aware_strategy():
+    with pytest.raises(tc.TardisError, match="--resident works with the error-aware strategy"):
+        tc.Settings(resident=0.3, coverage=0.9)
+    with pytest.raises(tc.TardisError, match=r"--resident must be within \(0, 1\]"):
+        tc.Settings(resident=1.5)
