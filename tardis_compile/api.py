@@ -169,7 +169,7 @@ def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSour
         return folds, {b.name: no_margin for b in blocks}
     eqs = {b.name: NormalEquations(b.d, b.d_out) for b in blocks} if refit else {}
     weights = BlockWeights(blocks)
-    w2 = {b.name: np.asarray(b.w2(), np.float64) for b in blocks}
+    w2 = {b.name: np.asarray(b.w2(), np.float32) for b in blocks}  # the model's own array when float32
     b2 = {b.name: b.b2() for b in blocks}
     variant = {b.name: b.variant for b in blocks}
     bar = progress("calibrate: " + " + ".join(["refit"] * refit + ["predictor margins"] * bool(searches)))

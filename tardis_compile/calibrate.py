@@ -83,7 +83,8 @@ class BlockWeights:
     def pre_activation(self, name: str, x: np.ndarray) -> np.ndarray:
         if name not in self._cache:
             block = self._blocks[name]
-            self._cache[name] = (block.w1().astype(np.float32), block.b1().astype(np.float32))
+            # no copy when the weights already are float32 (in memory or memory-mapped external data)
+            self._cache[name] = (np.asarray(block.w1(), np.float32), block.b1().astype(np.float32))
         w1, b1 = self._cache[name]
         return x.astype(np.float32, copy=False) @ w1 + b1
 

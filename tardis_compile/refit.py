@@ -31,7 +31,7 @@ class NormalEquations:
         x = np.asarray(x, np.float64)
         in_range = (h >= lines.lo) & (h <= lines.hi)
         u = np.where(in_range, gelu(h, variant), lines.alpha * h + lines.beta)
-        target = u @ np.asarray(w2, np.float64) + b2
+        target = (u.astype(np.float32) @ np.asarray(w2, np.float32)).astype(np.float64) + b2  # float32 product, float64 sums
         xa = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
         self.a += xa.T @ xa
         self.b += xa.T @ target
