@@ -241,8 +241,10 @@ def run_decoder(arch: str, args) -> dict:
                                               "64 one-token sequences (position 0, what a cache-less 1-token "
                                               "step sees)")}
     for pred, cal in [(p, c) for p in predictor_list(args.predictors) for c in args.decoder_calib.split(",")]:
-        settings = dataclasses.replace(api.Settings(), predictor=pred, target_fallback=0.1)
-        dst = WORK / (f"{arch}-real.{pred}.onnx" if cal == "seq64" else f"{arch}-real.{pred}.{cal}.onnx")
+        settings = dataclasses.replace(api.Settings(), predictor=pred, target_fallback=args.decoder_target)
+        tag = "" if cal == "seq64" else f".{cal}"
+        tag += "" if args.decoder_target == 0.1 else f".t{args.decoder_target:g}"
+        dst = WORK / f"{arch}-real.{pred}{tag}.onnx"
         info = optimized_model(src, dst, calibs[cal][0], settings)
         info.pop("_report", None)
         info["default"] = pred == api.Settings().predictor
@@ -312,7 +314,8 @@ def markdown(results: dict) -> str:
                              f"{c['original_rows_per_s']:.1f} | {c['optimized_rows_per_s']:.1f} | {fl} |")
             lines.append("")
             if v.get("profiles"):
-                lines += ["Per-node profile (1 thread, ms per batch, ORT profiling; parts of the optimized model; "
+                lines += ["Per-node profile (1 thread, ms per batch, ORT profiling, original and optimized runs "
+                          "interleaved; parts of the optimized model; "
                           "`rest` = everything the rewrite did not touch; FFN original (est.) = original nodes − "
                           "optimized rest):", "",
                           "| case | original nodes | optimized nodes | FFN original (est.) | FFN optimized | predictor | fold | "
@@ -332,8 +335,10 @@ def markdown(results: dict) -> str:
                                  f"{ffn_p:.2f} | {cells} |")
                 lines.append("")
             for lab, sv in (v.get("session_variants") or {}).items():
-                lines += [f"Session options, {lab}, {sv['threads']} thread(s) (rotated rounds; ratio = original "
-                          "median / this):", "", "| session | median ms | original / this |", "|---|---|---|"]
+                when = f", run {v['session_variants_date']}" if v.get("session_variants_date") else ""
+                lines += [f"Session options, {lab}, {sv['threads']} thread(s){when} (rotated rounds; ratio = "
+                          "original median / this; ms per round):", "", "| session | median ms | original / this |",
+                          "|---|---|---|"]
                 lines += [f"| {k} | {r['median_ms']:.2f} | {r['vs_first']:.2f}× |" for k, r in sv.items()
                           if isinstance(r, dict)]
                 lines.append("")
@@ -357,6 +362,7 @@ def main(argv=None) -> int:
                     help="also time the int4 predictor at MatMulNBits accuracy_level 0 and 1 (copies of the model)")
     ap.add_argument("--decoder-calib", default="seq64,seq64+1tok",
                     help="decoder calibration variants: seq64 (4×64 random ids), seq64+1tok (plus one-token sequences)")
+    ap.add_argument("--decoder-target", type=float, default=0.1, help="decoders: target fallback (default 0.1)")
     ap.add_argument("--merge", action="store_true", help="keep the other models' results already in the JSON")
     ap.add_argument("--out", default=str(RESULTS / "e2e"), help="results stem (.json, .md)")
     args = ap.parse_args(argv)
@@ -378,7 +384,18 @@ def main(argv=None) -> int:
                                            "load_start": results["load_start"]})
     for arch in args.archs.split(","):
         t0 = time.time()
-        results["models"][names[arch]] = run_minilm(args) if arch == "minilm" else run_decoder(arch, args)
+        section = run_minilm(args) if arch == "minilm" else run_decoder(arch, args)
+        before = results["models"].get(names[arch])
+        if before:  # merge: keep earlier variants of other optimized models
+            done = {v["optimized"] for v in section["variants"]}
+            old_by_path = {v.get("optimized"): v for v in before["variants"]}
+            for v in section["variants"]:  # keep session-option experiments of an earlier run
+                prev = old_by_path.get(v["optimized"])
+                if prev and prev.get("session_variants") and not v.get("session_variants"):
+                    v["session_variants"] = prev["session_variants"]
+                    v["session_variants_date"] = prev.get("session_variants_date", prev["machine"]["date"])
+            section["variants"] = [v for v in before["variants"] if v.get("optimized") not in done] + section["variants"]
+        results["models"][names[arch]] = section
         log(f"{arch} done in {time.time() - t0:.0f} s")
         results["load_end"] = results["runs"][-1]["load_end"] = [round(x, 2) for x in os.getloadavg()]
         stem.parent.mkdir(parents=True, exist_ok=True)

@@ -382,10 +382,10 @@ def bench(original: str | os.PathLike, optimized: str | os.PathLike, feed_sets: 
     if profile_runs > 0:
         t = next(iter(threads))
         for label, feeds in feed_sets.items():
-            for which, path in (("original", original), ("optimized", optimized)):
-                profiles[f"{label}/t{t}/{which}"] = profile(path, feeds[0], threads=t, runs=profile_runs,
-                                                            library=library and which == "optimized",
-                                                            opt_level=opt_level)
+            both = profile_many({"original": (original, False), "optimized": (optimized, library)}, feeds[0],
+                                threads=t, runs=profile_runs, opt_level=opt_level)
+            for which, summary in both.items():
+                profiles[f"{label}/t{t}/{which}"] = summary
     return BenchResult(str(original), str(optimized), opt_level, str(lib) if lib else None, cases,
                        machine_info(), profiles)
 
@@ -449,19 +449,32 @@ def summarize_trace(events: list[dict], runs: int = 1) -> dict:
 def profile(model: str | os.PathLike, feed: Feed, *, threads: int = 1, runs: int = 10, warmup: int = 2,
             library: bool = True, opt_level: str = "all") -> dict:
     """Run ``model`` with ORT profiling and return :func:`summarize_trace` of the timed runs."""
+    return profile_many({"model": (model, library)}, feed, threads=threads, runs=runs, warmup=warmup,
+                        opt_level=opt_level)["model"]
+
+
+def profile_many(models: dict[str, tuple], feed: Feed, *, threads: int = 1, runs: int = 10, warmup: int = 2,
+                 opt_level: str = "all") -> dict[str, dict]:
+    """Profile several models (name → (path, library?)) on one feed, their runs **interleaved** (so load
+    changes hit all of them alike); name → :func:`summarize_trace` of the runs after warm-up."""
     with tempfile.TemporaryDirectory(prefix="tardis-prof-") as tmp:
-        session = make_session(model, threads, library=library, require_library=False, opt_level=opt_level,
-                               profile_prefix=str(Path(tmp) / "prof"))
+        sessions = {name: make_session(path, threads, library=lib, require_library=False, opt_level=opt_level,
+                                       profile_prefix=str(Path(tmp) / f"prof{i}"))
+                    for i, (name, (path, lib)) in enumerate(models.items())}
         for _ in range(runs + warmup):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    # the first `warmup` model_run events (and their nodes) are warm-up: drop them by time
-    runs_ev = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                     key=lambda e: e["ts"])
-    if len(runs_ev) > warmup:
-        start = runs_ev[warmup]["ts"]
-        events = [e for e in events if e.get("ts", 0) >= start]
-    return summarize_trace(events, runs)
+            for session in sessions.values():
+                session.run(None, feed)
+        traces = {name: json.loads(Path(session.end_profiling()).read_text()) for name, session in sessions.items()}
+    out = {}
+    for name, events in traces.items():
+        # the first `warmup` model_run events (and their nodes) are warm-up: drop them by time
+        runs_ev = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                         key=lambda e: e["ts"])
+        if len(runs_ev) > warmup:
+            start = runs_ev[warmup]["ts"]
+            events = [e for e in events if e.get("ts", 0) >= start]
+        out[name] = summarize_trace(events, runs)
+    return out
 
 
 def profile_markdown(summary: dict) -> str:
