@@ -48,14 +48,10 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tardis_compile as tc  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
+from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
+                    parse_sizes, session)
 from tardis_compile.models import tiny  # noqa: E402
 
-SIZES = [(384, 1536), (768, 3072), (1024, 4096), (4544, 18176)]
-TOKENS = [1, 8, 128]
-SHARES = [0.01, 0.05, 0.10, 0.20]
-THREADS = [1, 2]
-QUICK_SIZES = [(384, 1536), (1024, 4096)]
-QUICK_TOKENS = [1, 128]
 QUICK_SHARES = [0.05, 0.10]
 
 
@@ -93,16 +89,6 @@ def cut(model_path: Path, output: str, out_path: Path) -> Path:
     del m.functions[:]
     onnx.save(m, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
     return out_path
-
-
-def session(path: Path, threads: int, lib: bool) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if lib:
-        tc.session_options(so, require=True)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, min_time: float, min_reps: int,
@@ -228,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sizes = QUICK_SIZES if args.quick else SIZES
     if args.sizes:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
+        sizes = parse_sizes(args.sizes)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     shares = args.shares or (QUICK_SHARES if args.quick else SHARES)
     threads = args.threads or THREADS

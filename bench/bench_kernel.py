@@ -45,13 +45,9 @@ from scipy.stats import norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tardis_compile import fallback_op as fo  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
+from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
+                    parse_sizes, session)
 
-SIZES = [(384, 1536), (768, 3072), (1024, 4096), (4544, 18176)]
-TOKENS = [1, 8, 128]
-SHARES = [0.01, 0.05, 0.10, 0.20]
-THREADS = [1, 2]
-QUICK_SIZES = [(384, 1536), (1024, 4096)]
-QUICK_TOKENS = [1, 128]
 QUICK_SHARES = [0.05, 0.20]
 VARIANT = "none"
 OPSET = 20  # Gelu is a standard op since opset 20
@@ -141,16 +137,6 @@ def time_run(sess: ort.InferenceSession, feeds: dict, min_time: float, min_reps:
         sess.run(None, feeds)
         times.append(time.perf_counter() - t0)
     return 1000.0 * statistics.median(times)
-
-
-def session(model: bytes, threads: int, lib: bool) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if lib:
-        runtime.session_options(so, require=True)
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def make_x(rng, tokens: int, d: int, rho: float) -> np.ndarray:
@@ -249,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sizes = QUICK_SIZES if args.quick else SIZES
     if args.sizes:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
+        sizes = parse_sizes(args.sizes)
     tokens = QUICK_TOKENS if args.quick else TOKENS
     shares = QUICK_SHARES if args.quick else SHARES
     threads = args.threads or THREADS

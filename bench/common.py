@@ -1,0 +1,36 @@
+"""Shared by the speed benchmarks: DESIGN.md's grid of block sizes, token counts, flagged shares and
+thread counts, and ORT sessions set up identically for the dense and the rewritten models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tardis_compile import runtime  # noqa: E402
+
+SIZES = [(384, 1536), (768, 3072), (1024, 4096), (4544, 18176)]
+TOKENS = [1, 8, 128]
+SHARES = [0.01, 0.05, 0.10, 0.20]
+THREADS = [1, 2]
+QUICK_SIZES = [(384, 1536), (1024, 4096)]
+QUICK_TOKENS = [1, 128]
+
+
+def parse_sizes(values: list[str]) -> list[tuple[int, int]]:
+    """``["768x3072", ...]`` → ``[(768, 3072), ...]``."""
+    return [tuple(int(v) for v in s.lower().split("x")) for s in values]
+
+
+def session(model: bytes | str | Path, threads: int, lib: bool) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads, sequential, with or without ``libtardis_ops``."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if lib:
+        runtime.session_options(so, require=True)
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
