@@ -123,6 +123,14 @@ def inspect(model_path: str | os.PathLike) -> tuple[list[FfnBlock], list[Rejecti
     return find_blocks(modelio.load(model_path))
 
 
+def rewritten(model_path: str | os.PathLike) -> list[tuple[str, dict[str, str]]]:
+    """Blocks a previous run rewrote: each ``GuardedFallback`` node's name and provenance metadata
+    (predictor, margins, calibrated recall and flagged share, coverage, resident neurons)."""
+    model = modelio.load(model_path)
+    return [(node.name, dict(node.metadata_props)) for node in model.graph
+            if node.domain == fallback_op.DOMAIN and node.op_type == fallback_op.OP_TYPE]
+
+
 def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rejection], rewritten: int = 0) -> None:
     if blocks:
         return

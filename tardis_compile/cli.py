@@ -163,6 +163,13 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{len(rejected)} candidate(s) left alone")
     for r in rejected:
         print(f"  {r.anchor} ({r.op_type}, failed at {r.stage}): {r.reason}")
+    done = api.rewritten(args.model)
+    if done:
+        print(f"{len(done)} block(s) already rewritten by tardis-compile")
+    for name, meta in done:
+        fields = ("predictor", "predictor_margin_z", "predictor_calibrated_recall",
+                  "predictor_calibrated_flagged_share", "calibrated_fallback_rate", "resident_neurons")
+        print(f"  {name}: " + "  ".join(f"{f}={meta[f'tardis.{f}']}" for f in fields if f"tardis.{f}" in meta))
     return 0
 
 

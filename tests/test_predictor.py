@@ -3,6 +3,8 @@ the recall target on held-out data, and refusal of a predictor that does not fit
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -153,3 +155,20 @@ def test_bad_predictor_settings_are_clear_errors():
         tc.Settings(predictor="int3")
     with pytest.raises(tc.TardisError, match="predictor-recall"):
         tc.Settings(predictor="int4", predictor_recall=1.5)
+
+
+def test_inspect_shows_the_predictor_of_rewritten_blocks(tmp_path, capsys):
+    from tardis_compile.cli import main
+
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
+    out = tmp_path / "out.onnx"
+    tc.optimize(path, out, batches(d=32, n=12), settings=tc.Settings(predictor="int4", refit=False),
+                show_progress=False)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 block(s) already rewritten by tardis-compile" in text
+    lines = [line for line in text.splitlines() if "GuardedFallback:" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert "predictor=int4" in line
+        assert float(re.search(r"predictor_calibrated_recall=([0-9.]+)", line).group(1)) >= 0.995
