@@ -191,20 +191,7 @@ def run_minilm(args) -> dict:
         info.update(zero_shot=acc, zero_shot_delta_points=100 * (acc - acc0),
                     embedding_cosine=evaluate.mean_cosine(emb0, emb), default=pred == api.Settings().predictor)
         log(f"minilm {pred}: zero-shot {acc:.3f} vs {acc0:.3f}; timing")
-        load = wait_for_load(args.max_load, args.max_wait)
-        result = benchmark.bench(model, dst, sets, threads=args.threads, warmup=2, rounds=args.rounds,
-                                 profile_runs=args.profile_runs, log=lambda r: log(r))
-        info.update(optimized=str(dst.relative_to(ROOT)), load_before=load, cases=summarize_cases(result),
-                    profiles=result.profiles, machine=result.machine)
-        if args.session_variants:
-            log("session variants, 1×16")
-            info["session_variants"] = {"1×16": session_variants(model, dst, sets["1×16"], args)}
-        if args.accuracy_levels and pred in ("int4", "int2"):
-            log("predictor accuracy_level experiment")
-            exp = accuracy_level_experiment(model, dst, sets, args)
-            info["session_variants"] = {**info.get("session_variants", {}),
-                                        **{f"{k}, accuracy_level": v for k, v in exp.items()}}
-        section["variants"].append(info)
+        section["variants"].append(time_variant(info, model, dst, pred, sets, "1×16", 2, args))
     return section
 
 
@@ -249,21 +236,28 @@ def run_decoder(arch: str, args) -> dict:
         info.pop("_report", None)
         info["default"] = pred == api.Settings().predictor
         info["calibration"] = calibs[cal][1]
-        load = wait_for_load(args.max_load, args.max_wait)
-        result = benchmark.bench(src, dst, sets, threads=args.threads, warmup=3, rounds=args.rounds,
-                                 profile_runs=args.profile_runs, log=lambda r: log(r))
-        info.update(optimized=str(dst.relative_to(ROOT)), load_before=load, cases=summarize_cases(result),
-                    profiles=result.profiles, machine=result.machine)
-        if args.session_variants:
-            log("session variants, 1 token")
-            info["session_variants"] = {"1×1 (1 token)": session_variants(src, dst, sets["1×1 (1 token)"], args)}
-        if args.accuracy_levels and pred in ("int4", "int2"):
-            log("predictor accuracy_level experiment")
-            exp = accuracy_level_experiment(src, dst, sets, args)
-            info["session_variants"] = {**info.get("session_variants", {}),
-                                        **{f"{k}, accuracy_level": v for k, v in exp.items()}}
-        section["variants"].append(info)
+        section["variants"].append(time_variant(info, src, dst, pred, sets, "1×1 (1 token)", 3, args))
     return section
+
+
+def time_variant(info: dict, original: Path, optimized: Path, pred: str, sets: dict, variant_case: str,
+                 warmup: int, args: argparse.Namespace) -> dict:
+    """Time one optimized variant against its original (after waiting for a quiet machine), plus the
+    optional session-option and ``accuracy_level`` experiments on ``variant_case``; returns ``info``."""
+    load = wait_for_load(args.max_load, args.max_wait)
+    result = benchmark.bench(original, optimized, sets, threads=args.threads, warmup=warmup, rounds=args.rounds,
+                             profile_runs=args.profile_runs, log=lambda r: log(r))
+    info.update(optimized=str(optimized.relative_to(ROOT)), load_before=load, cases=summarize_cases(result),
+                profiles=result.profiles, machine=result.machine)
+    if args.session_variants:
+        log(f"session variants, {variant_case}")
+        info["session_variants"] = {variant_case: session_variants(original, optimized, sets[variant_case], args)}
+    if args.accuracy_levels and pred in ("int4", "int2"):
+        log("predictor accuracy_level experiment")
+        exp = accuracy_level_experiment(original, optimized, sets, args)
+        info["session_variants"] = {**info.get("session_variants", {}),
+                                    **{f"{k}, accuracy_level": v for k, v in exp.items()}}
+    return info
 
 
 # ---------------------------------------------------------------------------------------------- output
