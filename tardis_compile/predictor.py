@@ -18,7 +18,7 @@ lowrank     ``MatMul(MatMul(x, U), V) + b1``, rank per layer by whitened    r·(
             SVD energy
 ==========  ============================================================  ==========================
 
-``MatMulNBits`` runs with ``accuracy_level=4`` (int8 activations, the fast path of ORT's CPU kernel);
+``MatMulNBits`` takes ``b1`` as its bias input (one node per predictor) and runs with ``accuracy_level=4`` (int8 activations, the fast path of ORT's CPU kernel);
 :meth:`LowBitPredictor.estimate` reproduces that rounding so the margin search sees what the runtime does.
 """
 
@@ -178,11 +178,13 @@ class LowBitPredictor:
 
     def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
         b, scales, zp = quantize.pack(self.quant, self.dtype)
+        # b1 rides in MatMulNBits' optional bias input (index 5, after the unused g_idx): one node, no Add
         inputs = [x, add(f"{prefix}/predictor/W1_q{self.quant.bits}", b),
-                  add(f"{prefix}/predictor/scales", scales), add(f"{prefix}/predictor/zero_points", zp)]
-        mm = _node(MS_DOMAIN, "MatMulNBits", inputs, f"{prefix}/predictor/xW1_q", K=self.quant.k, N=self.quant.n,
+                  add(f"{prefix}/predictor/scales", scales), add(f"{prefix}/predictor/zero_points", zp), None,
+                  add(f"{prefix}/predictor/b1", self.b1.astype(self.dtype))]
+        mm = _node(MS_DOMAIN, "MatMulNBits", inputs, f"{prefix}/h_hat", K=self.quant.k, N=self.quant.n,
                    bits=self.quant.bits, block_size=self.quant.block_size, accuracy_level=ACCURACY_LEVEL)
-        return _add_bias([mm], mm.outputs[0], self.b1, add, prefix, self.dtype)
+        return [mm], mm.outputs[0]
 
     def parameters(self) -> float:
         scale_bits = 8 * np.dtype(self.dtype).itemsize
