@@ -7,7 +7,7 @@ For each size d x D and flagged share s:
    erf), weights drawn like a trained layer's scale (``N(0, 1/d)``, ``N(0, 1/D)``).
 2. ``tardis_compile.optimize(..., Settings(predictor="int4", target_fallback=s, refit=False))`` on Gaussian
    calibration inputs: the folded ``MatMul``/``Add``, the int4 predictor ``com.microsoft::MatMulNBits``
-   (bits 4, block 32, accuracy_level 4) + ``Add(b1)``, and ``ai.tardis::GuardedFallback``.
+   (bits 4, block 32, accuracy_level 4, bias ``b1``), and ``ai.tardis::GuardedFallback``.
 3. Timing, interleaved round by round (so machine noise hits all variants alike), medians:
 
    dense       the original model (plain session options)

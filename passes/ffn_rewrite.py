@@ -3,7 +3,7 @@
 Emitted graph (the block's output keeps its original tensor name, so consumers are untouched)::
 
     x ─┬─► MatMul(W_f) ─► Add(b_f) ───────────────────────────► y_lin ─┐
-       ├─► predictor (e.g. com.microsoft::MatMulNBits ─► Add(b1)) ─► ĥ ────┤
+       ├─► predictor (e.g. com.microsoft::MatMulNBits with bias b1) ─► ĥ ──┤
        │   range_lo ─► Add(margin) ─► lo      range_hi ─► Sub(margin) ─► hi ┤ (constant-folded by ORT)
        └───────────────────────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
 
