@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import budget, fallback_op, feeds, fit, histogram, modelio, resident
+from tardis_compile import budget, fallback_op, feeds, fit, histogram, modelio, plots, resident
 from tardis_compile import predictor as predictors
 from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs
 from tardis_compile.errors import AlreadyOptimizedError, CalibrationDataError, NoFoldableBlockError, TardisError
@@ -359,6 +359,9 @@ def optimize(
         external_data = True  # auto: an input with external data gets an output with external data
     modelio.save(optimized, out_path, external_data=external_data, validate=validate)
     json_path, md_path = _report_paths(out_path, report_path)
+    measured = {b.name: {"flagged_share": b.measured["fallback_rate"] * b.resident_neurons / b.hidden,
+                         "relative_error": b.measured["relative_error"]} for b in report.blocks if b.measured}
+    report.plots = [p.name for p in plots.write(json_path.with_suffix(""), stats, lines, measured)]
     report.write(json_path, md_path)
     return report
 

@@ -72,6 +72,7 @@ class Report:
     verification: Verification | None = None
     verified_on: str = ""
     calibration_tokens: int = 0
+    plots: list[str] | None = None  # file names next to the report (None: not attempted)
 
     def to_dict(self) -> dict:
         return {
@@ -80,7 +81,7 @@ class Report:
             "blocks": [b.to_dict() for b in self.blocks],
             "rejected": [dataclasses.asdict(r) for r in self.rejected],
             "verification": dataclasses.asdict(self.verification) if self.verification else None,
-            "verified_on": self.verified_on,
+            "verified_on": self.verified_on, "plots": self.plots,
             "summary": self.summary(),
         }
 
@@ -141,6 +142,10 @@ class Report:
             lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.mean_cosine:.5f} | {o.min_cosine:.5f} | "
                       f"{o.relative_error:.3g} | {o.share_over_bound:.2%} |" for o in v.outputs]
         lines += ["", "## Blocks", "", self.table()]
+        if self.plots:
+            lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in self.plots]
+        elif self.plots is not None:
+            lines += ["", "(plots need matplotlib: `pip install tardis-compile[bench]`)"]
         if self.rejected:
             lines += ["", "## Candidates left alone", "", "| anchor | op | stage | reason |", "|---|---|---|---|"]
             lines += [f"| {r.anchor} | {r.op_type} | {r.stage} | {r.reason} |" for r in self.rejected]
