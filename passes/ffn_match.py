@@ -209,7 +209,7 @@ def match_block(seed: ir.Node, graph: ir.Graph, trace: list[str] | None = None) 
 
 def count_rewritten(model: ir.Model) -> int:
     """How many blocks of ``model`` are already tardis-compile's rewritten form (``GuardedFallback`` nodes)."""
-    return sum(1 for n in model.graph if n.domain == fallback_op.DOMAIN and n.op_type == fallback_op.OP_TYPE)
+    return len(fallback_op.fallback_nodes(model.graph))
 
 
 def find_blocks(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:

@@ -127,8 +127,7 @@ def rewritten(model_path: str | os.PathLike) -> list[tuple[str, dict[str, str]]]
     """Blocks a previous run rewrote: each ``GuardedFallback`` node's name and provenance metadata
     (predictor, margins, calibrated recall and flagged share, coverage, resident neurons)."""
     model = modelio.load(model_path)
-    return [(node.name, dict(node.metadata_props)) for node in model.graph
-            if node.domain == fallback_op.DOMAIN and node.op_type == fallback_op.OP_TYPE]
+    return [(node.name, dict(node.metadata_props)) for node in fallback_op.fallback_nodes(model.graph)]
 
 
 def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rejection], rewritten: int = 0) -> None:

@@ -38,6 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from tardis_compile import fallback_op
 from tardis_compile.errors import CalibrationDataError, TardisError
 from tardis_compile.feeds import Feed, InputSpec, input_specs, validate, validated
 
@@ -176,7 +177,7 @@ def fallback_neurons(model: str | os.PathLike) -> int | None:
     dims = {i.name: list(i.dims) for i in m.graph.initializer}
     total, found = 0, False
     for n in m.graph.node:
-        if n.op_type == "GuardedFallback":
+        if n.domain == fallback_op.DOMAIN and n.op_type == fallback_op.OP_TYPE:
             if len(n.input) < 7 or len(dims.get(n.input[6], [])) != 1:
                 return None
             total += dims[n.input[6]][0]
@@ -396,7 +397,7 @@ def bench(original: str | os.PathLike, optimized: str | os.PathLike, feed_sets: 
 
 def classify(node_name: str, op_type: str) -> str:
     """Which part of a rewritten model a node belongs to (names from the tardis pass)."""
-    if op_type == "GuardedFallback":
+    if op_type == fallback_op.OP_TYPE:
         return "fallback"
     if op_type == "MatMulNBits" or "/predictor/" in node_name or node_name.endswith("/h_hat"):
         return "predictor"

@@ -102,6 +102,11 @@ def fallback_function(variant: str, opset: int, dtype: int = TensorProto.FLOAT) 
     )
 
 
+def fallback_nodes(graph) -> list:
+    """The ``GuardedFallback`` nodes of an ``onnx_ir`` graph (the blocks tardis-compile rewrote)."""
+    return [n for n in graph if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
 def make_fallback_node(inputs: list[str], output: str, variant: str, name: str) -> onnx.NodeProto:
     """A ``GuardedFallback`` node with inputs in the order of ``INPUT_NAMES``."""
     if len(inputs) != len(INPUT_NAMES):

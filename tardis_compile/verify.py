@@ -108,14 +108,13 @@ def _bound_and_guard(value: ir.Value) -> tuple[np.ndarray, np.ndarray]:
 
 def fallback_sites(model: ir.Model) -> list[_FallbackSite]:
     sites = []
-    for node in model.graph:
-        if node.domain == fallback_op.DOMAIN and node.op_type == fallback_op.OP_TYPE:
-            const = [ir.convenience.get_const_tensor(v) for v in node.inputs]
-            arrays = {name: (np.asarray(c.numpy(), np.float64) if c is not None else None)
-                      for name, c in zip(fallback_op.INPUT_NAMES, const)}
-            (lo, guard_lo), (hi, guard_hi) = (_bound_and_guard(node.inputs[i]) for i in (3, 4))
-            sites.append(_FallbackSite(node.name, node.inputs[0], node.inputs[2], node.outputs[0],
-                                       lo, hi, guard_lo, guard_hi, arrays["w1t"], arrays["b1"]))
+    for node in fallback_op.fallback_nodes(model.graph):
+        operand = dict(zip(fallback_op.INPUT_NAMES, node.inputs))
+        w1t, b1 = (np.asarray(ir.convenience.get_const_tensor(operand[name]).numpy(), np.float64)
+                   for name in ("w1t", "b1"))
+        (lo, guard_lo), (hi, guard_hi) = (_bound_and_guard(operand[name]) for name in ("lo", "hi"))
+        sites.append(_FallbackSite(node.name, node.inputs[0], node.inputs[2], node.outputs[0],
+                                   lo, hi, guard_lo, guard_hi, w1t, b1))
     return sites
 
 
