@@ -148,13 +148,14 @@ def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rej
                                f"{reasons}{more}")
 
 
-def _fit_lines(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings) -> dict[str, fit.Lines]:
+def _fit_lines(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], w2n: dict[str, np.ndarray],
+               settings: Settings, rate: float) -> dict[str, fit.Lines]:
+    """Ranges and lines for fallback rate ``rate`` (``w2n``: squared norms of each block's W2 rows)."""
     if settings.strategy == "coverage":
-        coverage = settings.coverage if settings.coverage is not None else 1.0 - settings.target_fallback
+        coverage = settings.coverage if settings.coverage is not None else 1.0 - rate
         lines = {b.name: fit.coverage_lines(stats[b.name], coverage) for b in blocks}
     else:
-        w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
-        lines, _ = fit.error_aware_lines(stats, w2n, settings.target_fallback)
+        lines, _ = fit.error_aware_lines(stats, w2n, rate)
     if settings.flag_all:  # keep the fitted lines (a real fold), but every neuron takes the fallback
         for value in lines.values():
             value.lo[:], value.hi[:] = np.inf, -np.inf
@@ -204,17 +205,18 @@ def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock],
     rate = settings.target_fallback
     if settings.target_params is not None:
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options)
-    lines = _fit_lines(stats, blocks, dataclasses.replace(settings, target_fallback=rate))
+    w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
+    lines = _fit_lines(stats, blocks, w2n, settings, rate)
     if settings.resident is None:
         return lines, {b.name: None for b in blocks}, rate
-    w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
-    neurons = resident.select(stats, lines, w2n, budget.folded(blocks),
+    full = {b.name: fit.full_range_lines(stats[b.name]) for b in blocks}
+    neurons = resident.select(stats, lines, full, w2n, budget.folded(blocks),
                               budget.per_neuron(blocks, settings.predictor, options),
                               settings.resident * budget.original(blocks))
     if settings.target_params is not None:  # the predictor now covers the resident neurons only
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options,
                                           {n: len(idx) for n, idx in neurons.items()})
-    return resident.lines(stats, w2n, neurons, rate), neurons, rate
+    return resident.lines(stats, full, w2n, neurons, rate), neurons, rate
 
 
 def _columns(lines: fit.Lines, built: predictors.Built) -> fit.Lines:
@@ -258,7 +260,7 @@ def _block_metadata(tool: str, settings: Settings, block: FfnBlock, lines: fit.L
             "tardis.calibrated_fallback_rate": f"{1.0 - coverage:.6f}",
             "tardis.refit": str(settings.refit and not settings.flag_all).lower(),
             "tardis.predictor_params": f"{built.predictor.parameters():.0f}"}
-    if margin.z > 0 or np.isfinite(margin.flagged_share):
+    if np.isfinite(margin.flagged_share):  # a margin search ran (inexact predictor)
         meta.update({"tardis.predictor_margin_z": f"{margin.z:.3f}",
                      "tardis.predictor_calibrated_recall": f"{margin.recall:.6f}",
                      "tardis.predictor_calibrated_flagged_share": f"{margin.flagged_share:.6f}"})

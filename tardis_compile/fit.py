@@ -82,6 +82,12 @@ def _lines_from(stats: NeuronStats, prefix: np.ndarray, a: np.ndarray, b: np.nda
     return Lines(lo, hi, alpha, beta, np.where(empty, 0.0, sums[0] / total), sse)
 
 
+def full_range_lines(stats: NeuronStats) -> Lines:
+    """Each neuron's least-squares line over all its samples, with the unbounded range (−∞, ∞)."""
+    zeros = np.zeros(stats.neurons, np.int64)
+    return _lines_from(stats, stats.prefix(), zeros, zeros + stats.grid.bins)
+
+
 def coverage_lines(stats: NeuronStats, coverage: float) -> Lines:
     """The paper's strategy: per neuron, the shortest interval holding ``coverage`` of its samples."""
     if not 0.0 <= coverage <= 1.0:

@@ -11,6 +11,8 @@ share of *all* token-neuron pairs flagged), so the resident neurons' ranges are 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from tardis_compile import fit
@@ -23,12 +25,14 @@ def subset(stats: NeuronStats, neurons: np.ndarray) -> NeuronStats:
     return NeuronStats(stats.variant, stats.grid, stats.moments[:, neurons, :], stats.gram)
 
 
-def select(stats: dict[str, NeuronStats], ranged: dict[str, fit.Lines], w2_norm2: dict[str, np.ndarray],
-           fixed: dict[str, float], per_neuron: dict[str, float], budget: float) -> dict[str, np.ndarray]:
+def select(stats: dict[str, NeuronStats], ranged: dict[str, fit.Lines], full: dict[str, fit.Lines],
+           w2_norm2: dict[str, np.ndarray], fixed: dict[str, float], per_neuron: dict[str, float],
+           budget: float) -> dict[str, np.ndarray]:
     """Resident neuron indices per block.
 
-    ``fixed``: parameters every block keeps anyway (the folded matrix); ``per_neuron``: what one resident
-    neuron adds (its W1 column, W2 row, predictor column); ``budget``: total resident parameters allowed.
+    ``ranged``/``full``: each neuron's error-aware and full-range lines; ``fixed``: parameters every block
+    keeps anyway (the folded matrix); ``per_neuron``: what one resident neuron adds (its W1 column, W2 row,
+    predictor column); ``budget``: total resident parameters allowed.
     """
     spare = budget - sum(fixed.values())
     if spare < 0:
@@ -36,9 +40,7 @@ def select(stats: dict[str, NeuronStats], ranged: dict[str, fit.Lines], w2_norm2
                           f"({sum(fixed.values()):,.0f})")
     gains, owners, costs = [], [], []
     for name, s in stats.items():
-        full = fit.coverage_lines(s, 1.0)
-        tokens = max(s.tokens, 1)
-        gains.append((full.sse - ranged[name].sse) / tokens * w2_norm2[name] / per_neuron[name])
+        gains.append((full[name].sse - ranged[name].sse) / max(s.tokens, 1) * w2_norm2[name] / per_neuron[name])
         owners.append(np.full(s.neurons, name, dtype=object))
         costs.append(np.full(s.neurons, per_neuron[name]))
     gain, owner, cost = np.concatenate(gains), np.concatenate(owners), np.concatenate(costs)
@@ -53,8 +55,8 @@ def select(stats: dict[str, NeuronStats], ranged: dict[str, fit.Lines], w2_norm2
     return {name: np.sort(np.asarray(idx, np.int64)) for name, idx in chosen.items()}
 
 
-def lines(stats: dict[str, NeuronStats], w2_norm2: dict[str, np.ndarray], neurons: dict[str, np.ndarray],
-          target_fallback: float) -> dict[str, fit.Lines]:
+def lines(stats: dict[str, NeuronStats], full: dict[str, fit.Lines], w2_norm2: dict[str, np.ndarray],
+          neurons: dict[str, np.ndarray], target_fallback: float) -> dict[str, fit.Lines]:
     """Full-size lines per block: error-aware ranges on the resident neurons (carrying the whole fallback
     target), full-range lines and no range (never flagged) on the others."""
     total = sum(s.neurons for s in stats.values())
@@ -63,12 +65,9 @@ def lines(stats: dict[str, NeuronStats], w2_norm2: dict[str, np.ndarray], neuron
     ranged, _ = fit.error_aware_lines({n: subset(stats[n], neurons[n]) for n in stats},
                                       {n: w2_norm2[n][neurons[n]] for n in stats}, sub_target)
     out = {}
-    for name, s in stats.items():
-        full = fit.coverage_lines(s, 1.0)
-        lo, hi = np.full(s.neurons, -np.inf), np.full(s.neurons, np.inf)
-        merged = fit.Lines(lo, hi, full.alpha.copy(), full.beta.copy(), np.ones(s.neurons), full.sse.copy())
-        idx, r = neurons[name], ranged[name]
-        for field in ("lo", "hi", "alpha", "beta", "coverage", "sse"):
-            getattr(merged, field)[idx] = getattr(r, field)
+    for name in stats:
+        merged = fit.Lines(*(np.array(getattr(full[name], f.name), np.float64) for f in dataclasses.fields(fit.Lines)))
+        for f in dataclasses.fields(fit.Lines):
+            getattr(merged, f.name)[neurons[name]] = getattr(ranged[name], f.name)
         out[name] = merged
     return out

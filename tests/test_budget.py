@@ -70,9 +70,10 @@ def test_resident_keeps_the_neurons_the_fallback_helps_most():
     ranged, _ = fit.error_aware_lines({"b": stats}, w2n, 0.1)
     per = budget.per_neuron([block], "exact", predictors.PredictorOptions())
     cost = per[block.name]
-    chosen = resident.select({"b": stats}, ranged, w2n, {"b": 0.0}, {"b": cost}, 10 * cost)["b"]
+    full = {"b": fit.full_range_lines(stats)}
+    chosen = resident.select({"b": stats}, ranged, full, w2n, {"b": 0.0}, {"b": cost}, 10 * cost)["b"]
     assert len(chosen) == 10 and set(chosen) <= set(range(40, 64))  # the widest (most curved) ones
-    lines = resident.lines({"b": stats}, w2n, {"b": chosen}, 0.1)["b"]
+    lines = resident.lines({"b": stats}, full, w2n, {"b": chosen}, 0.1)["b"]
     others = np.setdiff1d(np.arange(64), chosen)
     assert np.all(np.isneginf(lines.lo[others])) and np.all(np.isposinf(lines.hi[others]))
     assert np.mean(lines.coverage) == pytest.approx(0.9, abs=0.02)  # 10% of all pairs, carried by 10 neurons
