@@ -360,7 +360,7 @@ def optimize(
         external_data = True  # auto: an input with external data gets an output with external data
     modelio.save(optimized, out_path, external_data=external_data, validate=validate)
     json_path, md_path = _report_paths(out_path, report_path)
-    measured = {b.name: {"flagged_share": b.measured["fallback_rate"] * b.resident_neurons / b.hidden,
+    measured = {b.name: {"flagged_share": b.flagged_share(b.measured["fallback_rate"]),
                          "relative_error": b.measured["relative_error"]} for b in report.blocks if b.measured}
     report.plots = [p.name for p in plots.write(json_path.with_suffix(""), stats, lines, measured)]
     report.write(json_path, md_path)

@@ -40,13 +40,26 @@ class BlockReport:
         return self.params_folded + self.params_predictor + fallback_rate * self.params_fallback
 
     @property
+    def resident_share(self) -> float:
+        """Share of the block's neurons that keep their weights for the fallback."""
+        return self.resident_neurons / self.hidden
+
+    def flagged_share(self, resident_rate: float) -> float:
+        """Share of *all* the block's token-neuron pairs flagged, from the op's rate over resident neurons."""
+        return resident_rate * self.resident_share
+
+    @property
+    def calibrated_rate(self) -> float:
+        """The calibrated out-of-range share, over the resident neurons (the op's view)."""
+        return (1.0 - self.calibrated_coverage) / max(self.resident_share, 1e-12)
+
+    @property
     def resident(self) -> float:
         return self.params_folded + self.params_predictor + self.params_fallback
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        calibrated = (1.0 - self.calibrated_coverage) * self.hidden / max(self.resident_neurons, 1)
-        rate = (self.measured or {}).get("fallback_rate", calibrated)  # share of the resident neurons' pairs
+        rate = (self.measured or {}).get("fallback_rate", self.calibrated_rate)  # over the resident neurons
         out.update(reduction=self.reduction, params_touched_per_token=self.touched_per_token(rate),
                    params_resident=self.resident)
         return out
@@ -95,7 +108,7 @@ class Report:
         if self.verification is not None:
             v = self.verification
             # the op sees the resident neurons only: its flagged share, over all of the block's neurons
-            rates = [m.fallback_rate * b.resident_neurons / b.hidden for b, m in zip(self.blocks, v.blocks)]
+            rates = [b.flagged_share(m.fallback_rate) for b, m in zip(self.blocks, v.blocks)]
             out.update(max_abs_error=v.max_abs_error, mean_cosine=v.mean_cosine, passed=v.passed,
                        fallback_rate=sum(rates) / len(rates) if rates else 0.0)
             touched = sum(b.touched_per_token(m.fallback_rate) for b, m in zip(self.blocks, v.blocks))
@@ -113,12 +126,12 @@ class Report:
         for b in self.blocks:
             m = measured.get(b.name)
             cov = f"{m.coverage:.1%}" if m else f"{b.calibrated_coverage:.1%} (calib)"
-            kept = b.resident_neurons / b.hidden
-            rate = m.fallback_rate if m else (1.0 - b.calibrated_coverage) / max(kept, 1e-12)  # over resident
+            kept = b.resident_share
+            rate = m.fallback_rate if m else b.calibrated_rate
             z = b.predictor.get("margin_z")
             pred = b.predictor.get("kind", "?") + (f" (z={z:.2f})" if z else "")
             rows.append(
-                f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {pred} | {kept:.0%} | {cov} | {rate * kept:.1%} | "
+                f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {pred} | {kept:.0%} | {cov} | {b.flagged_share(rate):.1%} | "
                 f"{(f'{m.recall:.3f}' if m else '-')} | {(f'{m.precision:.3f}' if m else '-')} | "
                 f"{(f'{m.relative_error:.2e}' if m else '-')} | "
                 f"{b.reduction:.1%} | {b.touched_per_token(rate) / b.params_original:.1%} |")
