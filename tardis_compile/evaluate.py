@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tardis_compile.errors import CalibrationDataError
-from tardis_compile.feeds import FeedSource, from_text, input_specs, validated
+from tardis_compile.feeds import FeedSource, from_text, input_specs, mask_rows, validated
 
 #: Zero-shot descriptions of the five BBC News topics (``tardis_compile.models.corpora.TOPICS``).
 BBC_TOPIC_PROMPTS: dict[str, str] = {
@@ -45,14 +45,6 @@ def normalize(e: np.ndarray) -> np.ndarray:
     return e / np.where(n > 0, n, 1.0)
 
 
-def _mask(feed: dict[str, np.ndarray], shape: tuple[int, ...], mask_input: str | None) -> np.ndarray | None:
-    names = [mask_input] if mask_input else [k for k in feed if "attention_mask" in k]
-    for name in names:
-        if name in feed and feed[name].shape == shape:
-            return feed[name]
-    return None
-
-
 def pool(out: np.ndarray, feed: dict[str, np.ndarray], mask_input: str | None = None) -> np.ndarray:
     """Sentence embeddings of one batch: masked mean over tokens for ``[batch, seq, dim]``, then L2."""
     out = np.asarray(out, np.float64)
@@ -61,8 +53,8 @@ def pool(out: np.ndarray, feed: dict[str, np.ndarray], mask_input: str | None = 
     if out.ndim != 3:
         raise CalibrationDataError(f"embedding output has shape {list(out.shape)}; expected [batch, dim] or "
                                    "[batch, seq, dim]")
-    mask = _mask(feed, out.shape[:2], mask_input)
-    w = np.ones(out.shape[:2]) if mask is None else (mask != 0).astype(np.float64)
+    keep = mask_rows(feed, out.shape[0] * out.shape[1], mask_input)
+    w = np.ones(out.shape[:2]) if keep is None else keep.reshape(out.shape[:2]).astype(np.float64)
     mean = np.einsum("bs,bsd->bd", w, out) / np.maximum(w.sum(axis=1, keepdims=True), 1e-9)
     return normalize(mean)
 
