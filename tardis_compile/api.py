@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import budget, fallback_op, feeds, fit, histogram, modelio, plots, resident
+from tardis_compile import budget, error_target, fallback_op, feeds, fit, histogram, modelio, plots, resident
 from tardis_compile import predictor as predictors
 from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs
 from tardis_compile.errors import AlreadyOptimizedError, CalibrationDataError, NoFoldableBlockError, TardisError
@@ -51,7 +51,9 @@ class Settings:
     predictor_recall: float = 0.995  # calibrated share of out-of-range pairs the predictor must flag
     predictor_quantizer: str = "gptq"  # int4/int2: gptq or rtn
     predictor_rank: int | None = None  # lowrank: fixed rank (default: chosen per layer)
+    predictor_block: int = 32  # int4/int2: weights per quantization block along d (one scale + zero point each)
     target_params: float | None = None  # share of the FFN parameters touched per token (sets the fallback rate)
+    max_error: float | None = None  # worst block's own relative output error (sets the fallback rate)
     resident: float | None = None  # share of the FFN parameters kept resident (the rest: always linear)
     flag_all: bool = False  # self-test: every neuron takes the exact fallback (output = original)
 
@@ -64,10 +66,12 @@ class Settings:
             raise TardisError(f"--target-fallback must be within [0, 1], got {self.target_fallback}")
         if self.coverage is not None and not 0.0 <= self.coverage <= 1.0:
             raise TardisError(f"--coverage must be within [0, 1], got {self.coverage}")
-        for name in ("target_params", "resident"):
+        for name in ("target_params", "resident", "max_error"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise TardisError(f"--{name.replace('_', '-')} must be within (0, 1], got {value}")
+        if self.max_error is not None and (self.target_params is not None or self.coverage is not None):
+            raise TardisError("--max-error sets the fallback rate itself: drop --target-params / --coverage")
         if self.resident is not None and (self.strategy != "error" or self.flag_all):
             raise TardisError("--resident works with the error-aware strategy and without --flag-all")
         if self.predictor not in predictors.KINDS:
@@ -76,7 +80,7 @@ class Settings:
 
     def predictor_options(self) -> predictors.PredictorOptions:
         return predictors.PredictorOptions(recall=self.predictor_recall, quantizer=self.predictor_quantizer,
-                                           rank=self.predictor_rank)
+                                           rank=self.predictor_rank, block_size=self.predictor_block)
 
 
 @dataclasses.dataclass
@@ -197,26 +201,40 @@ def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSour
     return folds, margins
 
 
-def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock],
-          settings: Settings) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float]:
-    """Lines per block, resident neurons per block (None: all) and the fallback rate they carry, from the
-    user's targets (fallback rate, parameters touched per token, resident parameters)."""
-    options = settings.predictor_options()
-    rate = settings.target_fallback
-    if settings.target_params is not None:
-        rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options)
-    w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
+def _plan_at(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings,
+             w2n: dict[str, np.ndarray], rate: float) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float]:
+    """Lines and resident neurons per block (None: all resident) at fallback rate ``rate``, and the rate
+    they carry (``--target-params`` re-solves it once the predictor covers only the resident neurons)."""
     lines = _fit_lines(stats, blocks, w2n, settings, rate)
     if settings.resident is None:
         return lines, {b.name: None for b in blocks}, rate
+    options = settings.predictor_options()
     full = {b.name: fit.full_range_lines(stats[b.name]) for b in blocks}
     neurons = resident.select(stats, lines, full, w2n, budget.folded(blocks),
                               budget.per_neuron(blocks, settings.predictor, options),
                               settings.resident * budget.original(blocks))
-    if settings.target_params is not None:  # the predictor now covers the resident neurons only
+    if settings.target_params is not None:
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options,
                                           {n: len(idx) for n, idx in neurons.items()})
     return resident.lines(stats, full, w2n, neurons, rate), neurons, rate
+
+
+def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings,
+          probe: Callable[[Callable[[float], dict[str, fit.Lines]], tuple[float, ...]], error_target.ErrorCurve]
+          | None = None,
+          ) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float, error_target.ErrorCurve | None]:
+    """Lines, resident neurons and fallback rate from the user's target: a fallback rate, parameters
+    touched per token, or a maximum block error (``probe`` measures the error curve of a plan)."""
+    rate = settings.target_fallback
+    if settings.target_params is not None:
+        rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor,
+                                          settings.predictor_options())
+    w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
+    curve = None
+    if settings.max_error is not None:
+        rate, curve = error_target.solve(
+            lambda rates: probe(lambda r: _plan_at(stats, blocks, settings, w2n, r)[0], rates), settings.max_error)
+    return (*_plan_at(stats, blocks, settings, w2n, rate), curve)
 
 
 def _columns(lines: fit.Lines, built: predictors.Built) -> fit.Lines:
@@ -322,7 +340,10 @@ def optimize(
                               progress_factory=progress)
     if stats_out is not None:
         histogram.save(stats, stats_out)
-    lines, neurons, rate = _plan(stats, blocks, settings)
+    probe = lambda lines_at, rates: error_target.measure(  # noqa: E731
+        original, blocks, calib_source, lines_at, rates, mask_input=data.mask_input, threads=threads,
+        progress=progress(f"calibrate: block errors at {len(rates)} fallback rates"))
+    lines, neurons, rate, curve = _plan(stats, blocks, settings, probe)
     folds = {b.name: fold(b.w1(), b.b1(), b.w2(), b.b2(), lines[b.name].alpha, lines[b.name].beta)
              for b in blocks}
     built = _build_predictors(blocks, stats, settings, neurons, progress)
@@ -337,7 +358,8 @@ def optimize(
     reports = [block_report(b, float(np.mean(lines[b.name].coverage)), built[b.name].predictor.parameters(),
                             _predictor_summary(built[b.name], margins[b.name]),
                             None if neurons[b.name] is None else len(neurons[b.name])) for b in blocks]
-    report = Report(str(model_path), str(out_path), {**dataclasses.asdict(settings), "solved_fallback_rate": rate},
+    solved = {"solved_fallback_rate": rate, **({"error_curve": curve.to_dict()} if curve is not None else {})}
+    report = Report(str(model_path), str(out_path), {**dataclasses.asdict(settings), **solved},
                     reports, rejected,
                     verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
     optimized = modelio.load(model_path)  # a second, untouched copy stays as the reference
@@ -368,7 +390,7 @@ def optimize(
 
 
 def _attach_measurements(report: Report, verification: Verification) -> None:
-    by_name = {m.name.split("/")[1]: m for m in verification.blocks}
+    by_name = {fallback_op.block_name(m.name): m for m in verification.blocks}
     for b in report.blocks:
         m = by_name.get(b.name)
         if m is not None:

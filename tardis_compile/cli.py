@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-fallback", type=float, default=0.1,
                         help="mean share of token-neuron pairs taking the exact fallback (default 0.1)")
     target.add_argument("--coverage", type=float, help="paper's strategy: each neuron's range covers this share")
+    target.add_argument("--max-error", type=float,
+                        help="largest relative output error any block may add on its own input (e.g. 0.05); "
+                             "sets the fallback rate")
     p.add_argument("--target-params", type=float,
                    help="share of the FFN parameters touched per token (folded matrix + predictor + fallback "
                         "rows); sets the fallback rate")
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-quantizer", choices=["gptq", "rtn"], default=api.Settings.predictor_quantizer,
                    help="int4/int2 predictors: GPTQ with the calibration inputs (default) or round-to-nearest")
     p.add_argument("--predictor-rank", type=int, help="lowrank predictor: fixed rank (default: per layer)")
+    p.add_argument("--predictor-block", type=int, choices=[16, 32, 64, 128], default=api.Settings.predictor_block,
+                   help="int4/int2 predictors: weights per quantization block (larger: smaller predictor, "
+                        f"more flags; default {api.Settings.predictor_block})")
     p.add_argument("--flag-all", action="store_true",
                    help="self-test: every neuron takes the exact fallback; the output must equal the original")
     p.add_argument("--stats-out", help="save calibration statistics (.npz) for reuse or merging")
@@ -138,7 +144,8 @@ def _optimize(args: argparse.Namespace) -> int:
     settings = api.Settings(target_fallback=args.target_fallback, coverage=args.coverage,
                             strategy=args.strategy, refit=not args.no_refit, predictor=args.predictor,
                             predictor_recall=args.predictor_recall, predictor_quantizer=args.predictor_quantizer,
-                            predictor_rank=args.predictor_rank, target_params=args.target_params,
+                            predictor_rank=args.predictor_rank, predictor_block=args.predictor_block,
+                            target_params=args.target_params, max_error=args.max_error,
                             resident=args.resident, flag_all=args.flag_all)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     report = api.optimize(args.model, args.output, args.calib, settings=settings, data=_data_options(args),

@@ -107,6 +107,12 @@ def fallback_nodes(graph) -> list:
     return [n for n in graph if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
+def block_name(node_name: str) -> str:
+    """The FFN block a fallback node rewrote, from its name ``tardis/<block>/GuardedFallback`` ("" if not)."""
+    parts = node_name.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "tardis" else ""
+
+
 def make_fallback_node(inputs: list[str], output: str, variant: str, name: str) -> onnx.NodeProto:
     """A ``GuardedFallback`` node with inputs in the order of ``INPUT_NAMES``."""
     if len(inputs) != len(INPUT_NAMES):

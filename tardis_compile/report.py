@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from tardis_compile import fallback_op
 from tardis_compile.passes.ffn_match import FfnBlock, Rejection
 from tardis_compile.verify import Verification
 
@@ -113,16 +114,18 @@ class Report:
                        fallback_rate=sum(rates) / len(rates) if rates else 0.0)
             touched = sum(b.touched_per_token(m.fallback_rate) for b, m in zip(self.blocks, v.blocks))
             out["params_touched_per_token_ratio"] = touched / original
+            own = [m.own_error for m in v.blocks if m.own_error == m.own_error]  # nan: original block unknown
+            if own:
+                out["max_own_error"] = max(own)
         out["params_resident_ratio"] = sum(b.resident for b in self.blocks) / original
         return out
 
     def table(self) -> str:
         """The per-block table (Markdown, also readable in a terminal)."""
         rows = ["| block | spelling | d×D | predictor | resident | coverage | flagged | recall | precision | "
-                "rel. error | reduction | touched/token |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        measured = {m.name.split("/")[1] if "/" in m.name else m.name: m for m in
-                    (self.verification.blocks if self.verification else [])}
+                "own error | error in model | reduction | touched/token |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        measured = {fallback_op.block_name(m.name): m for m in (self.verification.blocks if self.verification else [])}
         for b in self.blocks:
             m = measured.get(b.name)
             cov = f"{m.coverage:.1%}" if m else f"{b.calibrated_coverage:.1%} (calib)"
@@ -133,7 +136,7 @@ class Report:
             rows.append(
                 f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {pred} | {kept:.0%} | {cov} | {b.flagged_share(rate):.1%} | "
                 f"{(f'{m.recall:.3f}' if m else '-')} | {(f'{m.precision:.3f}' if m else '-')} | "
-                f"{(f'{m.relative_error:.2e}' if m else '-')} | "
+                f"{(f'{m.own_error:.2e}' if m else '-')} | {(f'{m.relative_error:.2e}' if m else '-')} | "
                 f"{b.reduction:.1%} | {b.touched_per_token(rate) / b.params_original:.1%} |")
         return "\n".join(rows)
 
@@ -154,6 +157,11 @@ class Report:
                       "|---|---|---|---|---|---|"]
             lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.mean_cosine:.5f} | {o.min_cosine:.5f} | "
                       f"{o.relative_error:.3g} | {o.share_over_bound:.2%} |" for o in v.outputs]
+        if self.settings.get("max_error") is not None:
+            worst = s.get("max_own_error")
+            lines += [f"- --max-error {self.settings['max_error']:g}: solved fallback rate "
+                      f"{self.settings.get('solved_fallback_rate', float('nan')):.2%}"
+                      + (f", worst block's own error {worst:.4g} on the verification data" if worst else "")]
         lines += ["", "## Blocks", "", self.table()]
         if self.plots:
             lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in self.plots]

@@ -5,7 +5,8 @@ by more than ``atol + rtol·|ref|``. Per rewritten block (found from the ``Guard
 works on any optimized file): measured coverage (share of exact pre-activations inside the range),
 fallback rate (share of token-neuron pairs flagged), predictor recall and precision, and the relative
 error of the block's output tensor — which keeps its name in both models — including what upstream
-blocks contributed.
+blocks contributed, and the block's *own* relative error: its output against the original block applied
+to the same input (what ``--max-error`` bounds).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from tardis_compile import fallback_op
-from tardis_compile.calibrate import capture_session
+from tardis_compile.calibrate import BlockWeights, capture_session
 from tardis_compile.errors import CalibrationDataError
 from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
+from tardis_compile.gelu import gelu
+from tardis_compile.passes.ffn_match import find_blocks
 
 
 @dataclasses.dataclass
@@ -53,6 +56,7 @@ class BlockMetrics:
     precision: float
     relative_error: float
     tokens: int
+    own_error: float = float("nan")  # vs the original block on the same input (nan: original block not found)
 
 
 @dataclasses.dataclass
@@ -153,6 +157,11 @@ def compare(
     opt_values = [*optimized.graph.outputs, *(v for s in sites for v in (s.x, s.h_hat, s.y))]
     orig_by_name = {v.name: v for v in _all_values(original)}
     orig_values = [*original.graph.outputs, *(orig_by_name[s.y.name] for s in sites if s.y.name in orig_by_name)]
+    orig_blocks = {b.name: b for b in find_blocks(original)[0]}
+    own_block = {s.name: orig_blocks.get(fallback_op.block_name(s.name)) for s in sites}
+    weights = BlockWeights([b for b in own_block.values() if b is not None])
+    w2 = {name: (np.asarray(b.w2(), np.float32), b.b2()) for name, b in own_block.items() if b is not None}
+    own_err = {name: _Accumulator() for name in w2}
     outputs = {name: _Accumulator() for name in out_names}
     block_err = {s.name: _Accumulator() for s in sites}
     counts = {s.name: np.zeros(5) for s in sites}  # tokens·D, in-range, flagged, out, flagged∧out
@@ -187,6 +196,11 @@ def compare(
                 out = ~inside
                 counts[site.name] += [h.size, inside.sum(), flagged.sum(), out.sum(), (flagged & out).sum()]
                 block_err[site.name].add(y_ref, y_got, thresholds.atol, thresholds.rtol)
+                if site.name in own_err:
+                    block = own_block[site.name]
+                    g = gelu(weights.pre_activation(block.name, rows), block.variant).astype(np.float32)
+                    own_err[site.name].add(g @ w2[site.name][0] + w2[site.name][1], y_got, thresholds.atol,
+                                           thresholds.rtol)
     if batches == 0:
         raise CalibrationDataError("evaluation data: no data")
     out_metrics = [_output_metrics(name, acc) for name, acc in outputs.items()]
@@ -196,8 +210,9 @@ def compare(
         acc = block_err[site.name]
         blocks.append(BlockMetrics(
             site.name, inside / max(total, 1), flagged / max(total, 1), hit / out if out else 1.0,
-            hit / flagged if flagged else 1.0, float(np.sqrt(acc.err2 / max(acc.ref2, 1e-300))),
-            int(total // max(site.lo.size, 1))))
+            hit / flagged if flagged else 1.0, _relative(acc),
+            int(total // max(site.lo.size, 1)),
+            _relative(own_err[site.name]) if site.name in own_err else float("nan")))
     return Verification(out_metrics, blocks, batches, _failures(out_metrics, thresholds))
 
 
@@ -219,10 +234,14 @@ def _all_values(model: ir.Model):
         yield from node.outputs
 
 
+def _relative(acc: _Accumulator) -> float:
+    return float(np.sqrt(acc.err2 / max(acc.ref2, 1e-300)))
+
+
 def _output_metrics(name: str, acc: _Accumulator) -> OutputMetrics:
     cos = np.asarray(acc.cos) if acc.cos else np.ones(1)
-    return OutputMetrics(name, acc.max_abs, float(cos.mean()), float(cos.min()),
-                         float(np.sqrt(acc.err2 / max(acc.ref2, 1e-300))), acc.over / max(acc.count, 1))
+    return OutputMetrics(name, acc.max_abs, float(cos.mean()), float(cos.min()), _relative(acc),
+                         acc.over / max(acc.count, 1))
 
 
 def _failures(outputs: list[OutputMetrics], t: Thresholds) -> list[str]:
