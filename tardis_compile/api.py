@@ -258,7 +258,7 @@ def _build_predictors(blocks: list[FfnBlock], stats: dict[str, histogram.NeuronS
 def _predictor_summary(built: predictors.Built, margin: predictors.Margin) -> dict:
     """What the report says about a block's predictor (calibrated figures; held-out ones come from
     verification)."""
-    out = {"kind": built.predictor.kind, "margin_z": margin.z, "mean_sigma": float(np.mean(built.sigma))}
+    out = {"kind": built.predictor.kind, "margin_z": margin.z, "mean_sigma": float(np.mean(built.sigma)) if built.sigma.size else 0.0}
     if np.isfinite(margin.flagged_share):
         out.update(calibrated_recall=margin.recall, calibrated_flagged_share=margin.flagged_share,
                    calibrated_out_share=margin.out_share)

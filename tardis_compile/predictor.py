@@ -309,7 +309,7 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
     w1 = np.asarray(block.w1(), np.float64)[:, pick]
     b1 = np.asarray(block.b1(), np.float64)[pick]
     dtype = block.dtype.numpy()
-    if kind == "exact":
+    if kind == "exact" or w1.shape[1] == 0:  # no resident neuron: nothing to predict, an empty exact one
         return Built(ExactPredictor(w1, b1, dtype), np.zeros(w1.shape[1]), neurons)
     if gram is None:
         raise PredictorError(f"the {kind} predictor needs the calibration inputs' moments, which these "

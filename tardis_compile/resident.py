@@ -35,7 +35,7 @@ def select(stats: dict[str, NeuronStats], ranged: dict[str, fit.Lines], full: di
     predictor column); ``budget``: total resident parameters allowed.
     """
     spare = budget - sum(fixed.values())
-    if spare < 0:
+    if spare < -1e-9 * budget:
         raise TardisError(f"--resident budget of {budget:,.0f} parameters is below the folded matrices alone "
                           f"({sum(fixed.values()):,.0f})")
     gains, owners, costs = [], [], []
@@ -61,6 +61,8 @@ def lines(stats: dict[str, NeuronStats], full: dict[str, fit.Lines], w2_norm2: d
     target), full-range lines and no range (never flagged) on the others."""
     total = sum(s.neurons for s in stats.values())
     kept = sum(len(n) for n in neurons.values())
+    if kept == 0:  # nothing resident: every neuron is always linear (the fold alone, 1 − d/2D of the FFN cut)
+        return dict(full)
     sub_target = min(1.0, target_fallback * total / max(kept, 1))
     ranged, _ = fit.error_aware_lines({n: subset(stats[n], neurons[n]) for n in stats},
                                       {n: w2_norm2[n][neurons[n]] for n in stats}, sub_target)

@@ -209,7 +209,7 @@ def compare(
         total, inside, flagged, out, hit = counts[site.name]
         acc = block_err[site.name]
         blocks.append(BlockMetrics(
-            site.name, inside / max(total, 1), flagged / max(total, 1), hit / out if out else 1.0,
+            site.name, inside / total if total else 1.0, flagged / max(total, 1), hit / out if out else 1.0,
             hit / flagged if flagged else 1.0, _relative(acc),
             int(total // max(site.lo.size, 1)),
             _relative(own_err[site.name]) if site.name in own_err else float("nan")))

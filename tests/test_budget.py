@@ -15,7 +15,7 @@ from tardis_compile.histogram import NeuronStats
 from tardis_compile.models import tiny
 from tardis_compile.passes.ffn_match import find_blocks
 from tardis_compile.verify import fallback_sites
-from tests.helpers import batches, save_tiny
+from tests.helpers import batches, run, save_tiny
 
 
 def _optimize(tmp_path, path, **settings):
@@ -84,3 +84,18 @@ def test_resident_needs_the_error_aware_strategy():
         tc.Settings(resident=0.3, coverage=0.9)
     with pytest.raises(tc.TardisError, match=r"--resident must be within \(0, 1\]"):
         tc.Settings(resident=1.5)
+
+
+def test_resident_at_the_fold_floor_keeps_no_neuron_and_cuts_87_5_percent(tmp_path):
+    """``--resident 0.125`` with D = 4d: the folded matrix alone; every neuron always linear, no predictor,
+    and the compiled kernel and the function body agree on the empty fallback."""
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
+    out, report = _optimize(tmp_path, path, resident=0.125)
+    summary = report.summary()
+    assert summary["ffn_param_reduction"] == pytest.approx(0.875)
+    assert summary["params_resident_ratio"] == pytest.approx(0.125)
+    assert summary["fallback_rate"] == 0.0
+    assert all(b.resident_neurons == 0 and b.measured["coverage"] == 1.0 for b in report.blocks)
+    assert 0.8 < summary["mean_cosine"] < 0.999  # a real, lossy cut
+    feed = batches(d=32, n=1, seed=9)[0]
+    np.testing.assert_allclose(run(out, feed, tc.session_options()), run(out, feed), rtol=1e-6, atol=1e-6)
