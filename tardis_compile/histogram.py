@@ -111,6 +111,10 @@ class NeuronStats:
         else:
             self.gram = None
 
+    def release(self) -> None:
+        """Hint that the moments are not needed in memory for a while (spilled statistics drop their
+        resident pages; in-memory ones are unaffected)."""
+
     def prefix(self) -> np.ndarray:
         """(6, D, bins + 1) prefix sums over bins: interval [a, b) sums are ``P[..., b] - P[..., a]``."""
         out = np.zeros(self.moments.shape[:2] + (self.moments.shape[2] + 1,), np.float64)
