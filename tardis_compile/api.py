@@ -202,10 +202,12 @@ def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSour
 
 
 def _plan_at(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings,
-             w2n: dict[str, np.ndarray], rate: float) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float]:
-    """Lines and resident neurons per block (None: all resident) at fallback rate ``rate``, and the rate
-    they carry (``--target-params`` re-solves it once the predictor covers only the resident neurons)."""
-    lines = _fit_lines(stats, blocks, w2n, settings, rate)
+             w2n: dict[str, np.ndarray], rate: float,
+             scale: float = 1.0) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float]:
+    """Lines and resident neurons per block (None: all resident) for flagged share ``rate``, and the rate
+    they carry (``--target-params`` re-solves it once the predictor covers only the resident neurons).
+    The ranges hold ``scale·rate`` of the pairs out of range (the predictor flags a few more)."""
+    lines = _fit_lines(stats, blocks, w2n, settings, rate * scale)
     if settings.resident is None:
         return lines, {b.name: None for b in blocks}, rate
     options = settings.predictor_options()
@@ -216,15 +218,36 @@ def _plan_at(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], se
     if settings.target_params is not None:
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options,
                                           {n: len(idx) for n, idx in neurons.items()})
-    return resident.lines(stats, full, w2n, neurons, rate), neurons, rate
+    return resident.lines(stats, full, w2n, neurons, rate * scale), neurons, rate
+
+
+def _rate_targeted(settings: Settings) -> bool:
+    """Whether the user fixed the flagged share (directly or through --target-params)."""
+    return settings.max_error is None and settings.coverage is None and not settings.flag_all
+
+
+def _flagged_share(blocks: list[FfnBlock], lines: dict[str, fit.Lines], built: dict[str, predictors.Built],
+                   margins: dict[str, predictors.Margin]) -> float | None:
+    """Calibrated share of *all* token-neuron pairs the predictors flag (None: exact predictors only)."""
+    if not any(np.isfinite(m.flagged_share) for m in margins.values()):
+        return None
+    flagged = 0.0
+    for b in blocks:
+        m, kept = margins[b.name], built[b.name].neurons
+        if np.isfinite(m.flagged_share):  # over the predicted (resident) neurons' pairs
+            flagged += m.flagged_share * (b.hidden if kept is None else len(kept))
+        else:  # exact: flags exactly the out-of-range pairs
+            flagged += float(np.sum(1.0 - lines[b.name].coverage))
+    return flagged / sum(b.hidden for b in blocks)
 
 
 def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings,
           probe: Callable[[Callable[[float], dict[str, fit.Lines]], tuple[float, ...]], error_target.ErrorCurve]
-          | None = None,
+          | None = None, scale: float = 1.0,
           ) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float, error_target.ErrorCurve | None]:
     """Lines, resident neurons and fallback rate from the user's target: a fallback rate, parameters
-    touched per token, or a maximum block error (``probe`` measures the error curve of a plan)."""
+    touched per token, or a maximum block error (``probe`` measures the error curve of a plan); ``scale``
+    as in :func:`_plan_at`."""
     rate = settings.target_fallback
     if settings.target_params is not None:
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor,
@@ -234,7 +257,7 @@ def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], setti
     if settings.max_error is not None:
         rate, curve = error_target.solve(
             lambda rates: probe(lambda r: _plan_at(stats, blocks, settings, w2n, r)[0], rates), settings.max_error)
-    return (*_plan_at(stats, blocks, settings, w2n, rate), curve)
+    return (*_plan_at(stats, blocks, settings, w2n, rate, scale), curve)
 
 
 def _columns(lines: fit.Lines, built: predictors.Built) -> fit.Lines:
@@ -343,12 +366,21 @@ def optimize(
     probe = lambda lines_at, rates: error_target.measure(  # noqa: E731
         original, blocks, calib_source, lines_at, rates, mask_input=data.mask_input, threads=threads,
         progress=progress(f"calibrate: block errors at {len(rates)} fallback rates"))
-    lines, neurons, rate, curve = _plan(stats, blocks, settings, probe)
-    folds = {b.name: fold(b.w1(), b.b1(), b.w2(), b.b2(), lines[b.name].alpha, lines[b.name].beta)
-             for b in blocks}
-    built = _build_predictors(blocks, stats, settings, neurons, progress)
-    folds, margins = _second_pass(original, blocks, calib_source, lines, folds, built, settings, data, progress,
-                                  threads)
+    scale, built = 1.0, None
+    while True:  # at most twice: once more when the predictor's extra flags miss a rate target
+        lines, neurons, rate, curve = _plan(stats, blocks, settings, probe, scale)
+        folds = {b.name: fold(b.w1(), b.b1(), b.w2(), b.b2(), lines[b.name].alpha, lines[b.name].beta)
+                 for b in blocks}
+        if built is None or settings.resident is not None:  # resident neurons follow the ranges
+            built = _build_predictors(blocks, stats, settings, neurons, progress)
+        folds, margins = _second_pass(original, blocks, calib_source, lines, folds, built, settings, data,
+                                      progress, threads)
+        flagged = _flagged_share(blocks, lines, built, margins)
+        if scale != 1.0 or not _rate_targeted(settings) or flagged is None or abs(flagged / rate - 1.0) <= 0.03:
+            break
+        # fit ranges for fewer out-of-range pairs so that the *flagged* ones meet the target; a predictor
+        # whose false flags dominate cannot be fixed this way, so never below half the target
+        scale = max(rate / flagged, 0.5)
     tool = version()
     folded = [FoldedBlock(b, lines[b.name], *folds[b.name], built[b.name].predictor,
                           margins[b.name].widths(built[b.name].sigma),
@@ -358,7 +390,8 @@ def optimize(
     reports = [block_report(b, float(np.mean(lines[b.name].coverage)), built[b.name].predictor.parameters(),
                             _predictor_summary(built[b.name], margins[b.name]),
                             None if neurons[b.name] is None else len(neurons[b.name])) for b in blocks]
-    solved = {"solved_fallback_rate": rate, **({"error_curve": curve.to_dict()} if curve is not None else {})}
+    solved = {"solved_fallback_rate": rate, "out_of_range_rate": rate * scale,
+              **({"error_curve": curve.to_dict()} if curve is not None else {})}
     report = Report(str(model_path), str(out_path), {**dataclasses.asdict(settings), **solved},
                     reports, rejected,
                     verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
