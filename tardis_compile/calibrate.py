@@ -7,7 +7,14 @@ than ``h`` moves D/d = 4× less data out of ORT and sees every spelling the same
 
 Pass 1 reduces ``h`` into per-neuron histogram moments (:mod:`tardis_compile.histogram`) and ``x`` into
 its second moments; pass 2 (after the ranges are fitted and the predictors built) accumulates the refit's
-normal equations and the predictors' margin curves. Neither keeps more than one batch.
+normal equations and the predictors' margin curves. Neither keeps more than one batch — except that
+pass 1 buffers up to :data:`GROUP_BYTES` of block inputs when the statistics are spilled to a scratch
+file, then reduces them block by block, so that each block's statistics are paged in once per group
+rather than once per batch (same sums, same order).
+
+Weights read in place (memory-mapped external data) are released after each use
+(:func:`tardis_compile.modelio.drop_pages`): ONNX Runtime holds its own mapping of the whole model
+while it runs, and the NumPy side then adds one block's ``W1`` at a time, not a second copy of them all.
 """
 
 from __future__ import annotations
@@ -21,22 +28,28 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from tardis_compile import modelio
 from tardis_compile.errors import CalibrationDataError
 from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
 from tardis_compile.histogram import Grid, NeuronStats
 from tardis_compile.passes.ffn_match import FfnBlock
 from tardis_compile.progress import Progress
 
+GROUP_BYTES = 256 * 2**20
+
 
 @contextlib.contextmanager
-def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0) -> Iterator[ort.InferenceSession]:
-    """An ORT session over ``model`` whose outputs are exactly ``values`` (the model is restored after)."""
+def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0,
+                    options: ort.SessionOptions | None = None) -> Iterator[ort.InferenceSession]:
+    """An ORT session over ``model`` whose outputs are exactly ``values`` (the model is restored after);
+    ``options`` replaces the default session options (``threads`` then does not apply)."""
     original = list(model.graph.outputs)
     model.graph.outputs.clear()
     model.graph.outputs.extend(dict.fromkeys(values))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    if options is None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
     try:
         with tempfile.TemporaryDirectory(prefix="tardis-capture-") as tmp:
             from tardis_compile.modelio import ort_session  # external weights are read in place
@@ -74,7 +87,10 @@ def stream_block_inputs(
 
 
 class BlockWeights:
-    """float32 copies of the weights the NumPy side needs per block (read once, lazily)."""
+    """float32 copies of the weights the NumPy side needs per block (read once, lazily).
+
+    Memory-mapped float32 weights are used in place and their pages released after each product.
+    """
 
     def __init__(self, blocks: list[FfnBlock]) -> None:
         self._blocks = {b.name: b for b in blocks}
@@ -86,7 +102,9 @@ class BlockWeights:
             # no copy when the weights already are float32 (in memory or memory-mapped external data)
             self._cache[name] = (np.asarray(block.w1(), np.float32), block.b1().astype(np.float32))
         w1, b1 = self._cache[name]
-        return x.astype(np.float32, copy=False) @ w1 + b1
+        h = x.astype(np.float32, copy=False) @ w1 + b1
+        modelio.drop_pages(w1)
+        return h
 
 
 def collect_stats(
@@ -97,11 +115,23 @@ def collect_stats(
     stats = {b.name: NeuronStats.empty(b.hidden, b.variant, grid, inputs=b.d) for b in blocks}
     weights = BlockWeights(blocks)
     progress = progress_factory("calibrate: ranges") if progress_factory else None
+    group: list[dict[str, np.ndarray]] = []
+
+    def reduce() -> None:
+        for name, s in stats.items():  # block by block, each batch in order
+            for batch in group:
+                s.add(weights.pre_activation(name, batch[name]))
+                s.add_inputs(batch[name])
+            s.release()
+        group.clear()
+
+    spilled = any(s.spilled for s in stats.values())
     for batch in stream_block_inputs(model, blocks, source, what="calibration data", mask_input=mask_input,
                                      threads=threads, progress=progress):
-        for name, x in batch.items():
-            stats[name].add(weights.pre_activation(name, x))
-            stats[name].add_inputs(x)
+        group.append(batch)
+        if not spilled or sum(x.nbytes for b in group for x in b.values()) >= GROUP_BYTES:
+            reduce()
+    reduce()
     if progress is not None:
         progress.done()
     tokens = min((s.tokens for s in stats.values()), default=0)

@@ -10,11 +10,19 @@ error-aware range search needs. Histograms of separate shards merge by addition.
 Beside the histograms, each block keeps the second moments of its *inputs*, ``Σ[x,1]ᵀ[x,1]``
 ((d+1)², also independent of token count): the predictors' GPTQ and whitened SVD and their error
 scales need them.
+
+Large statistics (a block above :data:`SPILL_BYTES`, e.g. 201 MB for 8,192 neurons) live in an
+anonymous scratch file, memory-mapped: whoever is done with a block calls :meth:`NeuronStats.release`
+and its pages leave the resident set (the kernel keeps them in its page cache or writes them back), so
+a model's statistics cost disk, not memory, beyond the block being worked on. Results are identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import mmap
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,36 @@ MOMENTS = ("n", "h", "hh", "g", "gg", "hg")
 DEFAULT_BINS = 512
 _SCALE = 0.25
 _LIMIT = 1.0e4
+SPILL_BYTES = 64 * 2**20  # a block's moments above this live in a scratch file (see the module doc)
+
+
+class _Scratch(np.memmap):
+    """A float64 array in a deleted scratch file, mapped shared (dropping its pages keeps the data)."""
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):  # results are plain arrays
+        if arr is self:
+            return arr
+        arr = np.asarray(arr).view(np.ndarray)
+        return arr[()] if return_scalar else arr
+
+
+def _scratch(shape: tuple[int, ...], like: np.ndarray | None = None) -> _Scratch:
+    with tempfile.TemporaryFile(prefix="tardis-stats-") as f:  # the mapping keeps the file alive
+        out = _Scratch(f, np.float64, mode="w+", shape=shape)
+    if like is not None:
+        out[...] = like
+        _drop(out)
+    return out
+
+
+def _drop(array: np.ndarray | None) -> None:
+    """Drop the resident pages of a scratch array (its data stay in the file)."""
+    if isinstance(array, _Scratch):
+        base = array
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = base.base
+        if base is not None:
+            base.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclasses.dataclass
@@ -62,11 +100,25 @@ class NeuronStats:
     moments: np.ndarray  # (6, D, bins) float64
     gram: np.ndarray | None = None  # (d+1, d+1) Σ[x,1]ᵀ[x,1] of the block inputs, when collected
 
+    def __post_init__(self) -> None:
+        if self.moments.nbytes > SPILL_BYTES and not self.spilled:
+            self.moments = _scratch(self.moments.shape, self.moments)
+            if self.gram is not None and not isinstance(self.gram, _Scratch):
+                self.gram = _scratch(self.gram.shape, self.gram)
+
     @classmethod
     def empty(cls, neurons: int, variant: str, grid: Grid | None = None, inputs: int | None = None) -> "NeuronStats":
         grid = grid or Grid()
-        gram = np.zeros((inputs + 1, inputs + 1)) if inputs is not None else None
-        return cls(variant, grid, np.zeros((len(MOMENTS), neurons, grid.bins), np.float64), gram)
+        shape = (len(MOMENTS), neurons, grid.bins)
+        big = np.prod(shape) * 8 > SPILL_BYTES
+        zeros = _scratch if big else (lambda shape: np.zeros(shape, np.float64))
+        gram = zeros((inputs + 1, inputs + 1)) if inputs is not None else None
+        return cls(variant, grid, zeros(shape), gram)
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the moments live in a scratch file (see the module doc)."""
+        return isinstance(self.moments, _Scratch)
 
     def add_inputs(self, x: np.ndarray) -> None:
         """Accumulate the block inputs ``x`` (tokens, d) into ``gram``."""
@@ -112,26 +164,35 @@ class NeuronStats:
             self.gram = None
 
     def release(self) -> None:
-        """Hint that the moments are not needed in memory for a while (spilled statistics drop their
-        resident pages; in-memory ones are unaffected)."""
+        """Done with this block for now: spilled statistics drop their resident pages (the data stay);
+        in-memory ones are unaffected."""
+        _drop(self.moments)
+        _drop(self.gram)
 
     def prefix(self) -> np.ndarray:
         """(6, D, bins + 1) prefix sums over bins: interval [a, b) sums are ``P[..., b] - P[..., a]``."""
         out = np.zeros(self.moments.shape[:2] + (self.moments.shape[2] + 1,), np.float64)
         np.cumsum(self.moments, axis=2, out=out[:, :, 1:])
+        _drop(self.moments)
         return out
 
 
 def save(stats: dict[str, NeuronStats], path: str | Path) -> None:
-    """Save per-block statistics to one ``.npz`` (reloadable, mergeable across shards)."""
-    arrays: dict[str, np.ndarray] = {}
-    for name, s in stats.items():
-        arrays[f"{name}/moments"] = s.moments
-        arrays[f"{name}/grid"] = np.array([s.grid.bins, s.grid.scale, s.grid.limit])
-        arrays[f"{name}/variant"] = np.array(s.variant)
-        if s.gram is not None:
-            arrays[f"{name}/gram"] = s.gram
-    np.savez_compressed(path, **arrays)
+    """Save per-block statistics to one ``.npz`` (reloadable, mergeable across shards); written array
+    by array as :func:`numpy.savez_compressed` does, releasing each block when it is written."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for name, s in stats.items():
+            arrays = {"moments": s.moments, "grid": np.array([s.grid.bins, s.grid.scale, s.grid.limit]),
+                      "variant": np.array(s.variant)}
+            if s.gram is not None:
+                arrays["gram"] = s.gram
+            for key, array in arrays.items():
+                with archive.open(f"{name}/{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array).view(np.ndarray), allow_pickle=False)
+            s.release()
 
 
 def load(path: str | Path) -> dict[str, NeuronStats]:

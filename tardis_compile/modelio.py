@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -56,6 +57,32 @@ def load(path: str | os.PathLike) -> ir.Model:
 def weight_bytes(model: ir.Model) -> int:
     """Bytes of all initializers (what decides external data)."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def drop_pages(*items: object) -> None:
+    """Drop the resident pages of the read-only file mappings behind ``items`` (arrays or tensors).
+
+    Weights read in place are views of memory-mapped external data: every page touched stays in this
+    process's resident set until the mapping is closed, although the kernel can read it back from its
+    page cache at any time. Dropping the pages of a block's weights once a step is done with them keeps
+    the resident set at one block instead of the whole model. The data stay valid (the next access maps
+    them again). Only read-only mappings are touched; anything else (in-memory arrays, writable or
+    private mappings) is left alone.
+    """
+    for item in items:
+        if isinstance(item, ir.ExternalTensor):
+            item = getattr(item, "raw", None)
+        while item is not None and not isinstance(item, mmap.mmap):
+            item = item.obj if isinstance(item, memoryview) else getattr(item, "base", None)
+        if item is None:
+            continue
+        try:
+            with memoryview(item) as view:
+                if not view.readonly:
+                    continue
+            item.madvise(mmap.MADV_DONTNEED)
+        except (ValueError, OSError):  # closed meanwhile, or madvise unavailable: only a hint
+            pass
 
 
 def uses_external_data(model: ir.Model) -> bool:
@@ -142,11 +169,36 @@ def save(model: ir.Model, dst: str | os.PathLike, *, external_data: bool | None 
             ir.save(model, tmp_model)
         onnx.checker.check_model(str(tmp_model), full_check=True)
         if validate is not None:
-            validate(tmp_model)
+            with _read_back(model, tmp_model) if external_data else contextlib.nullcontext():
+                validate(tmp_model)
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, dst.parent / data_name)
         os.replace(tmp_model, dst)
     return dst
+
+
+@contextlib.contextmanager
+def _read_back(model: ir.Model, path: Path) -> Iterator[None]:
+    """While the written model is validated, ``model``'s initializers are the tensors just written
+    (memory-mapped from the new data file): verification then reads the file in place instead of
+    recomputing deferred tensors or serialising in-memory ones into another copy."""
+    written = {name: value.const_value for name, value in ir.load(path).graph.initializers.items()}
+    swapped = []
+    for name, value in model.graph.initializers.items():
+        old, new = value.const_value, written.get(name)
+        if old is None or new is None or old.dtype != new.dtype or tuple(old.shape) != tuple(new.shape):
+            continue
+        swapped.append((value, old))
+        value.const_value = new
+    try:
+        yield
+    finally:
+        for value, old in swapped:
+            value.const_value = old
+        for tensor in written.values():
+            if isinstance(tensor, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):  # a view still alive: it keeps the mapping
+                    tensor.release()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tardis_compile import modelio
 from tardis_compile.gelu import gelu
 from tardis_compile.fit import Lines
 
@@ -32,6 +33,7 @@ class NormalEquations:
         in_range = (h >= lines.lo) & (h <= lines.hi)
         u = np.where(in_range, gelu(h, variant), lines.alpha * h + lines.beta)
         target = (u.astype(np.float32) @ np.asarray(w2, np.float32)).astype(np.float64) + b2  # float32 product, float64 sums
+        modelio.drop_pages(w2)  # memory-mapped weights: one block resident at a time
         xa = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
         self.a += xa.T @ xa
         self.b += xa.T @ target

@@ -7,18 +7,24 @@ fallback rate (share of token-neuron pairs flagged), predictor recall and precis
 error of the block's output tensor — which keeps its name in both models — including what upstream
 blocks contributed, and the block's *own* relative error: its output against the original block applied
 to the same input (what ``--max-error`` bounds).
+
+The two models never run at the same time: the original goes first, its outputs (and the feeds) going
+to a scratch folder batch by batch, then the optimized model on the same feeds. The memory is that of
+the larger model, not of both; block weights read in place are released after each use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import fallback_op
+from tardis_compile import fallback_op, modelio
 from tardis_compile.calibrate import BlockWeights, capture_session
 from tardis_compile.errors import CalibrationDataError
 from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
@@ -91,8 +97,14 @@ class _FallbackSite:
     hi: np.ndarray
     guard_lo: np.ndarray  # what the op compares ĥ with: the range shrunk by the predictor's margin
     guard_hi: np.ndarray
-    w1t: np.ndarray
+    w1t: np.ndarray  # as stored (the model's dtype; memory-mapped when read from external data)
     b1: np.ndarray
+
+    def pre_activation(self, rows: np.ndarray) -> np.ndarray:
+        """Exact ``h = x·W1 + b1`` in float64 (``W1`` widened only for this product)."""
+        h = rows.astype(np.float64) @ np.asarray(self.w1t, np.float64).T + self.b1
+        modelio.drop_pages(self.w1t)
+        return h
 
 
 def _bound_and_guard(value: ir.Value) -> tuple[np.ndarray, np.ndarray]:
@@ -114,8 +126,8 @@ def fallback_sites(model: ir.Model) -> list[_FallbackSite]:
     sites = []
     for node in fallback_op.fallback_nodes(model.graph):
         operand = dict(zip(fallback_op.INPUT_NAMES, node.inputs))
-        w1t, b1 = (np.asarray(ir.convenience.get_const_tensor(operand[name]).numpy(), np.float64)
-                   for name in ("w1t", "b1"))
+        w1t = ir.convenience.get_const_tensor(operand["w1t"]).numpy()
+        b1 = np.asarray(ir.convenience.get_const_tensor(operand["b1"]).numpy(), np.float64)
         (lo, guard_lo), (hi, guard_hi) = (_bound_and_guard(operand[name]) for name in ("lo", "hi"))
         sites.append(_FallbackSite(node.name, node.inputs[0], node.inputs[2], node.outputs[0],
                                    lo, hi, guard_lo, guard_hi, w1t, b1))
@@ -150,7 +162,7 @@ def compare(
     mask_input: str | None = None, threads: int = 0,
     optimized_options: ort.SessionOptions | None = None,
 ) -> Verification:
-    """Run both models on ``source`` and measure outputs and rewritten blocks."""
+    """Run both models on ``source`` (one after the other) and measure outputs and rewritten blocks."""
     thresholds = thresholds or Thresholds()
     sites = fallback_sites(optimized)
     out_names = [v.name for v in original.graph.outputs]
@@ -165,44 +177,43 @@ def compare(
     outputs = {name: _Accumulator() for name in out_names}
     block_err = {s.name: _Accumulator() for s in sites}
     counts = {s.name: np.zeros(5) for s in sites}  # tokens·D, in-range, flagged, out, flagged∧out
-    batches = 0
-    with capture_session(original, orig_values, threads) as s_orig, \
-            capture_session(optimized, opt_values, threads) as s_opt_plain:
-        s_opt = s_opt_plain if optimized_options is None else _reopen(optimized, opt_values, optimized_options)
-        specs = input_specs(s_orig)
-        opt_names = [o.name for o in s_opt.get_outputs()]
-        orig_names = [o.name for o in s_orig.get_outputs()]
-        for feed in validated(source, specs, "evaluation data")():
-            try:
-                ref = dict(zip(orig_names, s_orig.run(orig_names, feed)))
-                got = dict(zip(opt_names, s_opt.run(opt_names, feed)))
-            except Exception as err:
-                raise CalibrationDataError(f"evaluation data: a model failed on this data: {err}") from err
-            batches += 1
-            for name in out_names:
-                outputs[name].add(ref[name], got[name], thresholds.atol, thresholds.rtol)
-            for site in sites:
-                x = got[site.x.name]
-                rows = x.reshape(-1, x.shape[-1])
-                keep = mask_rows(feed, rows.shape[0], mask_input)
-                h_hat = got[site.h_hat.name].reshape(rows.shape[0], -1)
-                y_ref = ref[site.y.name].reshape(rows.shape[0], -1)
-                y_got = got[site.y.name].reshape(rows.shape[0], -1)
-                if keep is not None:
-                    rows, h_hat, y_ref, y_got = rows[keep], h_hat[keep], y_ref[keep], y_got[keep]
-                h = rows.astype(np.float64) @ site.w1t.T + site.b1
-                inside = (h >= site.lo) & (h <= site.hi)
-                flagged = (h_hat < site.guard_lo) | (h_hat > site.guard_hi)
-                out = ~inside
-                counts[site.name] += [h.size, inside.sum(), flagged.sum(), out.sum(), (flagged & out).sum()]
-                block_err[site.name].add(y_ref, y_got, thresholds.atol, thresholds.rtol)
-                if site.name in own_err:
-                    block = own_block[site.name]
-                    g = gelu(weights.pre_activation(block.name, rows), block.variant).astype(np.float32)
-                    own_err[site.name].add(g @ w2[site.name][0] + w2[site.name][1], y_got, thresholds.atol,
-                                           thresholds.rtol)
-    if batches == 0:
-        raise CalibrationDataError("evaluation data: no data")
+    with tempfile.TemporaryDirectory(prefix="tardis-verify-") as tmp:
+        spill = _Spill(Path(tmp))
+        with capture_session(original, orig_values, threads) as s_orig:
+            specs = input_specs(s_orig)
+            orig_names = [o.name for o in s_orig.get_outputs()]
+            for feed in validated(source, specs, "evaluation data")():
+                spill.put(feed, dict(zip(orig_names, _run(s_orig, orig_names, feed))))
+        if spill.batches == 0:
+            raise CalibrationDataError("evaluation data: no data")
+        with capture_session(optimized, opt_values, threads, options=optimized_options) as s_opt:
+            opt_names = [o.name for o in s_opt.get_outputs()]
+            for feed, ref in spill:
+                got = dict(zip(opt_names, _run(s_opt, opt_names, feed)))
+                for name in out_names:
+                    outputs[name].add(ref[name], got[name], thresholds.atol, thresholds.rtol)
+                for site in sites:
+                    x = got[site.x.name]
+                    rows = x.reshape(-1, x.shape[-1])
+                    keep = mask_rows(feed, rows.shape[0], mask_input)
+                    h_hat = got[site.h_hat.name].reshape(rows.shape[0], -1)
+                    y_ref = ref[site.y.name].reshape(rows.shape[0], -1)
+                    y_got = got[site.y.name].reshape(rows.shape[0], -1)
+                    if keep is not None:
+                        rows, h_hat, y_ref, y_got = rows[keep], h_hat[keep], y_ref[keep], y_got[keep]
+                    h = site.pre_activation(rows)
+                    inside = (h >= site.lo) & (h <= site.hi)
+                    flagged = (h_hat < site.guard_lo) | (h_hat > site.guard_hi)
+                    out = ~inside
+                    counts[site.name] += [h.size, inside.sum(), flagged.sum(), out.sum(), (flagged & out).sum()]
+                    block_err[site.name].add(y_ref, y_got, thresholds.atol, thresholds.rtol)
+                    if site.name in own_err:
+                        block = own_block[site.name]
+                        g = gelu(weights.pre_activation(block.name, rows), block.variant).astype(np.float32)
+                        own_err[site.name].add(g @ w2[site.name][0] + w2[site.name][1], y_got, thresholds.atol,
+                                               thresholds.rtol)
+                        modelio.drop_pages(w2[site.name][0])
+        batches = spill.batches
     out_metrics = [_output_metrics(name, acc) for name, acc in outputs.items()]
     blocks = []
     for site in sites:
@@ -216,16 +227,33 @@ def compare(
     return Verification(out_metrics, blocks, batches, _failures(out_metrics, thresholds))
 
 
-def _reopen(model: ir.Model, values: list[ir.Value], options: ort.SessionOptions) -> ort.InferenceSession:
-    original = list(model.graph.outputs)
-    model.graph.outputs.clear()
-    model.graph.outputs.extend(dict.fromkeys(values))
+def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     try:
-        proto = ir.to_proto(model)
-    finally:
-        model.graph.outputs.clear()
-        model.graph.outputs.extend(original)
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(names, feed)
+    except Exception as err:  # ORT's own message names the failing node and shapes
+        raise CalibrationDataError(f"evaluation data: a model failed on this data: {err}") from err
+
+
+class _Spill:
+    """Feeds and reference outputs of each batch, in a scratch folder (memory: one batch)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.batches = 0
+        self._names: list[tuple[list[str], list[str]]] = []
+
+    def put(self, feed: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+        for kind, arrays in (("in", feed), ("ref", ref)):
+            for j, array in enumerate(arrays.values()):
+                np.save(self.folder / f"{self.batches}.{kind}{j}.npy", np.asarray(array), allow_pickle=False)
+        self._names.append((list(feed), list(ref)))
+        self.batches += 1
+
+    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        for i, (feed_names, ref_names) in enumerate(self._names):
+            load = lambda kind, j: np.load(self.folder / f"{i}.{kind}{j}.npy", allow_pickle=False)  # noqa: E731
+            yield ({n: load("in", j) for j, n in enumerate(feed_names)},
+                   {n: load("ref", j) for j, n in enumerate(ref_names)})
 
 
 def _all_values(model: ir.Model):
