@@ -26,6 +26,7 @@ import onnx_ir.passes.common as common_passes
 from tardis_compile import fallback_op
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock, describe
+from tardis_compile.predictor import deferred
 
 
 @dataclasses.dataclass
@@ -47,9 +48,13 @@ class FoldedBlock:
 
 
 def _initializer_adder(graph: ir.Graph):
-    def add(name: str, array: np.ndarray) -> ir.Value:
-        tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
-        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape),
+    """``add(name, array)``: a new initializer from an array or a deferred tensor (computed when the
+    model is written, see :func:`tardis_compile.predictor.deferred`)."""
+
+    def add(name: str, array: np.ndarray | ir.LazyTensor) -> ir.Value:
+        tensor = array if isinstance(array, ir.LazyTensor) else ir.Tensor(np.ascontiguousarray(array))
+        tensor.name = name
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape),
                          const_value=tensor)
         graph.register_initializer(value)
         return value
@@ -70,7 +75,8 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     dtype = block.dtype.numpy()
     prefix = f"tardis/{block.name}"
     add = _initializer_adder(graph)
-    w_f = add(f"{prefix}/W_f", folded.w_f.astype(dtype))
+    # the big new weights are deferred: computed one at a time while the model is written
+    w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
     b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
     x = block.x
     mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
@@ -79,12 +85,15 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     pred_nodes, h_hat = folded.predictor.emit(x, add, prefix)
     guard_nodes, (lo, hi) = _guards(folded, add, prefix, dtype)
     keep = folded.resident
+    rows = block.hidden if folded.neurons is None else len(folded.neurons)
+    w1, w2 = block.w1(), block.w2()
     operands = [
         lo,
         hi,
-        add(f"{prefix}/W1t", np.ascontiguousarray(keep(block.w1().T)).astype(dtype)),
+        add(f"{prefix}/W1t", deferred((rows, block.d), dtype, lambda: np.ascontiguousarray(keep(w1.T), dtype=dtype),
+                                      w1)),
         add(f"{prefix}/b1", keep(block.b1()).astype(dtype)),
-        add(f"{prefix}/W2", np.ascontiguousarray(keep(block.w2())).astype(dtype)),
+        add(f"{prefix}/W2", deferred((rows, block.d_out), dtype, lambda: keep(w2).astype(dtype), w2)),
         add(f"{prefix}/alpha", keep(lines.alpha).astype(dtype)),
         add(f"{prefix}/beta", keep(lines.beta).astype(dtype)),
     ]

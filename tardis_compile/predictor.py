@@ -37,7 +37,7 @@ from tardis_compile.errors import TardisError
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock
 
-AddInitializer = Callable[[str, np.ndarray], ir.Value]
+AddInitializer = Callable[[str, "np.ndarray | ir.LazyTensor"], ir.Value]
 MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (MLAS's fast CPU path)
 Z_GRID = np.linspace(0.0, 8.0, 161)
@@ -89,6 +89,29 @@ class Predictor(Protocol):
         """Stored parameters in the block dtype's equivalents (int4 counts 4/32 in float32)."""
 
 
+def deferred(shape: tuple[int, ...], dtype: np.dtype, produce: Callable[[], np.ndarray],
+             *sources: np.ndarray) -> ir.LazyTensor:
+    """An initializer computed only when the model is written (``produce()`` must return ``shape`` in
+    ``dtype``), so a rewritten model does not hold all its new weights in memory; the pages of memory-
+    mapped ``sources`` are released once it is produced."""
+
+    def make() -> ir.Tensor:
+        array = np.ascontiguousarray(produce())
+        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            raise AssertionError(f"deferred tensor: made {array.dtype}{array.shape}, "
+                                 f"declared {np.dtype(dtype)}{tuple(shape)}")
+        _release(*sources)
+        return ir.Tensor(array)
+
+    return ir.LazyTensor(make, dtype=ir.DataType.from_numpy(np.dtype(dtype)), shape=ir.Shape(list(shape)))
+
+
+def _release(*arrays: np.ndarray) -> None:
+    from tardis_compile.modelio import drop_pages
+
+    drop_pages(*arrays)
+
+
 def _node(domain: str, op: str, inputs: list[ir.Value], name: str, **attrs: int) -> ir.Node:
     node = ir.Node(domain, op, inputs, attributes=[ir.AttrInt64(k, v) for k, v in attrs.items()], name=name)
     node.outputs[0].name = name
@@ -116,7 +139,11 @@ def _expect_shape(kind: str, block: FfnBlock, d: int, hidden: int, neurons: int 
 
 @dataclasses.dataclass
 class ExactPredictor:
-    """``ĥ = x·W1 + b1`` with the original weights: perfect recall and precision, full cost."""
+    """``ĥ = x·W1 + b1`` with the original weights: perfect recall and precision, full cost.
+
+    ``w1`` may be the model's own array (memory-mapped external data included): it is widened to float64
+    only while it is used, and its pages are released after.
+    """
 
     w1: np.ndarray
     b1: np.ndarray
@@ -127,13 +154,16 @@ class ExactPredictor:
         _expect_shape(self.kind, block, *self.w1.shape, neurons)
 
     def estimate(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, np.float64) @ self.w1 + self.b1
+        out = np.asarray(x, np.float64) @ self.weights() + self.b1
+        _release(self.w1)
+        return out
 
     def weights(self) -> np.ndarray:
-        return self.w1
+        return np.asarray(self.w1, np.float64)
 
     def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
-        w = add(f"{prefix}/predictor/W1", self.w1.astype(self.dtype))
+        w1, dtype = self.w1, self.dtype
+        w = add(f"{prefix}/predictor/W1", deferred(w1.shape, dtype, lambda: w1.astype(dtype), w1))
         mm = _node("", "MatMul", [x, w], f"{prefix}/predictor/xW1")
         return _add_bias([mm], mm.outputs[0], self.b1, add, prefix, self.dtype)
 
@@ -160,9 +190,6 @@ class LowBitPredictor:
     dtype: np.dtype
     kind: str
 
-    def __post_init__(self) -> None:
-        self._w = self.quant.dequantize()
-
     def check(self, block: FfnBlock, neurons: int | None = None) -> None:
         _expect_shape(self.kind, block, self.quant.k, self.quant.n, neurons)
         if self.b1.shape != (self.quant.n,):
@@ -171,10 +198,11 @@ class LowBitPredictor:
 
     def estimate(self, x: np.ndarray) -> np.ndarray:
         xq = _int8_activations(np.asarray(x, np.float64), self.quant.block_size)
-        return xq @ self._w + self.b1
+        return xq @ self.weights() + self.b1
 
     def weights(self) -> np.ndarray:
-        return self._w
+        """Dequantized on each call (float64, d·D·8 bytes): not kept for every block at once."""
+        return self.quant.dequantize()
 
     def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
         b, scales, zp = quantize.pack(self.quant, self.dtype)
@@ -243,8 +271,10 @@ def standalone_model(predictor: Predictor, d: int) -> ir.Model:
                  shape=ir.Shape(["n", d]))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 17, MS_DOMAIN: 1}, name="predictor")
 
-    def add(name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+    def add(name: str, array: np.ndarray | ir.LazyTensor) -> ir.Value:
+        tensor = array if isinstance(array, ir.LazyTensor) else ir.Tensor(np.ascontiguousarray(array))
+        tensor.name = name
+        value = ir.Value(name=name, const_value=tensor)
         graph.register_initializer(value)
         return value
 
@@ -306,11 +336,13 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
     over calibration tokens (only the exact predictor works without it)."""
     options = options or PredictorOptions()
     pick = slice(None) if neurons is None else neurons
-    w1 = np.asarray(block.w1(), np.float64)[:, pick]
     b1 = np.asarray(block.b1(), np.float64)[pick]
     dtype = block.dtype.numpy()
-    if kind == "exact" or w1.shape[1] == 0:  # no resident neuron: nothing to predict, an empty exact one
-        return Built(ExactPredictor(w1, b1, dtype), np.zeros(w1.shape[1]), neurons)
+    if kind == "exact" or b1.shape[0] == 0:  # no resident neuron: nothing to predict, an empty exact one
+        # the model's own weights (a view when every neuron is predicted), widened only while used
+        return Built(ExactPredictor(block.w1()[:, pick], b1, dtype), np.zeros(b1.shape[0]), neurons)
+    w1 = np.asarray(block.w1(), np.float64)[:, pick]
+    _release(block.w1())
     if gram is None:
         raise PredictorError(f"the {kind} predictor needs the calibration inputs' moments, which these "
                              "statistics lack: recalibrate")

@@ -24,6 +24,7 @@ import numpy as np
 
 SHRINK_GRID = np.linspace(1.0, 0.5, 11)
 GPTQ_BATCH = 128
+_VECTOR_LIMIT = 1 << 22  # block_params: elements × shrink factors evaluated in one go
 
 
 @dataclasses.dataclass
@@ -63,8 +64,9 @@ def stored_bits(k: int, n: int, bits: int, block_size: int, scale_bits: int) -> 
     return n * (k_blocks * block_size * bits + k_blocks * scale_bits + 8 * zp_bytes)
 
 
-def _grid(w: np.ndarray, bits: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point per row of ``w`` (rows: groups) for its [min, max] shrunk by ``shrink``."""
+def _grid(w: np.ndarray, bits: int, shrink: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per row of ``w`` (rows: groups) for its [min, max] shrunk by ``shrink`` (a
+    factor, or factors along a new leading axis)."""
     top = (1 << bits) - 1
     lo = np.minimum(w.min(axis=-1), 0.0) * shrink
     hi = np.maximum(w.max(axis=-1), 0.0) * shrink
@@ -79,7 +81,15 @@ def _round(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.nd
 
 
 def block_params(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best (scale, zero point) per group row of ``w`` (..., block) over the clipping grid."""
+    """Best (scale, zero point) per group row of ``w`` (..., block) over the clipping grid (the first
+    best shrink factor wins ties)."""
+    if w.size * SHRINK_GRID.size <= _VECTOR_LIMIT:  # every shrink factor at once (same arithmetic)
+        shrink = SHRINK_GRID.reshape((-1,) + (1,) * (w.ndim - 1))
+        scale, zp = _grid(w, bits, shrink)
+        err = np.sum(((_round(w[None], scale, zp, bits) - zp[..., None]) * scale[..., None] - w[None]) ** 2,
+                     axis=-1)
+        best = np.argmin(err, axis=0)[None]
+        return np.take_along_axis(scale, best, axis=0)[0], np.take_along_axis(zp, best, axis=0)[0]
     best_err = np.full(w.shape[:-1], np.inf)
     best_scale = np.ones(w.shape[:-1])
     best_zp = np.zeros(w.shape[:-1])
@@ -130,26 +140,33 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int = 32, damp:
     h[np.diag_indices(kp)] += damp * float(np.mean(np.diag(h)))
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
     n, groups = wt.shape[0], kp // block_size
-    q = np.zeros((n, kp))
+    q = np.zeros((n, kp), np.uint8)  # levels are integers in [0, 2^bits)
     scales, zps = np.zeros((n, groups)), np.zeros((n, groups))
     for start in range(0, kp, GPTQ_BATCH):
         stop = min(start + GPTQ_BATCH, kp)
-        block = wt[:, start:stop].copy()
+        # Within a batch, quantizing column i updates every later column c by −e_i·H⁻¹[i, c]. The updates
+        # are applied lazily, each column receiving them in the same order (so with the same rounding) as
+        # an immediate rank-1 update would: a group's columns when the group starts (its parameters need
+        # them), one column when it is quantized.
+        block = wt[:, start:stop].T.copy()  # (columns, N): a column is contiguous
         err = np.zeros_like(block)
         hb = hinv[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
-            if col % block_size == 0:
-                g = col // block_size
-                scales[:, g], zps[:, g] = block_params(block[:, i:i + block_size], bits)
             g = col // block_size
-            qi = np.clip(np.round(block[:, i] / scales[:, g]) + zps[:, g], 0, (1 << bits) - 1)
+            if col % block_size == 0:
+                cols = block[i:i + block_size]
+                for j in range(i):
+                    cols -= hb[j, i:i + block_size, None] * err[j]
+                scales[:, g], zps[:, g] = block_params(cols.T, bits)
+            v = block[i]
+            for j in range(i - i % block_size, i):
+                v -= err[j] * hb[j, i]
+            qi = np.clip(np.round(v / scales[:, g]) + zps[:, g], 0, (1 << bits) - 1)
             q[:, col] = qi
-            e = (block[:, i] - (qi - zps[:, g]) * scales[:, g]) / hb[i, i]
-            block[:, i:] -= np.outer(e, hb[i, i:])
-            err[:, i] = e
-        wt[:, stop:] -= err @ hinv[start:stop, stop:]
-    return Quantized(bits, block_size, q.astype(np.uint8), scales, zps.astype(np.uint8), k)
+            err[i] = (v - (qi - zps[:, g]) * scales[:, g]) / hb[i, i]
+        wt[:, stop:] -= np.ascontiguousarray(err.T) @ hinv[start:stop, stop:]
+    return Quantized(bits, block_size, q, scales, zps.astype(np.uint8), k)
 
 
 def _pack_levels(levels: np.ndarray, bits: int) -> np.ndarray:
