@@ -12,11 +12,11 @@ Protocol (fixed seed, offline):
 * budgets: FFN parameter reductions 50, 70, 80, 87.5% of W1+W2. Pruning removes that share of every
   output neuron's weights (unstructured; 2:4 is an extra 50% row); Wanda/RIA calibrate sequentially as in
   their reference code. TARDIS's reduction is the paper's accounting, 1 − (W_f + predictor)/(W1 + W2)
-  (METHOD.md §5): it depends only on the predictor kind, so each budget gets the largest registered
-  predictor that meets it. If only bigger predictors are registered, the row runs with the exact
-  predictor and says "predictor pending" (its accounted reduction is then shown as it is); 87.5% leaves
-  no room for any predictor (W_f alone is d²/(2dD) = 12.5%). TARDIS runs at a 10% fallback target;
-  fallback rates and predictor recall are measured on the first 64 evaluation articles.
+  (METHOD.md §5): it depends only on the predictor (kind and quantization block), so each budget gets
+  the configuration with the largest predictor that meets it (``CONFIGS``). 87.5% leaves no room for any
+  predictor (W_f alone is d²/(2dD) = 12.5%): there TARDIS is the fold alone (``--resident`` at the fold
+  floor: every neuron always linear). TARDIS runs at a 10% fallback target; fallback rates and predictor
+  recall are measured on the first 64 evaluation articles.
 * parameters touched per token, as a share of W1+W2: pruning 1 − s (nonzeros, no index overhead);
   TARDIS W_f + predictor + fallback rate · (W1 + W2).
 
@@ -143,55 +143,41 @@ def _evaluated(ctx: Context, path: Path, library: bool = False) -> dict:
 # TARDIS: predictor choice and runs
 # ---------------------------------------------------------------------------------------------------
 
-def _registered_kinds() -> list[str]:
-    kinds = getattr(predictors, "KINDS", None) or tuple(getattr(predictors, "PREDICTORS", {}))
-    usable = []
-    for kind in kinds:
-        try:
-            api.Settings(predictor=kind)
-        except Exception:  # known to predictor.py but not (yet) accepted by the API
-            continue
-        usable.append(kind)
-    return usable
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a key of the reductions table
+class Config:
+    """One TARDIS configuration the bench can place at a budget."""
+
+    label: str  # predictor column of the table
+    settings: dict  # api.Settings fields beyond strategy and fallback target
+
+    @property
+    def key(self) -> str:
+        return self.label.replace("/", "-b").replace(" ", "-")
 
 
-def _predictor_parameters(kind: str, blocks: list, stats: dict) -> float | None:
-    """Stored predictor parameters over all blocks, as the report will count them (None: unavailable)."""
-    try:
-        if hasattr(predictors, "build"):  # predictors built from the calibration input moments
-            total = 0.0
-            for b in blocks:
-                s = stats.get(b.name)
-                gram = s.input_moments() if s is not None and getattr(s, "gram", None) is not None else None
-                if gram is None:
-                    gram = np.eye(b.d + 1)
-                total += predictors.build(kind, b, gram).predictor.parameters()
-            return total
-        return float(sum(predictors.make(kind).parameters(b) for b in blocks))
-    except Exception as err:  # an unfinished predictor must not stop the bench
-        print(f"[bench] predictor {kind!r}: parameters unavailable ({type(err).__name__}: {err})", flush=True)
-        return None
+# Ordered from the largest predictor to the smallest; "fold only" keeps no neuron resident (no predictor,
+# every neuron always linear): the 1 − d/2D = 87.5% point, strategy-independent.
+CONFIGS = (Config("exact", {"predictor": "exact"}), Config("lowrank", {"predictor": "lowrank"}),
+           Config("int4/32", {"predictor": "int4", "predictor_block": 32}),
+           Config("int4/64", {"predictor": "int4", "predictor_block": 64}),
+           Config("int4/128", {"predictor": "int4", "predictor_block": 128}),
+           Config("int2/32", {"predictor": "int2", "predictor_block": 32}))
+FOLD_ONLY = Config("fold only", {"resident": 0.125})
 
 
-@dataclasses.dataclass
-class Choice:
-    kind: str | None  # None: no TARDIS configuration can meet the budget
-    status: str
-    reductions: dict  # kind → accounted reduction
+def _predictor_parameters(config: Config, blocks: list, stats: dict) -> float:
+    """Stored predictor parameters over all blocks, as the report counts them."""
+    settings = api.Settings(**config.settings)
+    if settings.predictor != "lowrank":
+        return sum(b.hidden * predictors.neuron_parameters(settings.predictor, b.d, b.dtype.numpy(),
+                                                           settings.predictor_options()) for b in blocks)
+    return sum(predictors.build("lowrank", b, stats[b.name].input_moments()).predictor.parameters() for b in blocks)
 
 
-def choose_predictor(budget: float, reductions: dict[str, float], ceiling: float) -> Choice:
-    """The largest registered predictor whose accounted reduction meets ``budget``.
-
-    ``ceiling`` is the reduction with no predictor at all (1 − W_f/(W1+W2)). Without a fitting predictor,
-    run the exact one and say so ("predictor pending"), unless even a zero-size predictor cannot fit.
-    """
-    fitting = [(1.0 - r, k) for k, r in reductions.items() if r >= budget - 1e-9]
-    if fitting:
-        return Choice(max(fitting)[1], "", reductions)
-    if ceiling <= budget + 1e-9:
-        return Choice(None, f"unreachable: W_f alone is {1 - ceiling:.1%} of W1+W2", reductions)
-    return Choice("exact", "predictor pending: ran with the exact predictor", reductions)
+def choose(budget: float, reductions: dict[Config, float]) -> Config | None:
+    """The configuration with the largest predictor whose accounted reduction meets ``budget``."""
+    fitting = [(r, c) for c, r in reductions.items() if r >= budget - 1e-9]
+    return min(fitting, key=lambda rc: rc[0])[1] if fitting else None
 
 
 def _mean_recall(report) -> float | None:
@@ -199,10 +185,10 @@ def _mean_recall(report) -> float | None:
     return float(np.mean(recalls)) if recalls else None
 
 
-def _run_tardis(ctx: Context, strategy: str, kind: str) -> dict:
-    key = f"tardis-{strategy}-{kind}-f{TARGET_FALLBACK:g}"
+def _run_tardis(ctx: Context, strategy: str, config: Config) -> dict:
+    key = f"tardis-{strategy}-{config.key}-f{TARGET_FALLBACK:g}"
     path = ctx.work / f"{key}.onnx"
-    settings = api.Settings(strategy=strategy, target_fallback=TARGET_FALLBACK, predictor=kind)
+    settings = api.Settings(strategy=strategy, target_fallback=TARGET_FALLBACK, **config.settings)
 
     def compute() -> dict:
         io = {"stats_in": ctx.stats} if ctx.stats.exists() else {"stats_out": ctx.stats}
@@ -212,7 +198,7 @@ def _run_tardis(ctx: Context, strategy: str, kind: str) -> dict:
         out = _evaluated(ctx, path, library=True)
         out.update(reduction=s["ffn_param_reduction"], touched=s.get("params_touched_per_token_ratio"),
                    resident=s.get("params_resident_ratio"), fallback_rate=s.get("fallback_rate"),
-                   predictor=kind, verify_cosine=s.get("mean_cosine"),
+                   predictor=config.label, verify_cosine=s.get("mean_cosine"),
                    recall=_mean_recall(report))
         return out
 
@@ -273,20 +259,16 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"wanda": ("Wanda", "s"), "ria": ("RIA", "^"), "wanda-2:4": ("Wanda 2:4", "D"),
               "ria-2:4": ("RIA 2:4", "v"), "coverage": ("TARDIS coverage (paper)", "o"),
-              "error": ("TARDIS error-aware (ours)", "*")}
+              "error": ("TARDIS error-aware (ours)", "*"), "fold": ("TARDIS fold only", "P")}
     for family, (label, marker) in styles.items():
-        pts = {(r["metrics"]["touched"], r["metrics"]["zero_shot"], r.get("pending", False)) for r in rows
+        pts = {(r["metrics"]["touched"], r["metrics"]["zero_shot"]) for r in rows
                if r.get("family") == family and r.get("metrics") and r["metrics"].get("touched") is not None}
         if not pts:
             continue
         pts = sorted(pts)
         xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
-        line = ax.plot(xs, ys, marker=marker, linestyle="-" if len(pts) > 1 else "none", label=label,
-                       markersize=9 if marker == "*" else 6)[0]
-        for x, y, pending in pts:
-            if pending:
-                ax.annotate("exact pred.", (100 * x, 100 * y), textcoords="offset points", xytext=(4, -10),
-                            fontsize=7, color=line.get_color())
+        ax.plot(xs, ys, marker=marker, linestyle="-" if len(pts) > 1 else "none", label=label,
+                       markersize=9 if marker == "*" else 6)
     original = next((r for r in rows if r.get("family") == "original"), None)
     if original and original.get("metrics"):
         ax.axhline(100 * original["metrics"]["zero_shot"], color="grey", linestyle="--", linewidth=1,
@@ -344,29 +326,24 @@ def main() -> None:
         blocks, _ = api.inspect(model)
         original_params = sum(b.d * b.hidden + b.hidden * b.d_out for b in blocks)
         folded = sum(b.d * b.d_out for b in blocks)
-        ceiling = 1.0 - folded / original_params
         # The error-aware run with the exact predictor is the accuracy reference and creates the shared
         # calibration statistics (pass 1) that every other TARDIS run reuses.
-        reference_run = _run_tardis(ctx, "error", "exact")
-        stats = histogram.load(ctx.stats) if ctx.stats.exists() else {}
-        reductions = {}
-        for kind in _registered_kinds():
-            params = _predictor_parameters(kind, blocks, stats)
-            if params is not None:
-                reductions[kind] = 1.0 - (folded + params) / original_params
-        print(f"[bench] accounted reductions by predictor: {json.dumps(reductions)}", flush=True)
+        _run_tardis(ctx, "error", CONFIGS[0])
+        stats = histogram.load(ctx.stats)
+        reductions = {c: 1.0 - (folded + _predictor_parameters(c, blocks, stats)) / original_params for c in CONFIGS}
+        print("[bench] accounted reductions: " + ", ".join(f"{c.label} {r:.2%}" for c, r in reductions.items()),
+              flush=True)
         for strategy, label in STRATEGIES:
             for budget in BUDGETS:
-                choice = choose_predictor(budget, reductions, ceiling)
-                row = {"label": label, "family": strategy, "budget": budget, "note": choice.status,
-                       "pending": choice.kind == "exact" and bool(choice.status), "metrics": None}
-                if choice.kind is not None:
-                    m = reference_run if (strategy, choice.kind) == ("error", "exact") else \
-                        _run_tardis(ctx, strategy, choice.kind)
-                    row["metrics"] = m
-                    if not choice.status and m["reduction"] < budget - 1e-6:
-                        row["note"] = f"over budget: accounted {m['reduction']:.1%}"
-                rows.append(row)
+                config = choose(budget, reductions)
+                if config is None:  # beyond every predictor: the fold alone (strategy-independent)
+                    if strategy == "error":
+                        rows.append({"label": "TARDIS fold only (all neurons linear)", "family": "fold",
+                                     "budget": budget, "note": "no neuron resident, no predictor",
+                                     "metrics": _run_tardis(ctx, "error", FOLD_ONLY)})
+                    continue
+                rows.append({"label": label, "family": strategy, "budget": budget, "note": "",
+                             "metrics": _run_tardis(ctx, strategy, config)})
     if "prune" not in args.skip:
         for method in baselines.METHODS:
             for budget in BUDGETS:

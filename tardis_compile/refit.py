@@ -15,7 +15,11 @@ from tardis_compile import modelio
 from tardis_compile.gelu import gelu
 from tardis_compile.fit import Lines
 
-DEFAULT_RIDGE = 1e-3
+# Relative to the mean diagonal of A. Chosen on all-MiniLM-L6-v2 (BBC News, 500 held-out articles, 10%
+# out-of-range target): embedding cosine 0.9786 → 0.9808 with the exact predictor and 0.9802 → 0.9825 with
+# int4 (block 64, recall 0.995) going from 1e-3 to 0.3; for int4, 1e-2: 0.9809, 0.1: 0.9823, 1.0: 0.9818. A strong pull toward the analytic fold keeps the
+# refit from fitting calibration-specific directions that do not carry over to the rewritten model.
+DEFAULT_RIDGE = 0.3
 
 
 class NormalEquations:
