@@ -33,6 +33,16 @@ def test_target_params_is_met_on_held_out_data(tmp_path, predictor, share):
     assert abs(touched - share) <= 0.1 * share, touched
 
 
+@pytest.mark.parametrize("predictor", ["exact", "int4"])
+def test_target_fallback_counts_flagged_pairs_on_held_out_data(tmp_path, predictor):
+    """The rate target is the share of pairs the op flags, an inexact predictor's extra flags included."""
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
+    _, report = _optimize(tmp_path, path, target_fallback=0.1, predictor=predictor, predictor_recall=0.995)
+    assert abs(report.summary()["fallback_rate"] - 0.1) <= 0.01
+    out_rate = report.settings["out_of_range_rate"]
+    assert (out_rate < 0.1) if predictor == "int4" else (out_rate == 0.1)  # int4: ranges hold fewer outliers
+
+
 def test_target_params_below_the_fixed_cost_is_a_clear_error(tmp_path):
     path, _ = save_tiny(tmp_path, d=32, D=128)
     with pytest.raises(tc.TardisError, match=r"--target-params 0.1 is below what the folded matrices and the "
