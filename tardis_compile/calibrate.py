@@ -15,12 +15,20 @@ rather than once per batch (same sums, same order).
 Weights read in place (memory-mapped external data) are released after each use
 (:func:`tardis_compile.modelio.drop_pages`): ONNX Runtime holds its own mapping of the whole model
 while it runs, and the NumPy side then adds one block's ``W1`` at a time, not a second copy of them all.
+
+Pass 1 also records every block's input rows to a scratch folder (``tokens × d`` values per block, far
+less than the model for calibration-sized data; skipped above half the free disk space). Later passes
+over the *same* source and model — pass 2, the ``--max-error`` curve — replay the recording instead of
+running the model again: the same rows, without ONNX Runtime's time and without its copy of the weights
+in memory. The recording goes when the source object does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -60,11 +68,116 @@ def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0,
         model.graph.outputs.extend(original)
 
 
+class _Recording:
+    """Block input rows of one complete pass, per block one raw file, and each batch's row count."""
+
+    def __init__(self, blocks: list[FfnBlock]) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="tardis-inputs-"))
+        self.limit = shutil.disk_usage(self.folder).free // 2
+        self.size = 0
+        self.names = [b.name for b in blocks]
+        self.files = {name: open(self.folder / f"{i}.bin", "wb") for i, name in enumerate(self.names)}
+        self.layout: dict[str, tuple[np.dtype, int]] = {}
+        self.rows: list[int] = []  # per batch (padding already removed, same for every block)
+        self.complete = False
+
+    def add(self, batch: dict[str, np.ndarray]) -> bool:
+        """Append a batch; False (and the recording is dropped) once it would exceed its disk budget."""
+        self.size += sum(x.nbytes for x in batch.values())
+        if self.size > self.limit:
+            self.close()
+            return False
+        for name, x in batch.items():
+            self.layout.setdefault(name, (x.dtype, x.shape[1]))
+            self.files[name].write(np.ascontiguousarray(x).tobytes())
+        self.rows.append(next(iter(batch.values())).shape[0])
+        return True
+
+    def finish(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.complete = True
+
+    def replay(self, progress: Progress | None) -> Iterator[dict[str, np.ndarray]]:
+        maps = {name: np.memmap(self.folder / f"{i}.bin", dtype=self.layout[name][0], mode="r").reshape(
+                    -1, self.layout[name][1]) for i, name in enumerate(self.names) if name in self.layout}
+        start = 0
+        for rows in self.rows:
+            batch = {name: np.array(m[start:start + rows]) for name, m in maps.items()}
+            modelio.drop_pages(*maps.values())
+            start += rows
+            if progress is not None:
+                progress.step(rows)
+            yield batch
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.complete = False
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_RECORDINGS: dict[tuple, tuple[weakref.ref, weakref.ref, _Recording]] = {}
+
+
+def _recording_key(model: ir.Model, blocks: list[FfnBlock], source: FeedSource, mask_input: str | None) -> tuple:
+    return id(model), id(source), mask_input, tuple((b.name, b.x.name) for b in blocks)
+
+
+def _recorded(model: ir.Model, blocks: list[FfnBlock], source: FeedSource, mask_input: str | None) -> _Recording | None:
+    entry = _RECORDINGS.get(_recording_key(model, blocks, source, mask_input))
+    if entry is None or entry[0]() is not model or entry[1]() is not source or not entry[2].complete:
+        return None
+    return entry[2]
+
+
+def _forget(key: tuple) -> None:
+    entry = _RECORDINGS.pop(key, None)
+    if entry is not None:
+        entry[2].close()
+
+
 def stream_block_inputs(
     model: ir.Model, blocks: list[FfnBlock], source: FeedSource, *, what: str, mask_input: str | None = None,
-    threads: int = 0, progress: Progress | None = None,
+    threads: int = 0, progress: Progress | None = None, record: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield, per batch, ``{block name: x rows (tokens, d)}`` with padding rows removed."""
+    """Yield, per batch, ``{block name: x rows (tokens, d)}`` with padding rows removed.
+
+    ``record``: keep the rows of this pass (when it runs to the end) for later passes over the same
+    ``source`` and ``model``, which then replay them instead of running the model (module doc).
+    """
+    recording = _recorded(model, blocks, source, mask_input)
+    if recording is not None:
+        yield from recording.replay(progress)
+        return
+    key = _recording_key(model, blocks, source, mask_input)
+    if record:
+        _forget(key)
+        try:
+            refs = (weakref.ref(model), weakref.ref(source))
+        except TypeError:  # a source that cannot be tracked is not recorded
+            record = False
+    recording = _Recording(blocks) if record else None
+    try:
+        for batch in _run_blocks(model, blocks, source, what=what, mask_input=mask_input, threads=threads,
+                                 progress=progress):
+            if recording is not None and not recording.add(batch):
+                recording = None
+            yield batch
+        if recording is not None:
+            recording.finish()
+            _RECORDINGS[key] = (*refs, recording)
+            weakref.finalize(source, _forget, key)
+            recording = None
+    finally:
+        if recording is not None:  # the pass did not run to its end
+            recording.close()
+
+
+def _run_blocks(
+    model: ir.Model, blocks: list[FfnBlock], source: FeedSource, *, what: str, mask_input: str | None,
+    threads: int, progress: Progress | None,
+) -> Iterator[dict[str, np.ndarray]]:
     xs = [b.x for b in blocks]
     with capture_session(model, xs, threads) as session:
         specs = input_specs(session)
@@ -127,7 +240,7 @@ def collect_stats(
 
     spilled = any(s.spilled for s in stats.values())
     for batch in stream_block_inputs(model, blocks, source, what="calibration data", mask_input=mask_input,
-                                     threads=threads, progress=progress):
+                                     threads=threads, progress=progress, record=True):
         group.append(batch)
         if not spilled or sum(x.nbytes for b in group for x in b.values()) >= GROUP_BYTES:
             reduce()

@@ -129,7 +129,9 @@ class NeuronStats:
         """Mean ``[x,1]ᵀ[x,1]`` over tokens; a clear error when the statistics predate it."""
         if self.gram is None:
             raise ValueError("these statistics hold no input moments (saved by an older version?): recalibrate")
-        return self.gram / max(self.gram[-1, -1], 1.0)
+        out = self.gram / max(self.gram[-1, -1], 1.0)
+        _drop(self.gram)
+        return out
 
     @property
     def neurons(self) -> int:

@@ -48,8 +48,9 @@ class Quantized:
 
     def dequantize(self) -> np.ndarray:
         """The (K, N) float64 matrix the runtime will multiply with."""
-        levels = self.q.reshape(self.n, self.k_blocks, self.block_size).astype(np.float64)
-        w = (levels - self.zero_points[:, :, None]) * self.scales[:, :, None]
+        w = self.q.reshape(self.n, self.k_blocks, self.block_size).astype(np.float64)
+        w -= self.zero_points[:, :, None]  # in place: one (K, N) float64 array, no temporaries
+        w *= self.scales[:, :, None]
         return w.reshape(self.n, -1)[:, : self.k].T
 
     def stored_bits(self, scale_bits: int) -> int:

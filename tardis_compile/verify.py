@@ -184,6 +184,7 @@ def compare(
             orig_names = [o.name for o in s_orig.get_outputs()]
             for feed in validated(source, specs, "evaluation data")():
                 spill.put(feed, dict(zip(orig_names, _run(s_orig, orig_names, feed))))
+        del s_orig  # the session (and its mapping of the weights) goes before the optimized one comes
         if spill.batches == 0:
             raise CalibrationDataError("evaluation data: no data")
         with capture_session(optimized, opt_values, threads, options=optimized_options) as s_opt:
@@ -213,6 +214,7 @@ def compare(
                         own_err[site.name].add(g @ w2[site.name][0] + w2[site.name][1], y_got, thresholds.atol,
                                                thresholds.rtol)
                         modelio.drop_pages(w2[site.name][0])
+        del s_opt
         batches = spill.batches
     out_metrics = [_output_metrics(name, acc) for name, acc in outputs.items()]
     blocks = []
