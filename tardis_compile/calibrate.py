@@ -99,8 +99,12 @@ class _Recording:
         self.complete = True
 
     def replay(self, progress: Progress | None) -> Iterator[dict[str, np.ndarray]]:
-        maps = {name: np.memmap(self.folder / f"{i}.bin", dtype=self.layout[name][0], mode="r").reshape(
-                    -1, self.layout[name][1]) for i, name in enumerate(self.names) if name in self.layout}
+        maps = {}
+        for i, name in enumerate(self.names):
+            if name in self.layout:
+                (dtype, d), path = self.layout[name], self.folder / f"{i}.bin"
+                maps[name] = (np.memmap(path, dtype=dtype, mode="r").reshape(-1, d) if path.stat().st_size
+                              else np.empty((0, d), dtype))  # no rows at all: nothing to map
         start = 0
         for rows in self.rows:
             batch = {name: np.array(m[start:start + rows]) for name, m in maps.items()}

@@ -142,6 +142,19 @@ def test_an_unfinished_pass_leaves_no_recording(tmp_path, monkeypatch):
     assert calibrate._recorded(model, blocks, source, None) is None
 
 
+def test_a_recording_of_padding_only_batches_replays_empty_rows(tmp_path):
+    model = modelio.load(_external_model(tmp_path, layers=1, d=64, hidden=256))
+    blocks = find_blocks(model)[0]
+    recording = calibrate._Recording(blocks)
+    for _ in range(2):
+        assert recording.add({blocks[0].name: np.zeros((0, 64), np.float32)})
+    recording.finish()
+    replayed = list(recording.replay(None))
+    recording.close()
+    assert [b[blocks[0].name].shape for b in replayed] == [(0, 64), (0, 64)]
+    assert not recording.folder.exists()
+
+
 def test_verification_runs_one_model_at_a_time(tmp_path, monkeypatch):
     src = _external_model(tmp_path, layers=2, d=64, hidden=256)
     out = tmp_path / "out.onnx"
