@@ -20,7 +20,7 @@ Pass 1 also records every block's input rows to a scratch folder (``tokens × d`
 less than the model for calibration-sized data; skipped above half the free disk space). Later passes
 over the *same* source and model — pass 2, the ``--max-error`` curve — replay the recording instead of
 running the model again: the same rows, without ONNX Runtime's time and without its copy of the weights
-in memory. The recording goes when the source object does.
+in memory. The recording goes when the source or the model object does.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def stream_block_inputs(
         if recording is not None:
             recording.finish()
             _RECORDINGS[key] = (*refs, recording)
-            weakref.finalize(source, _forget, key)
+            weakref.finalize(source, _forget, key)  # gone with the source or the model, whichever first
+            weakref.finalize(model, _forget, key)
             recording = None
     finally:
         if recording is not None:  # the pass did not run to its end

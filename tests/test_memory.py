@@ -121,6 +121,15 @@ def test_later_passes_replay_the_recorded_inputs(tmp_path, monkeypatch):
     gc.collect()
     assert key not in calibrate._RECORDINGS and not folder.exists()  # gone with its source
 
+    monkeypatch.undo()
+    source = lambda: iter(feeds)  # noqa: E731
+    list(calibrate.stream_block_inputs(model, blocks, source, what="t", record=True))
+    key = calibrate._recording_key(model, blocks, source, None)
+    folder = calibrate._RECORDINGS[key][2].folder
+    del model, blocks
+    gc.collect()
+    assert key not in calibrate._RECORDINGS and not folder.exists()  # or with its model, the source alive
+
 
 def test_an_unfinished_pass_leaves_no_recording(tmp_path, monkeypatch):
     model = modelio.load(_external_model(tmp_path, layers=1, d=64, hidden=256))
