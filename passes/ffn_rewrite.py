@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tardis_compile import fallback_op
+from tardis_compile import fallback_op, quantize
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock, describe
 from tardis_compile.predictor import deferred
@@ -41,6 +41,7 @@ class FoldedBlock:
     margin: np.ndarray  # (resident neurons,) ≥ 0: the guards are [lo + margin, hi − margin]
     metadata: dict[str, str]
     neurons: np.ndarray | None = None  # resident neurons (None: all); the others are always linear
+    fold_bits: int | None = None  # 8: W_f stored as int8 + a scale per output column (DequantizeLinear)
 
     def resident(self, values: np.ndarray) -> np.ndarray:
         """Rows (or entries) of a per-neuron array for the resident neurons only."""
@@ -76,7 +77,14 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     prefix = f"tardis/{block.name}"
     add = _initializer_adder(graph)
     # the big new weights are deferred: computed one at a time while the model is written
-    w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
+    dequantize = []
+    if folded.fold_bits == 8:  # int8 storage; ORT keeps the DequantizeLinear (no constant folding of QDQ)
+        q, scale = quantize.int8_columns(folded.w_f)
+        dq = _node("DequantizeLinear", [add(f"{prefix}/W_f_int8", q), add(f"{prefix}/W_f_scale", scale.astype(dtype))],
+                   f"{prefix}/folded/DequantizeLinear", f"{prefix}/W_f", axis=1)
+        dequantize, w_f = [dq], dq.outputs[0]
+    else:
+        w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
     b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
     x = block.x
     mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
@@ -104,7 +112,7 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     fallback.metadata_props["tardis.source_nodes"] = ",".join(describe(n) for n in block.nodes)
     fallback.metadata_props["tardis.spelling"] = block.spelling
     first = min(block.nodes, key=lambda n: _position(graph, n))
-    graph.insert_before(first, [mm, y_lin, *pred_nodes, *guard_nodes, fallback])
+    graph.insert_before(first, [*dequantize, mm, y_lin, *pred_nodes, *guard_nodes, fallback])
     _reroute_shape_reads(graph, block, h_hat, prefix, fallback)
     old_name = block.y.name
     block.y.replace_all_uses_with(fallback.outputs[0], replace_graph_outputs=True)

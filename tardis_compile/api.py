@@ -58,6 +58,7 @@ class Settings:
     target_params: float | None = None  # share of the FFN parameters touched per token (sets the fallback rate)
     max_error: float | None = None  # worst block's own relative output error (sets the fallback rate)
     resident: float | None = None  # share of the FFN parameters kept resident (the rest: always linear)
+    fold_bits: int | None = None  # 8: store W_f as int8 with a scale per output column (None: model dtype)
     flag_all: bool = False  # self-test: every neuron takes the exact fallback (output = original)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,10 @@ class Settings:
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise TardisError(f"--{name.replace('_', '-')} must be within (0, 1], got {value}")
+        if self.fold_bits not in (None, 8):
+            raise TardisError(f"--fold-bits must be 8 (or unset: the model's dtype), got {self.fold_bits}")
+        if self.fold_bits is not None and self.flag_all:
+            raise TardisError("--flag-all checks exactness, which a quantized folded matrix gives up: drop --fold-bits")
         if self.max_error is not None and (self.target_params is not None or self.coverage is not None):
             raise TardisError("--max-error sets the fallback rate itself: drop --target-params / --coverage")
         if self.resident is not None and (self.strategy != "error" or self.flag_all):
@@ -215,12 +220,12 @@ def _plan_at(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], se
         return lines, {b.name: None for b in blocks}, rate
     options = settings.predictor_options()
     full = {b.name: fit.full_range_lines(stats[b.name]) for b in blocks}
-    neurons = resident.select(stats, lines, full, w2n, budget.folded(blocks),
+    neurons = resident.select(stats, lines, full, w2n, budget.folded(blocks, settings.fold_bits),
                               budget.per_neuron(blocks, settings.predictor, options),
                               settings.resident * budget.original(blocks))
     if settings.target_params is not None:
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor, options,
-                                          {n: len(idx) for n, idx in neurons.items()})
+                                          {n: len(idx) for n, idx in neurons.items()}, settings.fold_bits)
     return resident.lines(stats, full, w2n, neurons, rate * scale), neurons, rate
 
 
@@ -244,6 +249,14 @@ def _flagged_share(blocks: list[FfnBlock], lines: dict[str, fit.Lines], built: d
     return flagged / sum(b.hidden for b in blocks)
 
 
+def _row_norms2(block: FfnBlock) -> np.ndarray:
+    """Squared norms of W2's rows, without keeping W2's pages resident afterwards."""
+    w2 = block.w2()
+    norms = np.einsum("ij,ij->i", w2, w2, dtype=np.float64)
+    modelio.drop_pages(w2)
+    return norms
+
+
 def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings,
           probe: Callable[[Callable[[float], dict[str, fit.Lines]], tuple[float, ...]], error_target.ErrorCurve]
           | None = None, scale: float = 1.0,
@@ -254,8 +267,8 @@ def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], setti
     rate = settings.target_fallback
     if settings.target_params is not None:
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor,
-                                          settings.predictor_options())
-    w2n = {b.name: np.sum(np.asarray(b.w2(), np.float64) ** 2, axis=1) for b in blocks}
+                                          settings.predictor_options(), fold_bits=settings.fold_bits)
+    w2n = {b.name: _row_norms2(b) for b in blocks}
     curve = None
     if settings.max_error is not None:
         rate, curve = error_target.solve(
@@ -303,7 +316,8 @@ def _block_metadata(tool: str, settings: Settings, block: FfnBlock, lines: fit.L
             "tardis.calibrated_coverage": f"{coverage:.6f}",
             "tardis.calibrated_fallback_rate": f"{1.0 - coverage:.6f}",
             "tardis.refit": str(settings.refit and not settings.flag_all).lower(),
-            "tardis.predictor_params": f"{built.predictor.parameters():.0f}"}
+            "tardis.predictor_params": f"{built.predictor.parameters():.0f}",
+            "tardis.fold_bits": str(settings.fold_bits or 8 * block.dtype.numpy().itemsize)}
     if np.isfinite(margin.flagged_share):  # a margin search ran (inexact predictor)
         meta.update({"tardis.predictor_margin_z": f"{margin.z:.3f}",
                      "tardis.predictor_calibrated_recall": f"{margin.recall:.6f}",
@@ -388,11 +402,13 @@ def optimize(
     folded = [FoldedBlock(b, lines[b.name], *folds[b.name], built[b.name].predictor,
                           margins[b.name].widths(built[b.name].sigma),
                           _block_metadata(tool, settings, b, lines[b.name], built[b.name], margins[b.name]),
-                          neurons[b.name])
+                          neurons[b.name], settings.fold_bits)
               for b in blocks]
+    fold_params = budget.folded(blocks, settings.fold_bits)
     reports = [block_report(b, float(np.mean(lines[b.name].coverage)), built[b.name].predictor.parameters(),
                             _predictor_summary(built[b.name], margins[b.name]),
-                            None if neurons[b.name] is None else len(neurons[b.name])) for b in blocks]
+                            None if neurons[b.name] is None else len(neurons[b.name]), fold_params[b.name])
+               for b in blocks]
     solved = {"solved_fallback_rate": rate, "out_of_range_rate": rate * scale,
               **({"error_curve": curve.to_dict()} if curve is not None else {})}
     report = Report(str(model_path), str(out_path), {**dataclasses.asdict(settings), **solved},

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-block", type=int, choices=[16, 32, 64, 128], default=api.Settings.predictor_block,
                    help="int4/int2 predictors: weights per quantization block (larger: smaller predictor, "
                         f"more flags; default {api.Settings.predictor_block})")
+    p.add_argument("--fold-bits", type=int, choices=[8],
+                   help="store the folded matrix as int8 with a scale per output column (counts a quarter of a "
+                        "float32 W_f; leaves room for a predictor at an 87.5%% cut)")
     p.add_argument("--flag-all", action="store_true",
                    help="self-test: every neuron takes the exact fallback; the output must equal the original")
     p.add_argument("--stats-out", help="save calibration statistics (.npz) for reuse or merging")
@@ -145,7 +148,7 @@ def _optimize(args: argparse.Namespace) -> int:
                             strategy=args.strategy, refit=not args.no_refit, predictor=args.predictor,
                             predictor_recall=args.predictor_recall, predictor_quantizer=args.predictor_quantizer,
                             predictor_rank=args.predictor_rank, predictor_block=args.predictor_block,
-                            target_params=args.target_params, max_error=args.max_error,
+                            target_params=args.target_params, max_error=args.max_error, fold_bits=args.fold_bits,
                             resident=args.resident, flag_all=args.flag_all)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     report = api.optimize(args.model, args.output, args.calib, settings=settings, data=_data_options(args),

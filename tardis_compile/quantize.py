@@ -187,3 +187,13 @@ def pack(quant: Quantized, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.
     b = _pack_levels(quant.q.reshape(quant.n, quant.k_blocks, quant.block_size), quant.bits)
     zp = _pack_levels(quant.zero_points, quant.bits)
     return b, quant.scales.astype(dtype), zp
+
+
+def int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of a (K, N) matrix: ``w ≈ q·scale[None, :]`` (for ``DequantizeLinear``
+    with ``axis=1``)."""
+    w = np.asarray(w, np.float64)
+    scale = np.max(np.abs(w), axis=0) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale

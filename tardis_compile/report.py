@@ -25,7 +25,7 @@ class BlockReport:
     variant: str
     calibrated_coverage: float
     params_original: int  # W1 + W2
-    params_folded: int  # W_f
+    params_folded: float  # W_f (dtype-equivalents: an 8-bit fold counts a quarter in float32, plus scales)
     params_predictor: float
     params_fallback: int  # W1ᵀ + W2 rows kept for the fallback
     predictor: dict = dataclasses.field(default_factory=dict)  # kind, margin z, calibrated recall/flagged
@@ -67,13 +67,15 @@ class BlockReport:
 
 
 def block_report(block: FfnBlock, coverage: float, predictor_params: float, predictor: dict,
-                 resident_neurons: int | None = None) -> BlockReport:
-    """``resident_neurons``: how many neurons keep their weights for the fallback (None: all)."""
+                 resident_neurons: int | None = None, folded_params: float | None = None) -> BlockReport:
+    """``resident_neurons``: how many neurons keep their weights for the fallback (None: all);
+    ``folded_params``: what the folded matrix stores (None: d·d_out in the model dtype)."""
     d, hidden, d_out = block.d, block.hidden, block.d_out
     kept = hidden if resident_neurons is None else resident_neurons
     return BlockReport(
         block.name, block.spelling, [n.name for n in block.nodes], d, hidden, d_out, block.variant, coverage,
-        d * hidden + hidden * d_out, d * d_out, predictor_params, kept * (d + d_out), predictor, kept)
+        d * hidden + hidden * d_out, d * d_out if folded_params is None else folded_params, predictor_params,
+        kept * (d + d_out), predictor, kept)
 
 
 @dataclasses.dataclass

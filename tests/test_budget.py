@@ -109,3 +109,23 @@ def test_resident_at_the_fold_floor_keeps_no_neuron_and_cuts_87_5_percent(tmp_pa
     assert 0.8 < summary["mean_cosine"] < 0.999  # a real, lossy cut
     feed = batches(d=32, n=1, seed=9)[0]
     np.testing.assert_allclose(run(out, feed, tc.session_options()), run(out, feed), rtol=1e-6, atol=1e-6)
+
+
+def test_int8_fold_stores_a_quarter_of_w_f_at_the_same_accuracy(tmp_path):
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
+    _, full = _optimize(tmp_path, path, predictor="exact")
+    out, int8 = _optimize(tmp_path, path, predictor="exact", fold_bits=8)
+    d, D = 32, 128
+    saved = (d * d - (d * d / 4 + d)) / (2 * d * D)  # per block: W_f at a quarter, plus one scale per column
+    assert int8.summary()["ffn_param_reduction"] == pytest.approx(full.summary()["ffn_param_reduction"] + saved)
+    assert int8.summary()["mean_cosine"] == pytest.approx(full.summary()["mean_cosine"], abs=2e-3)
+    model = ir.load(out)
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph) == 2
+    assert model.graph.initializers["tardis/ffn0/W_f_int8"].const_value.dtype == ir.DataType.INT8
+    feed = batches(d=32, n=1, seed=9)[0]
+    np.testing.assert_allclose(run(out, feed, tc.session_options()), run(out, feed), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_fold_refuses_the_exactness_self_test():
+    with pytest.raises(tc.TardisError, match="--flag-all checks exactness"):
+        tc.Settings(fold_bits=8, flag_all=True)
