@@ -121,6 +121,21 @@ def rtn(w: np.ndarray, bits: int, block_size: int = 32) -> Quantized:
     return Quantized(bits, block_size, q.astype(np.uint8), scale, zp.astype(np.uint8), w.shape[0])
 
 
+def gptq_setup(w: np.ndarray, gram: np.ndarray, block_size: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's starting point: ``w`` as (N, Kp) rows padded to whole blocks (GPTQ's (out, in) convention,
+    inputs never seen zeroed) and the upper Cholesky factor of the damped inverse Hessian ``gram``."""
+    k = w.shape[0]
+    wt = _padded_rows(w, block_size)
+    kp = wt.shape[1]
+    h = np.zeros((kp, kp))
+    h[:k, :k] = gram
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    wt[:, dead] = 0.0
+    h[np.diag_indices(kp)] += damp * float(np.mean(np.diag(h)))
+    return wt, np.linalg.cholesky(np.linalg.inv(h)).T
+
+
 def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int = 32, damp: float = 0.01) -> Quantized:
     """GPTQ block quantization of ``w`` (K, N) given ``gram = Σ xᵀx`` (K, K) of the calibration inputs.
 
@@ -130,16 +145,8 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int = 32, damp:
     """
     if GPTQ_BATCH % block_size:
         raise ValueError(f"block_size {block_size} must divide {GPTQ_BATCH}")
-    k = w.shape[0]
-    wt = _padded_rows(w, block_size)  # (N, Kp): GPTQ's (out, in) convention
+    wt, hinv = gptq_setup(w, gram, block_size, damp)
     kp = wt.shape[1]
-    h = np.zeros((kp, kp))
-    h[:k, :k] = gram
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    wt[:, dead] = 0.0
-    h[np.diag_indices(kp)] += damp * float(np.mean(np.diag(h)))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
     n, groups = wt.shape[0], kp // block_size
     q = np.zeros((n, kp), np.uint8)  # levels are integers in [0, 2^bits)
     scales, zps = np.zeros((n, groups)), np.zeros((n, groups))
@@ -167,7 +174,7 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int = 32, damp:
             q[:, col] = qi
             err[i] = (v - (qi - zps[:, g]) * scales[:, g]) / hb[i, i]
         wt[:, stop:] -= np.ascontiguousarray(err.T) @ hinv[start:stop, stop:]
-    return Quantized(bits, block_size, q, scales, zps.astype(np.uint8), k)
+    return Quantized(bits, block_size, q, scales, zps.astype(np.uint8), w.shape[0])
 
 
 def _pack_levels(levels: np.ndarray, bits: int) -> np.ndarray:

@@ -25,16 +25,8 @@ def _block_params_reference(w, bits):
 
 def _gptq_reference(w, gram, bits, block_size=32, damp=0.01):
     """GPTQ with an immediate rank-1 update of the batch after every column."""
-    k = w.shape[0]
-    wt = quantize._padded_rows(w, block_size)
+    wt, hinv = quantize.gptq_setup(w, gram, block_size, damp)
     kp = wt.shape[1]
-    h = np.zeros((kp, kp))
-    h[:k, :k] = gram
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    wt[:, dead] = 0.0
-    h[np.diag_indices(kp)] += damp * float(np.mean(np.diag(h)))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
     n, groups = wt.shape[0], kp // block_size
     q = np.zeros((n, kp))
     scales, zps = np.zeros((n, groups)), np.zeros((n, groups))
