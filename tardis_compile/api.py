@@ -210,16 +210,16 @@ def _second_pass(model: ir.Model, blocks: list[FfnBlock], source: feeds.FeedSour
 
 
 def _plan_at(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], settings: Settings,
-             w2n: dict[str, np.ndarray], rate: float,
+             w2n: dict[str, np.ndarray], full: dict[str, fit.Lines] | None, rate: float,
              scale: float = 1.0) -> tuple[dict[str, fit.Lines], dict[str, np.ndarray | None], float]:
     """Lines and resident neurons per block (None: all resident) for flagged share ``rate``, and the rate
     they carry (``--target-params`` re-solves it once the predictor covers only the resident neurons).
-    The ranges hold ``scale·rate`` of the pairs out of range (the predictor flags a few more)."""
+    The ranges hold ``scale·rate`` of the pairs out of range (the predictor flags a few more); ``full``:
+    each block's full-range lines (needed with ``--resident`` only)."""
     lines = _fit_lines(stats, blocks, w2n, settings, rate * scale)
     if settings.resident is None:
         return lines, {b.name: None for b in blocks}, rate
     options = settings.predictor_options()
-    full = {b.name: fit.full_range_lines(stats[b.name]) for b in blocks}
     neurons = resident.select(stats, lines, full, w2n, budget.folded(blocks, settings.fold_bits),
                               budget.per_neuron(blocks, settings.predictor, options),
                               settings.resident * budget.original(blocks))
@@ -269,11 +269,13 @@ def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], setti
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor,
                                           settings.predictor_options(), fold_bits=settings.fold_bits)
     w2n = {b.name: _row_norms2(b) for b in blocks}
+    full = None if settings.resident is None else {b.name: fit.full_range_lines(stats[b.name]) for b in blocks}
     curve = None
     if settings.max_error is not None:
         rate, curve = error_target.solve(
-            lambda rates: probe(lambda r: _plan_at(stats, blocks, settings, w2n, r)[0], rates), settings.max_error)
-    return (*_plan_at(stats, blocks, settings, w2n, rate, scale), curve)
+            lambda rates: probe(lambda r: _plan_at(stats, blocks, settings, w2n, full, r)[0], rates),
+            settings.max_error)
+    return (*_plan_at(stats, blocks, settings, w2n, full, rate, scale), curve)
 
 
 def _columns(lines: fit.Lines, built: predictors.Built) -> fit.Lines:
@@ -297,7 +299,8 @@ def _build_predictors(blocks: list[FfnBlock], stats: dict[str, histogram.NeuronS
 def _predictor_summary(built: predictors.Built, margin: predictors.Margin) -> dict:
     """What the report says about a block's predictor (calibrated figures; held-out ones come from
     verification)."""
-    out = {"kind": built.predictor.kind, "margin_z": margin.z, "mean_sigma": float(np.mean(built.sigma)) if built.sigma.size else 0.0}
+    sigma = float(np.mean(built.sigma)) if built.sigma.size else 0.0  # no resident neuron: no predictor
+    out = {"kind": built.predictor.kind, "margin_z": margin.z, "mean_sigma": sigma}
     if np.isfinite(margin.flagged_share):
         out.update(calibrated_recall=margin.recall, calibrated_flagged_share=margin.flagged_share,
                    calibrated_out_share=margin.out_share)
