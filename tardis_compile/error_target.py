@@ -8,9 +8,11 @@ output on its own (original) input,
     e_b(rate) = ‖ Σ_{j in range} (GELU(h_j) − α_j h_j − β_j)·W2[j,:] ‖ / ‖ GELU(h)·W2 + b2 ‖
 
 summed over tokens: what the fold leaves behind when every out-of-range neuron is flagged. It is measured,
-not modelled (correlations between neurons' residuals matter), in one extra streamed pass over the first
-``max_tokens`` calibration tokens of every block, for a geometric grid of rates, then again for a finer
-grid inside the bracket that holds the bound, and interpolated log-log between grid points. Two effects make the delivered error a little lower than the solved bound:
+not modelled (correlations between neurons' residuals matter), in one extra pass (a replay of the block
+inputs pass 1 recorded, see :mod:`tardis_compile.calibrate`) over the first ``max_tokens`` calibration
+tokens of every block, for a geometric grid of rates, then again for a finer grid inside the bracket that
+holds the bound, and interpolated log-log between grid points. Two effects make the delivered error a
+little lower than the solved bound:
 the refit of the folded matrix only removes error, and an inexact predictor flags more than the
 out-of-range pairs (its few misses, 1 − recall, are the effect the other way).
 """
