@@ -8,7 +8,7 @@
 namespace tardis {
 
 enum class GeluKind { kErf, kTanh };
-enum class Strategy { kAuto, kToken, kUnion, kNeuron };  // all but kAuto force a path (tests, benchmarks)
+enum class Strategy { kAuto, kToken, kUnion, kNeuron, kTile };  // all but kAuto force a path (tests, benchmarks)
 enum class Isa { kPortable, kAvx2, kAvx512 };  // kAvx512: AVX2 set + AVX-512F block kernels
 
 // Runs fn(data, i) for every i in [0, n), possibly in parallel; returns when all are done.

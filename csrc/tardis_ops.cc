@@ -8,7 +8,8 @@
 // Environment (read when a kernel is created, i.e. at session creation):
 //   TARDIS_OPS_FORCE_PORTABLE=1   use the portable C++ path even on AVX2 machines
 //   TARDIS_OPS_ISA=avx2|portable  cap the instruction set (default: the best the CPU has: avx512 > avx2)
-//   TARDIS_OPS_STRATEGY=token|union|neuron|auto   force the per-token, union-gather or neuron-major strategy
+//   TARDIS_OPS_STRATEGY=token|union|neuron|tile|auto   force the per-token, union-gather, neuron-major or
+//                                                 (AVX-512 only, else auto) tile strategy
 
 #ifndef ORT_API_MANUAL_INIT
 #define ORT_API_MANUAL_INIT
@@ -38,6 +39,7 @@ constexpr int kRequiredApi = 21;
 std::atomic<uint64_t> g_calls{0};
 std::atomic<uint64_t> g_union_calls{0};
 std::atomic<uint64_t> g_neuron_calls{0};
+std::atomic<uint64_t> g_tile_calls{0};
 std::atomic<uint64_t> g_portable_calls{0};
 std::atomic<uint64_t> g_avx512_calls{0};
 std::atomic<uint64_t> g_flagged_pairs{0};
@@ -101,6 +103,7 @@ struct GuardedFallbackKernel {
     if (s != nullptr && std::strcmp(s, "token") == 0) strategy_ = tardis::Strategy::kToken;
     if (s != nullptr && std::strcmp(s, "union") == 0) strategy_ = tardis::Strategy::kUnion;
     if (s != nullptr && std::strcmp(s, "neuron") == 0) strategy_ = tardis::Strategy::kNeuron;
+    if (s != nullptr && std::strcmp(s, "tile") == 0) strategy_ = tardis::Strategy::kTile;
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, In<T> h_hat, In<T> lo, In<T> hi, In<T> w1t,
@@ -159,6 +162,7 @@ struct GuardedFallbackKernel {
         tardis::RunHalf(op, gelu_, strategy_, isa_, par, &info);
       if (info.used_union) g_union_calls.fetch_add(1, std::memory_order_relaxed);
       if (info.path == tardis::Strategy::kNeuron) g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
+      if (info.path == tardis::Strategy::kTile) g_tile_calls.fetch_add(1, std::memory_order_relaxed);
       if (isa_ == tardis::Isa::kPortable) g_portable_calls.fetch_add(1, std::memory_order_relaxed);
       if (isa_ == tardis::Isa::kAvx512) g_avx512_calls.fetch_add(1, std::memory_order_relaxed);
       g_flagged_pairs.fetch_add(static_cast<uint64_t>(info.flagged_pairs), std::memory_order_relaxed);
@@ -252,6 +256,8 @@ TARDIS_EXPORT uint64_t TardisOpsKernelCalls() { return g_calls.load(); }
 TARDIS_EXPORT uint64_t TardisOpsUnionCalls() { return g_union_calls.load(); }
 // Invocations that took the neuron-major (prefill, per-token flags) strategy.
 TARDIS_EXPORT uint64_t TardisOpsNeuronCalls() { return g_neuron_calls.load(); }
+// Invocations that took the tile strategy (AVX-512: token-major in L2-sized neuron blocks).
+TARDIS_EXPORT uint64_t TardisOpsTileCalls() { return g_tile_calls.load(); }
 // Invocations that ran the portable (non-AVX2) code.
 TARDIS_EXPORT uint64_t TardisOpsPortableCalls() { return g_portable_calls.load(); }
 // Invocations that ran with the AVX-512 block kernels.

@@ -306,8 +306,8 @@ def _cdll(lib: Path | None = None) -> ctypes.CDLL | None:
     if lib is None:
         return None
     handle = ctypes.CDLL(str(lib))
-    for name in ("TardisOpsKernelCalls", "TardisOpsUnionCalls", "TardisOpsNeuronCalls", "TardisOpsPortableCalls",
-                 "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs"):
+    for name in ("TardisOpsKernelCalls", "TardisOpsUnionCalls", "TardisOpsNeuronCalls", "TardisOpsTileCalls",
+                 "TardisOpsPortableCalls", "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs"):
         getattr(handle, name).restype = ctypes.c_uint64
     return handle
 
@@ -324,13 +324,14 @@ def kernel_calls(lib: Path | None = None) -> int:
 
 def kernel_stats(lib: Path | None = None) -> dict[str, int]:
     """All counters of the library: ``calls``, ``union_calls`` (union-gather strategy), ``neuron_calls``
-    (neuron-major strategy), ``portable_calls`` (non-AVX2 code), ``avx512_calls`` (AVX-512 block kernels),
+    (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512), ``portable_calls`` (non-AVX2 code), ``avx512_calls`` (AVX-512 block kernels),
     ``flagged_pairs``, plus ``cpu_has_avx2``, ``cpu_has_avx512`` and ``ort_api``."""
     handle = _cdll(lib)
     if handle is None:
         return {}
     return {"calls": int(handle.TardisOpsKernelCalls()), "union_calls": int(handle.TardisOpsUnionCalls()),
             "neuron_calls": int(handle.TardisOpsNeuronCalls()),
+            "tile_calls": int(handle.TardisOpsTileCalls()),
             "portable_calls": int(handle.TardisOpsPortableCalls()),
             "avx512_calls": int(handle.TardisOpsAvx512Calls()),
             "flagged_pairs": int(handle.TardisOpsFlaggedPairs()),

@@ -150,7 +150,7 @@ def test_kernel_runs_instead_of_function_body(lib):
 def test_library_metadata(lib):
     stats = runtime.kernel_stats(lib)
     assert stats["ort_api"] == 21
-    assert set(stats) >= {"calls", "union_calls", "neuron_calls", "portable_calls", "avx512_calls", "flagged_pairs",
+    assert set(stats) >= {"calls", "union_calls", "neuron_calls", "tile_calls", "portable_calls", "avx512_calls", "flagged_pairs",
                           "cpu_has_avx2", "cpu_has_avx512"}
 
 
@@ -174,7 +174,7 @@ def test_kernel_matches_reference(lib, variant, flags, lead):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_shapes_both_strategies(lib, seed, monkeypatch):
-    """Per-token and union-gather strategies, forced in turn, agree with the reference (odd sizes too)."""
+    """Every strategy, forced in turn, agrees with the reference (odd sizes too)."""
     rng = np.random.default_rng(100 + seed)
     d, D = int(rng.integers(1, 130)), int(rng.integers(1, 700))
     tokens = int(rng.integers(1, 40))
@@ -182,7 +182,7 @@ def test_random_shapes_both_strategies(lib, seed, monkeypatch):
     inp = make_inputs(rng, (tokens,), d, D, flags=flags, rate=float(rng.uniform(0.01, 0.5)))
     ref = fo.reference(**inp)
     model = fo.standalone_model(d, D)
-    for strategy in ("token", "union", "neuron", "auto"):
+    for strategy in ("token", "union", "neuron", "tile", "auto"):
         monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)  # read when the session creates the kernel
         out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
         assert rel_err(out, ref) < 1e-5, strategy
@@ -225,45 +225,82 @@ def test_neuron_path_matches_reference(lib, monkeypatch, isa, dtype, flags, lead
         np.testing.assert_array_equal(out, inp["y_lin"])
 
 
+@pytest.mark.parametrize("variant", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+@pytest.mark.parametrize("flags", ["none", "all", "random", "shared", "nan"])
+@pytest.mark.parametrize("lead", [(1,), (2, 37)], ids=["decode", "batch-seq"])
+def test_tile_path_matches_reference(lib, monkeypatch, variant, dtype, flags, lead):
+    """The tile path (AVX-512: token-major in neuron blocks, vector erf / tanh), forced, vs the float64
+    reference: d = 16 (kTileVecs + 4) so a token row is a full 16-vector chunk plus a 4-vector one, neuron
+    blocks of the minimum size, every flag pattern, float and float16, one token (split over threads) and
+    batch x sequence."""
+    rng = np.random.default_rng(hash((variant, dtype, flags, lead)) % 2**32)
+    d, D = 16 * 20, int(rng.integers(100, 400))
+    npdt = NP[dtype]
+    inp = make_inputs(rng, lead, d, D, dtype=npdt, flags=flags, rate=0.15)
+    monkeypatch.setenv("TARDIS_OPS_STRATEGY", "tile")
+    before = runtime.kernel_stats(lib)
+    model = fo.standalone_model(d, D, variant, dtype=dtype, rank=len(lead) + 1)
+    out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
+    after = runtime.kernel_stats(lib)
+    if after["cpu_has_avx512"] and after["flagged_pairs"] > before["flagged_pairs"]:
+        assert after["tile_calls"] == before["tile_calls"] + 1
+    assert out.dtype == npdt
+    ref = fo.reference(**inp, variant=variant)
+    assert rel_err(out, ref) < (1e-5 if dtype == TensorProto.FLOAT else 2e-3)
+    if flags == "none":
+        np.testing.assert_array_equal(out, inp["y_lin"])
+
+
 @pytest.mark.parametrize("d", [64, 384, 1000])
 def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
-    """128 tokens, independent 10% flags (the bench's prefill case): token, union and neuron paths, 1 and
-    2 threads, agree with the reference; auto picks the neuron path there."""
+    """128 tokens, independent 10% flags (the bench's prefill case): every path, 1 and 2 threads, agrees
+    with the reference; auto picks the tile path where it runs (AVX-512, d % 16 == 0), else neuron-major."""
     rng = np.random.default_rng(d)
     D = 4 * d
     inp = make_inputs(rng, (128,), d, D, flags="random", rate=0.1)
     ref = fo.reference(**inp)
     model = fo.standalone_model(d, D)
-    for strategy in ("token", "union", "neuron", "auto"):
+    for strategy in ("token", "union", "neuron", "tile", "auto"):
         monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)
         for threads in (1, 2):
             before = runtime.kernel_stats(lib)
             out = session(model, with_lib(lib), threads=threads).run(None, inp)[0]
+            after = runtime.kernel_stats(lib)
             assert rel_err(out, ref) < 1e-5, (strategy, threads)
             if strategy == "auto":
-                assert runtime.kernel_stats(lib)["neuron_calls"] == before["neuron_calls"] + 1
+                key = "tile_calls" if after["cpu_has_avx512"] and d % 16 == 0 else "neuron_calls"
+                assert after[key] == before[key] + 1
 
 
-def test_cost_model_choices(lib):
-    """auto: a blocked path (neuron-major or union-gather) for prefill with shared flags, neuron-major with
-    independent flags, per-token for one token."""
+def test_cost_model_choices(lib, monkeypatch):
+    """auto, AVX2 cost model: a blocked path (neuron-major or union-gather) for prefill with shared flags,
+    neuron-major with independent flags, per-token for one token. With AVX-512: the tile path every time."""
     rng = np.random.default_rng(3)
     d, D, tokens = 64, 512, 32
     model = fo.standalone_model(d, D)
+    keys = ("union_calls", "neuron_calls", "tile_calls")
 
     def run(inp, threads=2):
         before = runtime.kernel_stats(lib)
         out = session(model, with_lib(lib), threads=threads).run(None, inp)[0]
         after = runtime.kernel_stats(lib)
         assert rel_err(out, fo.reference(**inp)) < 1e-5
-        return {k: after[k] - before[k] for k in ("union_calls", "neuron_calls")}
+        return {k: after[k] - before[k] for k in keys}
 
-    full = run(make_inputs(rng, (tokens,), d, D, flags="all"))
+    cases = [make_inputs(rng, (tokens,), d, D, flags="all"),
+             make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2),
+             make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1),
+             make_inputs(rng, (1,), d, D, flags="random", rate=0.3)]
+    if runtime.kernel_stats(lib)["cpu_has_avx512"]:
+        for inp in cases:
+            assert run(inp) == {"union_calls": 0, "neuron_calls": 0, "tile_calls": 1}
+    monkeypatch.setenv("TARDIS_OPS_ISA", "avx2")
+    full, shared, independent, one = (run(inp) for inp in cases)
     assert full["union_calls"] + full["neuron_calls"] == 1
-    shared = run(make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2))
     assert shared["union_calls"] + shared["neuron_calls"] == 1  # a blocked path, not per-token
-    assert run(make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1)) == {"union_calls": 0, "neuron_calls": 1}
-    assert run(make_inputs(rng, (1,), d, D, flags="random", rate=0.3)) == {"union_calls": 0, "neuron_calls": 0}
+    assert independent == {"union_calls": 0, "neuron_calls": 1, "tile_calls": 0}
+    assert one == {"union_calls": 0, "neuron_calls": 0, "tile_calls": 0}
 
 
 def test_decode_many_flags_threads(lib):
@@ -429,7 +466,7 @@ def _ort_min_python() -> str:
 @pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("TARDIS_TEST_ORT_MIN")),
                     reason="installs onnxruntime 1.21 into a side venv (~1 min once): runs under CI or with "
                            "TARDIS_TEST_ORT_MIN=1")
-@pytest.mark.parametrize("strategy", ["token", "neuron"])
+@pytest.mark.parametrize("strategy", ["token", "neuron", "tile"])
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
 def test_loads_into_onnxruntime_1_21(lib, tmp_path, dtype, strategy):
     """The same library file loads into onnxruntime 1.21 (the oldest supported) and computes the op."""
