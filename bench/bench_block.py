@@ -1,13 +1,14 @@
-"""The whole rewritten FFN block, as ``tardis_compile.optimize`` emits it with the int4 predictor, against the
-original dense block in ONNX Runtime: same process, same session settings, same thread count.
+"""The whole rewritten FFN block, as ``tardis_compile.optimize`` emits it (int4 predictor, or ``--predictor
+int8``), against the original dense block in ONNX Runtime: same process, same session settings, same thread count.
 
 For each size d x D and flagged share s:
 
 1. ``models.tiny.ffn_model(d, D)``: one residual block ``y = x + GELU(x·W1 + b1)·W2 + b2`` (ONNX ``Gelu``,
    erf), weights drawn like a trained layer's scale (``N(0, 1/d)``, ``N(0, 1/D)``).
-2. ``tardis_compile.optimize(..., Settings(predictor="int4", target_fallback=s, refit=False))`` on Gaussian
-   calibration inputs: the folded ``MatMul``/``Add``, the int4 predictor ``com.microsoft::MatMulNBits``
-   (bits 4, block 32, accuracy_level 4, bias ``b1``), and ``ai.tardis::GuardedFallback``.
+2. ``tardis_compile.optimize(..., Settings(predictor=P, target_fallback=s, refit=False))`` on Gaussian
+   calibration inputs: the folded ``MatMul``/``Add``, the predictor (int4: ``com.microsoft::MatMulNBits``,
+   bits 4, block 32, accuracy_level 4, bias ``b1``; int8: ``com.microsoft::DynamicQuantizeMatMul``), and
+   ``ai.tardis::GuardedFallback``.
 3. Timing, interleaved round by round (so machine noise hits all variants alike), medians:
 
    dense       the original model (plain session options)
@@ -16,10 +17,12 @@ For each size d x D and flagged share s:
    fold        the rewritten model cut at ``y_lin`` (the folded MatMul + Add)
 
    ``tardis - predictor - fold`` is the kernel's (plus the residual Add). The flagged share actually seen
-   at run time comes from the kernel's counter, and the path it took (token / union / neuron).
+   at run time comes from the kernel's counter, and the path it took (tile / token / union / neuron).
 
 Bytes read at 1 token (the decode bound): dense 2·d·D·4; rewritten d·d·4 (fold) + d·D·(0.5 + 4/32)
-(int4 + float scales) + share·2·d·D·4 (flagged rows of W1ᵀ and W2): ``bound`` in the table.
+(int4 + float scales; int8: d·D + 4·D) + share·2·d·D·4 (flagged rows of W1ᵀ and W2): ``bound`` in the table.
+
+    python bench/bench_block.py --predictor int8 --name block_int8   # the prefill predictor
 
     python bench/bench_block.py --quick                       # 2 sizes, 1 and 128 tokens, 5% and 10%
     python bench/bench_block.py                               # full grid (~6 GB RAM for 4544x18176)
@@ -108,14 +111,15 @@ def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, min_time
     return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
 
 
-def bytes_bound(d: int, D: int, share: float) -> float:
+def bytes_bound(d: int, D: int, share: float, predictor: str) -> float:
     dense = 2.0 * d * D * 4
-    rewritten = d * d * 4 + d * D * (0.5 + 4.0 / 32) + share * 2.0 * d * D * 4
+    pred = d * D + 4.0 * D if predictor == "int8" else d * D * (0.5 + 4.0 / 32)
+    rewritten = d * d * 4 + pred + share * 2.0 * d * D * 4
     return dense / rewritten
 
 
 def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float, reps: int | None, work: Path,
-             log) -> list[dict]:
+             log, predictor: str = "int4") -> list[dict]:
     records = []
     model = tiny.ffn_model(d, D, gelu="erf_op", rank=2, constants="initializer", seed=0)
     dense_path = work / "dense.onnx"
@@ -128,7 +132,7 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     for share in shares:
         t0 = time.time()
         out = work / f"tardis_{share}.onnx"
-        tc.optimize(dense_path, out, calib, settings=tc.Settings(predictor="int4", target_fallback=share, refit=False),
+        tc.optimize(dense_path, out, calib, settings=tc.Settings(predictor=predictor, target_fallback=share, refit=False),
                     show_progress=False, report_path=work / f"report_{share}.json")
         m = onnx.load(str(out), load_external_data=False)
         gf = fallback_node(m)
@@ -148,7 +152,8 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
                 s1 = runtime.kernel_stats()
                 y_d = sess["dense"].run(None, feeds)[0]
                 measured = (s1["flagged_pairs"] - s0["flagged_pairs"]) / (t * D)
-                path = ("neuron" if s1["neuron_calls"] > s0["neuron_calls"] else
+                path = ("tile" if s1["tile_calls"] > s0["tile_calls"] else
+                        "neuron" if s1["neuron_calls"] > s0["neuron_calls"] else
                         "union" if s1["union_calls"] > s0["union_calls"] else "token")
                 rel = float(np.max(np.abs(y_t - y_d)) / max(1e-12, float(np.max(np.abs(y_d)))))
                 n_min, n_max = (3, reps or 10) if big else (5, reps or 200)
@@ -159,7 +164,7 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
                        "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4),
                        "speedup": round(ms["dense"] / ms["tardis"], 3),
                        "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3),
-                       "bytes_bound_1tok": round(bytes_bound(d, D, share), 2)}
+                       "predictor": predictor, "bytes_bound_1tok": round(bytes_bound(d, D, share, predictor), 2)}
                 records.append(rec)
                 log(f"d={d:5d} D={D:5d} T={t:4d} thr={threads} share={share:4.0%} (meas {measured:6.2%}, {path:6s}): "
                     f"dense {ms['dense']:9.3f} | tardis {ms['tardis']:9.3f} (x{rec['speedup']:.2f}) | predictor "
@@ -173,11 +178,11 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
 
 def markdown(records: list[dict], meta: dict) -> str:
     lines = [
-        "# Rewritten FFN block (int4 predictor + GuardedFallback) vs dense block (ONNX Runtime, CPU)",
+        f"# Rewritten FFN block ({meta['predictor']} predictor + GuardedFallback) vs dense block (ONNX Runtime, CPU)",
         "",
         f"onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs (AVX2 {bool(meta['cpu_has_avx2'])}, AVX-512 "
         f"{bool(meta['cpu_has_avx512'])}). Medians in ms, variants interleaved round by round. `tardis` = the "
-        "whole rewritten block (fold + int4 `MatMulNBits` predictor + kernel + residual); `predictor`, `fold` = "
+        f"whole rewritten block (fold + {meta['predictor']} predictor + kernel + residual); `predictor`, `fold` = "
         "the block cut at `h_hat`, `y_lin`; `kernel` ≈ tardis − predictor − fold. ×dense = dense / tardis. "
         "`bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy.",
         "",
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="block", help="output file stem (default: block)")
     ap.add_argument("--append", action="store_true", help="add to the existing JSON's records (other sizes)")
+    ap.add_argument("--predictor", choices=["int4", "int8"], default="int4", help="predictor kind (default int4)")
     args = ap.parse_args(argv)
 
     if runtime.library_path() is None and runtime.build_library() is None:
@@ -229,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tardis-bench-block-") as tmp:
         for d, D in sizes:
             records += run_size(d, D, tokens, shares, threads, min_time, args.reps, Path(tmp),
-                                log=lambda m: print(m, flush=True))
+                                log=lambda m: print(m, flush=True), predictor=args.predictor)
             gc.collect()
     stats = runtime.kernel_stats()
     meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
-            "library": str(runtime.library_path()), "predictor": "int4", "refit": False,
+            "library": str(runtime.library_path()), "predictor": args.predictor, "refit": False,
             "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")

@@ -47,7 +47,7 @@ class Settings:
     strategy: str = "error"
     refit: bool = True
     ridge: float = DEFAULT_RIDGE
-    predictor: str = "int4"  # see README "Predictors" for the measurements behind this default
+    predictor: str = "auto"  # int8 for float32 blocks, else int4: README "Predictors" has the measurements
     # calibrated share of out-of-range pairs the predictor must flag. Not higher by default: a missed pair lies
     # just outside its range, where the line is nearly right, while every extra flag spends fallback
     # budget (MiniLM, int4, 10% flagged: cosine 0.9784 at 0.995, 0.9790 at 0.99, 0.9797 at 0.98, 0.9804 at 0.95)
@@ -82,8 +82,8 @@ class Settings:
             raise TardisError("--max-error sets the fallback rate itself: drop --target-params / --coverage")
         if self.resident is not None and (self.strategy != "error" or self.flag_all):
             raise TardisError("--resident works with the error-aware strategy and without --flag-all")
-        if self.predictor not in predictors.KINDS:
-            raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.KINDS)}")
+        if self.predictor not in predictors.CHOICES:
+            raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.CHOICES)}")
         self.predictor_options()
 
     def predictor_options(self) -> predictors.PredictorOptions:

@@ -14,12 +14,18 @@ kind        ĥ                                                             store
 exact       ``MatMul(x, W1) + b1`` (tests and accuracy reference)          d·D
 int4        ``com.microsoft::MatMulNBits`` bits=4, GPTQ, blocks of 32       ≈ d·D·5.1/32
 int2        ``com.microsoft::MatMulNBits`` bits=2, GPTQ (or RTN)            ≈ d·D·3.1/32
+int8        ``com.microsoft::DynamicQuantizeMatMul``: int8 W1 with one      ≈ d·D·8/32
+            scale per neuron, activations quantized per call to uint8
+            (one scale and zero point per tensor); float32 models only
 lowrank     ``MatMul(MatMul(x, U), V) + b1``, rank per layer by whitened    r·(d + D)
             SVD energy
 ==========  ============================================================  ==========================
 
 ``MatMulNBits`` takes ``b1`` as its bias input (one node per predictor) and runs with ``accuracy_level=4`` (int8 activations, the fast path of ORT's CPU kernel);
 :meth:`LowBitPredictor.estimate` reproduces that rounding so the margin search sees what the runtime does.
+``int8`` is the prefill predictor: ``DynamicQuantizeMatMul`` runs on MLAS's integer GEMM (AVX-512 VNNI or
+AMX where the CPU has them), several times faster than ``MatMulNBits`` once there are more than a few
+tokens (README "Predictors"); :meth:`Int8Predictor.estimate` reproduces its activation rounding.
 """
 
 from __future__ import annotations
@@ -219,6 +225,55 @@ class LowBitPredictor:
         return self.quant.stored_bits(scale_bits) / scale_bits + self.b1.size
 
 
+def _uint8_activations(x: np.ndarray) -> np.ndarray:
+    """``DynamicQuantizeLinear``'s rounding of a tensor: uint8 with one scale and zero point for the whole
+    tensor, over a range that always includes 0."""
+    lo, hi = min(float(x.min(initial=0.0)), 0.0), max(float(x.max(initial=0.0)), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+@dataclasses.dataclass
+class Int8Predictor:
+    """``ĥ = DynamicQuantizeMatMul(x, Q(W1), scales, b1)``: W1 rounded to int8 with one scale per neuron."""
+
+    q: np.ndarray  # (d, D) int8
+    scales: np.ndarray  # (D,) float64
+    b1: np.ndarray
+    dtype: np.dtype
+    kind: str = "int8"
+
+    def check(self, block: FfnBlock, neurons: int | None = None) -> None:
+        _expect_shape(self.kind, block, *self.q.shape, neurons)
+
+    def estimate(self, x: np.ndarray) -> np.ndarray:
+        return _uint8_activations(np.asarray(x, np.float64)) @ self.weights() + self.b1
+
+    def weights(self) -> np.ndarray:
+        return self.q.astype(np.float64) * self.scales
+
+    def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
+        inputs = [x, add(f"{prefix}/predictor/W1_q8", self.q), add(f"{prefix}/predictor/scales",
+                  self.scales.astype(np.float32)), None, add(f"{prefix}/predictor/b1", self.b1.astype(np.float32))]
+        mm = _node(MS_DOMAIN, "DynamicQuantizeMatMul", inputs, f"{prefix}/h_hat")
+        return [mm], mm.outputs[0]
+
+    def parameters(self) -> float:
+        return self.q.size / 4.0 + self.scales.size + self.b1.size
+
+
+def int8_columns(w1: np.ndarray, b1: np.ndarray, dtype: np.dtype) -> Int8Predictor:
+    """Round-to-nearest int8 per neuron (column): at 8 bits GPTQ's gain is below the activation rounding."""
+    if np.dtype(dtype) != np.float32:
+        raise PredictorError(f"the int8 predictor runs ONNX Runtime's DynamicQuantizeMatMul, which takes float32 "
+                             f"activations; this model is {np.dtype(dtype).name}: use --predictor int4")
+    scales = np.abs(w1).max(axis=0) / 127.0
+    scales = np.where(scales > 0, scales, 1.0)
+    q = np.clip(np.round(w1 / scales), -127, 127).astype(np.int8)
+    return Int8Predictor(q, scales, b1, np.dtype(dtype))
+
+
 @dataclasses.dataclass
 class LowRankPredictor:
     """``ĥ = (x·U)·V + b1``: the best rank-r approximation of W1 in the calibration inputs' metric."""
@@ -322,12 +377,15 @@ class Built:
 def neuron_parameters(kind: str, d: int, dtype: np.dtype, options: PredictorOptions | None = None) -> float:
     """Stored parameters one neuron's predictor column costs (dtype-equivalents, bias included)."""
     options = options or PredictorOptions()
+    kind = resolve(kind, dtype)
     if kind == "exact":
         return float(d + 1)
     if kind in ("int4", "int2"):
         scale_bits = 8 * np.dtype(dtype).itemsize
         return quantize.stored_bits(d, 1, 4 if kind == "int4" else 2, options.block_size, scale_bits) / scale_bits + 1
-    raise PredictorError(f"the {kind} predictor's size depends on its per-layer rank; choose exact, int4 or int2")
+    if kind == "int8":
+        return d / 4.0 + 2.0
+    raise PredictorError(f"the {kind} predictor's size depends on its per-layer rank; choose exact, int8, int4 or int2")
 
 
 def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: PredictorOptions | None = None,
@@ -338,6 +396,7 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
     pick = slice(None) if neurons is None else neurons
     b1 = np.asarray(block.b1(), np.float64)[pick]
     dtype = block.dtype.numpy()
+    kind = resolve(kind, dtype)
     if kind == "exact" or b1.shape[0] == 0:  # no resident neuron: nothing to predict, an empty exact one
         # the model's own weights (a view when every neuron is predicted), widened only while used
         return Built(ExactPredictor(block.w1()[:, pick], b1, dtype), np.zeros(b1.shape[0]), neurons)
@@ -355,6 +414,8 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
         else:
             quant = quantize.rtn(w1, bits, options.block_size)
         pred = LowBitPredictor(quant, b1, dtype, kind)
+    elif kind == "int8":
+        pred = int8_columns(w1, b1, dtype)
     elif kind == "lowrank":
         pred = low_rank(w1, b1, gram, dtype, options)
     else:
@@ -362,7 +423,17 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
     return Built(pred, _rms_of_delta(pred.weights() - w1, gram), neurons)
 
 
-KINDS = ("exact", "int4", "int2", "lowrank")
+KINDS = ("exact", "int8", "int4", "int2", "lowrank")
+# What ``--predictor`` accepts: a kind, or ``auto`` = int8 for float32 blocks (fast at every token count
+# from 16 on, README "Predictors"), int4 for the others (DynamicQuantizeMatMul takes float32 only).
+CHOICES = ("auto", *KINDS)
+
+
+def resolve(kind: str, dtype: np.dtype) -> str:
+    """The kind ``--predictor kind`` means for a block of ``dtype``."""
+    if kind != "auto":
+        return kind
+    return "int8" if np.dtype(dtype) == np.float32 else "int4"
 
 
 class MarginSearch:

@@ -68,7 +68,7 @@ def test_gptq_beats_round_to_nearest_in_the_input_metric(bits):
     assert err["gptq"] < 0.9 * err["rtn"]
 
 
-@pytest.mark.parametrize("kind", ["exact", "int4", "int2", "lowrank"])
+@pytest.mark.parametrize("kind", ["exact", "int8", "int4", "int2", "lowrank"])
 def test_each_kind_runs_as_its_numpy_reference(kind):
     block = _block()
     x = _correlated_inputs(64, 2048)
@@ -85,6 +85,31 @@ def test_each_kind_runs_as_its_numpy_reference(kind):
         assert not built.sigma.any()
     else:
         assert 0 < built.predictor.parameters() < block.d * block.hidden
+
+
+def test_int8_rounds_activations_per_tensor_like_dynamic_quantize_linear():
+    """ĥ of a token depends on the whole tensor's range (one uint8 scale and zero point per call): the
+    reference reproduces ORT's, and a batch with a large outlier token moves the others' estimates."""
+    block = _block()
+    x = _correlated_inputs(64, 512)
+    built = predictors.build("int8", block, _gram(x))
+    assert built.predictor.q.dtype == np.int8 and built.predictor.parameters() == 64 * 256 / 4 + 2 * 256
+    batch = x[:9].copy()
+    alone = _run_predictor(built, batch)
+    batch[0] *= 50.0
+    np.testing.assert_allclose(_run_predictor(built, batch), built.predictor.estimate(batch), atol=1e-4)
+    assert np.abs(_run_predictor(built, batch)[1:] - alone[1:]).max() > 1e-3
+
+
+def test_auto_is_int8_for_float32_and_int4_for_float16():
+    x = _correlated_inputs(32, 512)
+    assert predictors.build("auto", _block(32, 128), _gram(x)).predictor.kind == "int8"
+    (half,), _ = find_blocks(ir.from_proto(tiny.ffn_model(32, 128, rank=2, constants="initializer", dtype="float16")))
+    assert predictors.build("auto", half, _gram(x)).predictor.kind == "int4"
+    assert predictors.neuron_parameters("auto", 32, np.dtype(np.float32)) == 32 / 4 + 2
+    with pytest.raises(predictors.PredictorError, match="int8 predictor runs ONNX Runtime's DynamicQuantizeMatMul, "
+                                                        "which takes float32 activations; this model is float16"):
+        predictors.build("int8", half, _gram(x))
 
 
 def test_lowrank_rank_choice():
@@ -118,7 +143,7 @@ def test_margin_search_matches_brute_force():
     assert search.choose(0.5).z <= margin.z
 
 
-@pytest.mark.parametrize("kind", ["int4", "int2", "lowrank"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2", "lowrank"])
 def test_recall_target_is_met_on_held_out_data(tmp_path, kind):
     path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
     report = tc.optimize(path, tmp_path / "out.onnx", batches(d=32, n=24, seed=1), eval_data=batches(d=32, n=12, seed=9),
