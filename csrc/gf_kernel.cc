@@ -1,17 +1,20 @@
 // Compute core of ai.tardis::GuardedFallback.
 //
-// Three strategies, chosen per call by a cost model (RunImpl):
+// Four strategies (RunImpl; csrc/README.md has the measurements):
+//   tile:   (AVX-512F, d % 16 == 0; the automatic choice there) neurons in L2-sized blocks, per (token,
+//          block) the token's flagged neurons: h from the token's x chunk in registers against the W1t
+//          rows, vector corrections, y += C.W2 with the y chunk in registers (RunTile).
 //   token: per token t, for every flagged neuron j: h = x_t . w1t[j] + b1[j], c = GELU(h) - a_j h - b_j,
 //          y_t += c * w2[j]. Work: sum_t |F(t)| * 2d, weights gathered per token.
 //   union: U = union_t F(t). H = X . W1t_U^T (tokens x |U|) as a blocked product, C = mask(corr(H)),
 //          Y += C . W2_U in register-blocked 4-token x 16-column tiles; each W row is read once per block
 //          of tokens instead of once per token. Wins when tokens share most flagged neurons (prefill).
-//   neuron: the pairs in neuron-major (CSC) order; H and Y += C.W2 in 64-column blocks with the weight row
-//          slice in registers and the tokens' x / y slices in L1 (RunNeuron). Each union row read once,
-//          no wasted work on unflagged pairs: prefill with per-token flags.
+//   neuron: per (L2-sized neuron block, token group with L1 panels) the pairs in neuron-major order; H and
+//          Y += C.W2 with the weight row slice in registers and the tokens' x / y slices in L1 (RunNeuron).
+// Without AVX-512 a cost model picks token, union or neuron per call.
 // Instruction sets, chosen at run time: AVX2+FMA+F16C (functions compiled with
-// __attribute__((target(...))), so the library itself needs no -mavx2), plus AVX-512F versions of the
-// neuron path's block kernels where the CPU has it, and a portable C++ fallback.
+// __attribute__((target(...))), so the library itself needs no -mavx2), plus AVX-512F for the tile path,
+// the neuron path's block kernels, the flag scan and vector GELU where the CPU has it, and portable C++.
 // Activations are float32 internally; float16 weights are converted on load (F16C on the AVX2 path).
 
 #include "gf_kernel.h"
