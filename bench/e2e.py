@@ -5,8 +5,8 @@ optimization 'all', original/optimized interleaved round by round, medians and r
 the optimized model runs the compiled ``GuardedFallback`` kernels of ``libtardis_ops``):
 
 * **MiniLM** — real all-MiniLM-L6-v2 from ``tardis_compile.demo.prepare`` (BBC News calibration text),
-  optimized with ``api.Settings()`` defaults (and, when the default predictor is not int4, also with the
-  int4 predictor); timed on real BBC evaluation text tokenized to 1×16 and 8×128 tokens (every document
+  optimized with ``api.Settings()`` defaults (predictor ``auto`` = int8 for these float32 models, and also
+  with the int4 predictor); timed on real BBC evaluation text tokenized to 1×16 and 8×128 tokens (every document
   long enough, so no padding); zero-shot BBC topic accuracy of both models on held-out articles.
 * **GPT-2-small-shaped**, **BLOOM-560m-shaped**, **Falcon** — ``models.hf_export.export_random(arch,
   size="real")``: random weights (real FFN shapes and layer counts, vocab 1000; Falcon: the Falcon-7B
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tardis_compile import api, benchmark, evaluate, runtime  # noqa: E402
+from tardis_compile import predictor as predictors  # noqa: E402
 from tardis_compile.feeds import from_text  # noqa: E402
 
 OUT = ROOT / "out"
@@ -75,10 +76,15 @@ def optimized_model(src: Path, dst: Path, calib, settings: api.Settings, **kw) -
             "report_md": str(dst.with_suffix(".report.md").relative_to(ROOT)), "_report": report}
 
 
+def default_predictor() -> str:
+    """What the default ``--predictor`` (``auto``) means for these float32 models."""
+    return predictors.resolve(api.Settings().predictor, np.dtype(np.float32))
+
+
 def predictor_list(arg: str | None) -> list[str]:
     if arg:
         return arg.split(",")
-    default = api.Settings().predictor
+    default = default_predictor()
     return [default] if default == "int4" else [default, "int4"]
 
 
@@ -189,7 +195,7 @@ def run_minilm(args) -> dict:
         info.pop("_report", None)
         acc, emb = zero_shot(dst, True)
         info.update(zero_shot=acc, zero_shot_delta_points=100 * (acc - acc0),
-                    embedding_cosine=evaluate.mean_cosine(emb0, emb), default=pred == api.Settings().predictor)
+                    embedding_cosine=evaluate.mean_cosine(emb0, emb), default=pred == default_predictor())
         log(f"minilm {pred}: zero-shot {acc:.3f} vs {acc0:.3f}; timing")
         section["variants"].append(time_variant(info, model, dst, pred, sets, "1×16", 2, args))
     return section
@@ -224,6 +230,9 @@ def run_decoder(arch: str, args) -> dict:
     # 64-token calibration sequence; the "+1tok" calibration adds 4 batches of 64 one-token sequences
     one_tok = [ids(64, 1) for _ in range(4)]
     calibs = {"seq64": (calib, "uniform random token ids, 4×64 per batch"),
+              "1tok": ([ids(64, 1) for _ in range(args.calib_batches)],
+                       f"{args.calib_batches}×[64×1] one-token sequences of uniform random token ids (position 0: "
+                       "the distribution the cache-less 1-token step runs on)"),
               "seq64+1tok": (calib + one_tok, "uniform random token ids, 4×64 per batch, plus 4 batches of "
                                               "64 one-token sequences (position 0, what a cache-less 1-token "
                                               "step sees)")}
@@ -234,7 +243,7 @@ def run_decoder(arch: str, args) -> dict:
         dst = WORK / f"{arch}-real.{pred}{tag}.onnx"
         info = optimized_model(src, dst, calibs[cal][0], settings)
         info.pop("_report", None)
-        info["default"] = pred == api.Settings().predictor
+        info["default"] = pred == default_predictor()
         info["calibration"] = calibs[cal][1]
         section["variants"].append(time_variant(info, src, dst, pred, sets, "1×1 (1 token)", 3, args))
     return section
@@ -354,8 +363,9 @@ def main(argv=None) -> int:
                     help="also time the optimized model under other graph optimization levels / no spinning")
     ap.add_argument("--accuracy-levels", action="store_true",
                     help="also time the int4 predictor at MatMulNBits accuracy_level 0 and 1 (copies of the model)")
-    ap.add_argument("--decoder-calib", default="seq64,seq64+1tok",
-                    help="decoder calibration variants: seq64 (4×64 random ids), seq64+1tok (plus one-token sequences)")
+    ap.add_argument("--decoder-calib", default="seq64,seq64+1tok,1tok",
+                    help="decoder calibration variants: seq64 (4×64 random ids), seq64+1tok (plus one-token "
+                         "sequences), 1tok (one-token sequences only: what the 1-token step sees)")
     ap.add_argument("--decoder-target", type=float, default=0.1, help="decoders: target fallback (default 0.1)")
     ap.add_argument("--merge", action="store_true", help="keep the other models' results already in the JSON")
     ap.add_argument("--out", default=str(RESULTS / "e2e"), help="results stem (.json, .md)")

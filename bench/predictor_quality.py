@@ -10,6 +10,7 @@ Cost: the predictor subgraph alone vs the original dense block, in one ORT proce
 medians, 1 thread, at 1, 8 and 128 tokens.
 
     .venv/bin/python bench/predictor_quality.py [--out out] [--target 0.1] [--recall 0.995]
+    .venv/bin/python bench/predictor_quality.py --recall 0.99 --kinds int8   # add one kind to the saved rows
 
 Writes ``bench/results/predictor_quality.{json,md}``.
 """
@@ -38,10 +39,10 @@ TOKENS = (1, 8, 128)
 
 
 def _quality_rows(name: str, model: Path, calib, held, data: api.DataOptions, out: Path, target: float,
-                  recall: float) -> list[dict]:
+                  recall: float, kinds: list[tuple[str, str]]) -> list[dict]:
     stats = out / f"{name}.predictor-stats.npz"
     rows = []
-    for kind, quantizer in KINDS:
+    for kind, quantizer in kinds:
         settings = api.Settings(target_fallback=target, predictor=kind, predictor_quantizer=quantizer,
                                 predictor_recall=recall)
         kw = {"stats_in": stats} if stats.exists() else {"stats_out": stats}
@@ -152,22 +153,28 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.1)
     parser.add_argument("--recall", type=float, default=api.Settings.predictor_recall)
     parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true", help="keep the saved quality rows, time again")
+    parser.add_argument("--kinds", help="quality rows only for these kinds (e.g. int8), merged into the saved ones")
     args = parser.parse_args()
     out = Path(args.out)
     results = Path(__file__).parent / "results"
     results.mkdir(parents=True, exist_ok=True)
+    saved = results / "predictor_quality.json"
+    kinds = [k for k in KINDS if not args.kinds or k[0] in args.kinds.split(",")]
     rows: list[dict] = []
+    if (args.skip_quality or args.kinds) and saved.exists():
+        redo = {f"{k}-{q}" if k not in ("exact", "lowrank") else k for k, q in kinds} if args.kinds else set()
+        rows = [r for r in json.loads(saved.read_text())["rows"] if r["predictor"] not in redo]
     if not args.skip_quality:
         model, calib, held, tokenizer = prepare(out)
         data = api.DataOptions(tokenizer=tokenizer, batch_size=16, max_length=128)
-        rows += _quality_rows("minilm", model, calib, held, data, out, args.target, args.recall)
+        rows += _quality_rows("minilm", model, calib, held, data, out, args.target, args.recall, kinds)
         gpt2 = out / "gpt2-shaped-ffn.onnx"
         if not gpt2.exists():
             modelio.save(ir.from_proto(tiny.ffn_model(768, 3072, gelu="tanh_decomposed", layers=2, seed=1,
                                                       constants="initializer")), gpt2)
         rows += _quality_rows("gpt2-shaped", gpt2, _gaussian_blocks(768, 16, 1), _gaussian_blocks(768, 8, 2),
-                              api.DataOptions(), out, args.target, args.recall)
+                              api.DataOptions(), out, args.target, args.recall, kinds)
     cost = _cost_rows(384, 1536, "erf_decomposed", args.reps) + _cost_rows(768, 3072, "tanh_decomposed", args.reps)
     summary = _summary(rows)
     (results / "predictor_quality.json").write_text(json.dumps({"rows": rows, "summary": summary, "cost": cost},

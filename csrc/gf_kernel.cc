@@ -431,49 +431,58 @@ TARDIS_AVX512 inline __m256 Fold(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-// Neuron path blocks of NV vectors (16 NV columns): the weight row slice in NV registers, the tokens' x
-// slices (an L1-resident panel) streamed past it, four tokens at a time with two accumulators each.
-template <class W, int NV>
-TARDIS_AVX512 void DotBlkN(const float* x, int64_t ld, const int32_t* tok, int64_t m, const W* w, float* acc) {
-  __m512 wr[NV];
-  for (int v = 0; v < NV; ++v) wr[v] = Ld16(w + 16 * v);
+// acc[q] += reg . row_q[0 : 16 NV] for q < n, row_q = base + idx[q] * stride: one operand held in NV
+// registers, the rows streamed past it four at a time with two accumulators each (8 FMA chains).
+template <class R, int NV>
+TARDIS_AVX512 inline __attribute__((always_inline)) void RegDots(const __m512 (&reg)[NV], const R* base,
+                                                                 int64_t stride, const int32_t* idx, int64_t n,
+                                                                 float* acc) {
   int64_t q = 0;
-  for (; q + 4 <= m; q += 4) {
-    const float* p0 = x + tok[q] * ld;
-    const float* p1 = x + tok[q + 1] * ld;
-    const float* p2 = x + tok[q + 2] * ld;
-    const float* p3 = x + tok[q + 3] * ld;
-    __m512 a0 = _mm512_mul_ps(wr[0], _mm512_loadu_ps(p0)), a1 = _mm512_mul_ps(wr[0], _mm512_loadu_ps(p1));
-    __m512 a2 = _mm512_mul_ps(wr[0], _mm512_loadu_ps(p2)), a3 = _mm512_mul_ps(wr[0], _mm512_loadu_ps(p3));
+  for (; q + 4 <= n; q += 4) {
+    const R* r0 = base + idx[q] * stride;
+    const R* r1 = base + idx[q + 1] * stride;
+    const R* r2 = base + idx[q + 2] * stride;
+    const R* r3 = base + idx[q + 3] * stride;
+    __m512 a0 = _mm512_mul_ps(reg[0], Ld16(r0)), a1 = _mm512_mul_ps(reg[0], Ld16(r1));
+    __m512 a2 = _mm512_mul_ps(reg[0], Ld16(r2)), a3 = _mm512_mul_ps(reg[0], Ld16(r3));
     __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
     for (int v = 1; v < NV; ++v) {
       if (v & 1) {
-        b0 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p0 + 16 * v), b0);
-        b1 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p1 + 16 * v), b1);
-        b2 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p2 + 16 * v), b2);
-        b3 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p3 + 16 * v), b3);
+        b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
+        b1 = _mm512_fmadd_ps(reg[v], Ld16(r1 + 16 * v), b1);
+        b2 = _mm512_fmadd_ps(reg[v], Ld16(r2 + 16 * v), b2);
+        b3 = _mm512_fmadd_ps(reg[v], Ld16(r3 + 16 * v), b3);
       } else {
-        a0 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p0 + 16 * v), a0);
-        a1 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p1 + 16 * v), a1);
-        a2 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p2 + 16 * v), a2);
-        a3 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p3 + 16 * v), a3);
+        a0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(reg[v], Ld16(r1 + 16 * v), a1);
+        a2 = _mm512_fmadd_ps(reg[v], Ld16(r2 + 16 * v), a2);
+        a3 = _mm512_fmadd_ps(reg[v], Ld16(r3 + 16 * v), a3);
       }
     }
     const __m128 s = avx2::Hsum4(Fold(_mm512_add_ps(a0, b0)), Fold(_mm512_add_ps(a1, b1)),
                                  Fold(_mm512_add_ps(a2, b2)), Fold(_mm512_add_ps(a3, b3)));
     _mm_storeu_ps(acc + q, _mm_add_ps(_mm_loadu_ps(acc + q), s));
   }
-  for (; q < m; ++q) {
-    const float* p0 = x + tok[q] * ld;
-    __m512 a0 = _mm512_mul_ps(wr[0], _mm512_loadu_ps(p0)), b0 = _mm512_setzero_ps();
+  for (; q < n; ++q) {
+    const R* r0 = base + idx[q] * stride;
+    __m512 a0 = _mm512_mul_ps(reg[0], Ld16(r0)), b0 = _mm512_setzero_ps();
     for (int v = 1; v < NV; ++v) {
       if (v & 1)
-        b0 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p0 + 16 * v), b0);
+        b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
       else
-        a0 = _mm512_fmadd_ps(wr[v], _mm512_loadu_ps(p0 + 16 * v), a0);
+        a0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), a0);
     }
     acc[q] += _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
   }
+}
+
+// Neuron path blocks of NV vectors (16 NV columns): the weight row slice in NV registers, the tokens' x
+// slices (an L1-resident panel) streamed past it.
+template <class W, int NV>
+TARDIS_AVX512 void DotBlkN(const float* x, int64_t ld, const int32_t* tok, int64_t m, const W* w, float* acc) {
+  __m512 wr[NV];
+  for (int v = 0; v < NV; ++v) wr[v] = Ld16(w + 16 * v);
+  RegDots<float, NV>(wr, x, ld, tok, m, acc);
 }
 
 template <class W, int NV>
@@ -591,48 +600,12 @@ TARDIS_AVX512 void CorrN(float* c, const float* h, const float* a, const float* 
 }
 
 // h[q] += x[0 : 16 NV] . w[js[q] * d : + 16 NV] for q < n (x and w already offset by the chunk's first
-// column). The x chunk sits in NV registers; four rows at a time, two accumulators each.
+// column): the x chunk in NV registers, the weight rows streamed past it.
 template <class W, int NV>
 TARDIS_AVX512 void TileDots(const float* x, const W* w, int64_t d, const int32_t* js, int64_t n, float* h) {
   __m512 xr[NV];
   for (int v = 0; v < NV; ++v) xr[v] = _mm512_loadu_ps(x + 16 * v);
-  int64_t q = 0;
-  for (; q + 4 <= n; q += 4) {
-    const W* r0 = w + js[q] * d;
-    const W* r1 = w + js[q + 1] * d;
-    const W* r2 = w + js[q + 2] * d;
-    const W* r3 = w + js[q + 3] * d;
-    __m512 a0 = _mm512_mul_ps(xr[0], Ld16(r0)), a1 = _mm512_mul_ps(xr[0], Ld16(r1));
-    __m512 a2 = _mm512_mul_ps(xr[0], Ld16(r2)), a3 = _mm512_mul_ps(xr[0], Ld16(r3));
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-    for (int v = 1; v < NV; ++v) {
-      if (v & 1) {
-        b0 = _mm512_fmadd_ps(xr[v], Ld16(r0 + 16 * v), b0);
-        b1 = _mm512_fmadd_ps(xr[v], Ld16(r1 + 16 * v), b1);
-        b2 = _mm512_fmadd_ps(xr[v], Ld16(r2 + 16 * v), b2);
-        b3 = _mm512_fmadd_ps(xr[v], Ld16(r3 + 16 * v), b3);
-      } else {
-        a0 = _mm512_fmadd_ps(xr[v], Ld16(r0 + 16 * v), a0);
-        a1 = _mm512_fmadd_ps(xr[v], Ld16(r1 + 16 * v), a1);
-        a2 = _mm512_fmadd_ps(xr[v], Ld16(r2 + 16 * v), a2);
-        a3 = _mm512_fmadd_ps(xr[v], Ld16(r3 + 16 * v), a3);
-      }
-    }
-    const __m128 s = avx2::Hsum4(Fold(_mm512_add_ps(a0, b0)), Fold(_mm512_add_ps(a1, b1)),
-                                 Fold(_mm512_add_ps(a2, b2)), Fold(_mm512_add_ps(a3, b3)));
-    _mm_storeu_ps(h + q, _mm_add_ps(_mm_loadu_ps(h + q), s));
-  }
-  for (; q < n; ++q) {
-    const W* r0 = w + js[q] * d;
-    __m512 a0 = _mm512_mul_ps(xr[0], Ld16(r0)), b0 = _mm512_setzero_ps();
-    for (int v = 1; v < NV; ++v) {
-      if (v & 1)
-        b0 = _mm512_fmadd_ps(xr[v], Ld16(r0 + 16 * v), b0);
-      else
-        a0 = _mm512_fmadd_ps(xr[v], Ld16(r0 + 16 * v), a0);
-    }
-    h[q] += _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
-  }
+  RegDots<W, NV>(xr, w, d, js, n, h);
 }
 
 // y[0 : 16 NV] += sum_{q < n} c[q] * w[js[q] * d : + 16 NV]: the y chunk in NV registers, stored once.
