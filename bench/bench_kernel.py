@@ -176,7 +176,8 @@ def run(sizes, tokens_list, shares, threads_list, min_time: float, log, rho: flo
                     stats1 = runtime.kernel_stats()
                     measured = (stats1["flagged_pairs"] - stats0["flagged_pairs"]) / (t * D)
                     used_union = stats1["union_calls"] > stats0["union_calls"]
-                    path = ("neuron" if stats1.get("neuron_calls", 0) > stats0.get("neuron_calls", 0) else
+                    path = ("tile" if stats1["tile_calls"] > stats0["tile_calls"] else
+                            "neuron" if stats1["neuron_calls"] > stats0["neuron_calls"] else
                             "union" if used_union else "token")
                     ms = {name: time_run(sess[name], feeds[name], **reps) for name in feeds}
                     ms["dense"] = dense_ms

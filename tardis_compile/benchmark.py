@@ -17,8 +17,8 @@ What it does, so the numbers mean something on a noisy machine:
 * with the library loaded, the share of token-neuron pairs the ``GuardedFallback`` kernels actually
   flagged during the timed optimized runs (library counters);
 * :func:`profile` runs a model with ``SessionOptions.enable_profiling`` and aggregates ORT's JSON trace
-  by node and op type into the parts the rewrite adds: predictor (``MatMulNBits`` or the exact
-  predictor's ``MatMul`` and its ``+ b1``), folded ``MatMul``/``Add``, ``GuardedFallback``, guards
+  by node and op type into the parts the rewrite adds: predictor (``MatMulNBits``,
+  ``DynamicQuantizeMatMul`` or the exact predictor's ``MatMul`` and its ``+ b1``), folded ``MatMul``/``Add``, ``GuardedFallback``, guards
   (``Add``/``Sub`` of the margins: zero when ORT constant-folded them), and the rest of the model.
 """
 
@@ -399,7 +399,8 @@ def classify(node_name: str, op_type: str) -> str:
     """Which part of a rewritten model a node belongs to (names from the tardis pass)."""
     if op_type == fallback_op.OP_TYPE:
         return "fallback"
-    if op_type == "MatMulNBits" or "/predictor/" in node_name or node_name.endswith("/h_hat"):
+    if (op_type in ("MatMulNBits", "DynamicQuantizeMatMul") or "/predictor/" in node_name
+            or node_name.endswith("/h_hat")):
         return "predictor"
     if "/folded/" in node_name:
         return "fold"
