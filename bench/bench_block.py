@@ -132,7 +132,8 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     for share in shares:
         t0 = time.time()
         out = work / f"tardis_{share}.onnx"
-        tc.optimize(dense_path, out, calib, settings=tc.Settings(predictor=predictor, target_fallback=share, refit=False),
+        settings = tc.Settings(predictor=predictor, target_fallback=share, refit=False)
+        tc.optimize(dense_path, out, calib, settings=settings,
                     show_progress=False, report_path=work / f"report_{share}.json")
         m = onnx.load(str(out), load_external_data=False)
         gf = fallback_node(m)

@@ -34,7 +34,8 @@ from tardis_compile.demo import prepare
 from tardis_compile.models import tiny
 from tardis_compile.passes.ffn_match import find_blocks
 
-KINDS = (("exact", "gptq"), ("int8", "rtn"), ("int4", "gptq"), ("int4", "rtn"), ("int2", "gptq"), ("int2", "rtn"), ("lowrank", "gptq"))
+KINDS = (("exact", "gptq"), ("int8", "rtn"), ("int4", "gptq"), ("int4", "rtn"), ("int2", "gptq"), ("int2", "rtn"),
+         ("lowrank", "gptq"))
 TOKENS = (1, 8, 128)
 
 

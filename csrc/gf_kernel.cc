@@ -109,8 +109,6 @@ struct TileKernels {
   void (*dots[kTileVecs])(const float* x, const W* w, int64_t d, const int32_t* js, int64_t n, float* h);
   // y[0 : 16 NV] += sum_q c[q] * w[js[q] * d : + 16 NV]
   void (*axpy[kTileVecs])(float* y, const W* w, int64_t d, const int32_t* js, const float* c, int64_t n);
-  // c[i] = GELU(h[i]) - a[i] h[i] - b[i]
-  void (*corr)(float* c, const float* h, const float* a, const float* b, int64_t n, GeluKind kind);
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -507,7 +505,7 @@ constexpr auto AxpyBlkTable(std::integer_sequence<int, I...>) {
       &AxpyBlkN<W, I + 1>...};
 }
 
-// Column blocks of up to kCols512 floats (16 registers); widths that are not a multiple of 16: AVX2 rows.
+// Column blocks of up to 16 kTileVecs floats (kTileVecs registers); other widths: AVX2 rows.
 template <class W>
 void DotBlk(const float* x, int64_t ld, const int32_t* tok, int64_t m, const W* w, int64_t n, float* acc) {
   static constexpr auto table = DotBlkTable<W>(std::make_integer_sequence<int, kTileVecs>{});
@@ -616,7 +614,6 @@ TARDIS_AVX512 void TileAxpy(float* y, const W* w, int64_t d, const int32_t* js, 
   for (int64_t q = 0; q < n; ++q) {
     const __m512 cv = _mm512_set1_ps(c[q]);
     const W* r = w + js[q] * d;
-
     for (int v = 0; v < NV; ++v) yr[v] = _mm512_fmadd_ps(cv, Ld16(r + 16 * v), yr[v]);
   }
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + 16 * v, yr[v]);
@@ -624,7 +621,7 @@ TARDIS_AVX512 void TileAxpy(float* y, const W* w, int64_t d, const int32_t* js, 
 
 template <class W, int... I>
 TileKernels<W> MakeTile(std::integer_sequence<int, I...>) {
-  return TileKernels<W>{{&TileDots<W, I + 1>...}, {&TileAxpy<W, I + 1>...}, &CorrN};
+  return TileKernels<W>{{&TileDots<W, I + 1>...}, {&TileAxpy<W, I + 1>...}};
 }
 
 template <class W>
@@ -684,6 +681,13 @@ void ParallelFor(const Parallel& par, size_t n, F& f) {
 }
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Neurons per block of the tile and neuron paths: their W1t and W2 rows fill about 1 MB, half of a
+// typical L2, so a block stays cached while the tokens of a work item pass over it.
+template <class T>
+int64_t NeuronBlock(int64_t d, int64_t D) {
+  return std::max<int64_t>(16, std::min<int64_t>(D, (int64_t{1} << 20) / (2 * d * static_cast<int64_t>(sizeof(T)))));
+}
 
 // Flagged indices of one token: j with h_hat[j] < lo[j] or h_hat[j] > hi[j] (NaN: not flagged).
 template <class T>
@@ -891,8 +895,7 @@ void RunNeuron(const Problem<T>& p, const Parallel& par) {
   const int64_t cols = k.cols, cblocks = CeilDiv(d, cols);
   const int64_t G = std::max<int64_t>(4, std::min<int64_t>(tokens, (int64_t{32} << 10) / (cols * 4)));
   const int64_t groups = CeilDiv(tokens, G);
-  const int64_t block =
-      std::max<int64_t>(16, std::min<int64_t>(D, (int64_t{1} << 20) / (2 * d * static_cast<int64_t>(sizeof(T)))));
+  const int64_t block = NeuronBlock<T>(d, D);
   const int64_t panel = G * cols;  // floats per (group, column block) panel
 
   // Per-group CSC: off[g (D + 1) + j] .. off[g (D + 1) + j + 1] are the pairs of neuron j in group g (pairs
@@ -993,7 +996,7 @@ template <class T>
 void RunTile(const Problem<T>& p, const TileKernels<T>& tk, const Parallel& par) {
   const int64_t d = p.d, D = p.D, tokens = p.tokens;
   const int64_t nvec = d / 16, chunks = CeilDiv(nvec, kTileVecs);
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(D, (int64_t{1} << 20) / (2 * d * static_cast<int64_t>(sizeof(T)))));
+  const int64_t block = NeuronBlock<T>(d, D);
   int64_t total = 0;
   for (int64_t t = 0; t < tokens; ++t) total += p.counts[t];
   int64_t groups = 1, splits = 1;
@@ -1036,7 +1039,7 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, const Parallel& par)
           const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
           tk.dots[nv - 1](xt + 16 * v0, p.w1t + 16 * v0, d, js, n, hb);
         }
-        tk.corr(cb, hb, ab, bb, n, p.gelu);
+        p.k->corr(cb, hb, ab, bb, n, p.gelu);
         float* yt = ybase + t * d;
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);

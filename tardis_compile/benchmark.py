@@ -18,8 +18,9 @@ What it does, so the numbers mean something on a noisy machine:
   flagged during the timed optimized runs (library counters);
 * :func:`profile` runs a model with ``SessionOptions.enable_profiling`` and aggregates ORT's JSON trace
   by node and op type into the parts the rewrite adds: predictor (``MatMulNBits``,
-  ``DynamicQuantizeMatMul`` or the exact predictor's ``MatMul`` and its ``+ b1``), folded ``MatMul``/``Add``, ``GuardedFallback``, guards
-  (``Add``/``Sub`` of the margins: zero when ORT constant-folded them), and the rest of the model.
+  ``DynamicQuantizeMatMul`` or the exact predictor's ``MatMul`` and its ``+ b1``), folded
+  ``MatMul``/``Add``, ``GuardedFallback``, guards (``Add``/``Sub`` of the margins: zero when ORT
+  constant-folded them), and the rest of the model.
 """
 
 from __future__ import annotations

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="range strategy: error-aware under one budget (default) or shortest-interval coverage")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the folded matrix")
     p.add_argument("--predictor", choices=list(predictors.CHOICES), default=api.Settings.predictor,
-                   help=f"online predictor of out-of-range neurons (default: {api.Settings.predictor} = int8 for float32 "
-                        "blocks, int4 otherwise)")
+                   help=f"online predictor of out-of-range neurons (default: {api.Settings.predictor} = int8 "
+                        "for float32 blocks, int4 otherwise)")
     p.add_argument("--predictor-recall", type=float, default=api.Settings.predictor_recall,
                    help="calibrated share of out-of-range pairs the predictor must flag; sets its safety "
                         f"margins (default {api.Settings.predictor_recall})")

@@ -268,10 +268,7 @@ def int8_columns(w1: np.ndarray, b1: np.ndarray, dtype: np.dtype) -> Int8Predict
     if np.dtype(dtype) != np.float32:
         raise PredictorError(f"the int8 predictor runs ONNX Runtime's DynamicQuantizeMatMul, which takes float32 "
                              f"activations; this model is {np.dtype(dtype).name}: use --predictor int4")
-    scales = np.abs(w1).max(axis=0) / 127.0
-    scales = np.where(scales > 0, scales, 1.0)
-    q = np.clip(np.round(w1 / scales), -127, 127).astype(np.int8)
-    return Int8Predictor(q, scales, b1, np.dtype(dtype))
+    return Int8Predictor(*quantize.int8_columns(w1), b1, np.dtype(dtype))
 
 
 @dataclasses.dataclass

@@ -324,8 +324,8 @@ def kernel_calls(lib: Path | None = None) -> int:
 
 def kernel_stats(lib: Path | None = None) -> dict[str, int]:
     """All counters of the library: ``calls``, ``union_calls`` (union-gather strategy), ``neuron_calls``
-    (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512), ``portable_calls`` (non-AVX2 code), ``avx512_calls`` (AVX-512 block kernels),
-    ``flagged_pairs``, plus ``cpu_has_avx2``, ``cpu_has_avx512`` and ``ort_api``."""
+    (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512), ``portable_calls`` (non-AVX2 code),
+    ``avx512_calls`` (AVX-512 block kernels), ``flagged_pairs``, plus ``cpu_has_avx2``, ``cpu_has_avx512`` and ``ort_api``."""
     handle = _cdll(lib)
     if handle is None:
         return {}
