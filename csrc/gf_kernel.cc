@@ -99,8 +99,13 @@ constexpr int64_t kColBlock = 64;
 
 // Tile path (AVX-512F only): kernels per chunk width NV = 1 .. kTileVecs vectors of 16 floats.
 constexpr int kTileVecs = 16;
-// Tokens per work item of the tile path (a neuron block's rows are read from L3 once per item).
-constexpr int64_t kTileGroup = 128;
+// Tokens per group of the tile path: a neuron block's rows are read from memory once per group, and the
+// group's x and y rows (with the block) stay in L2.
+constexpr int64_t kTileGroup = 256;
+// Work items the tile path aims for (token groups x neuron splits), and the fewest flagged pairs per
+// token group that make a neuron split worth its partial y.
+constexpr int64_t kTileItems = 4;
+constexpr int64_t kTileMinPairs = 64;
 // Work items of the neuron path (each reads every weight block once).
 constexpr int64_t kNeuronItems = 4;
 template <class W>
@@ -990,26 +995,27 @@ void RunNeuron(const Problem<T>& p, const Parallel& par) {
 // flagged neurons in the block (a slice of its sorted flag list); h by TileDots over 256-column chunks with
 // the token's x chunk in registers; the corrections 16 lanes at a time (vector erf / tanh); then
 // y += C . W2 by TileAxpy with the token's y chunk in registers, stored once per chunk. Every pair costs 2d
-// FMAs with one weight load each and no store. Few tokens (decode): the neuron range is split as well,
-// each split accumulating into its own zeroed copy of y, summed at the end.
+// FMAs with one weight load each and no store. Work items are (token group, neuron range) pairs.
 template <class T>
 void RunTile(const Problem<T>& p, const TileKernels<T>& tk, const Parallel& par) {
   const int64_t d = p.d, D = p.D, tokens = p.tokens;
   const int64_t nvec = d / 16, chunks = CeilDiv(nvec, kTileVecs);
-  const int64_t block = NeuronBlock<T>(d, D);
   int64_t total = 0;
   for (int64_t t = 0; t < tokens; ++t) total += p.counts[t];
-  int64_t groups = 1, splits = 1;
-  if (tokens < 8) {
-    splits = std::max<int64_t>(1, std::min<int64_t>(4, total / 64));
-  } else {
-    groups = std::max<int64_t>(std::min<int64_t>(4, tokens / 8), CeilDiv(tokens, kTileGroup));
-  }
+  // A weight row is fetched from memory once per token group that needs it, so groups are only as many
+  // as L2 requires; parallel work comes from splitting the neuron range instead (each split adds into its
+  // own zeroed copy of y), as long as a split keeps kTileMinPairs pairs per token group. A split is cut
+  // into equal blocks of 2/3 to 4/3 of NeuronBlock (fewer blocks, less per-(token, block) overhead).
+  const int64_t groups = CeilDiv(tokens, kTileGroup);
+  const int64_t splits = groups >= kTileItems ? 1 : std::max<int64_t>(1, std::min(kTileItems / groups,
+                                                                                 total / (groups * kTileMinPairs)));
+  const int64_t target = NeuronBlock<T>(d, D);
   std::vector<float> partial(static_cast<size_t>((splits - 1) * tokens * d), 0.0f);
   auto work = [&](size_t item) {
     const int64_t g = static_cast<int64_t>(item) / splits, s = static_cast<int64_t>(item) % splits;
     const int64_t t0 = tokens * g / groups, t1 = tokens * (g + 1) / groups;
     const int64_t js0 = D * s / splits, js1 = D * (s + 1) / splits;
+    const int64_t block = CeilDiv(js1 - js0, std::max<int64_t>(1, (3 * (js1 - js0) + 2 * target) / (4 * target)));
     float* ybase = s == 0 ? p.y : partial.data() + (s - 1) * tokens * d;
     std::vector<int64_t> cur(static_cast<size_t>(t1 - t0));
     for (int64_t t = t0; t < t1; ++t) {
@@ -1049,10 +1055,15 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, const Parallel& par)
     }
   };
   ParallelFor(par, static_cast<size_t>(groups * splits), work);
-  for (int64_t s = 1; s < splits; ++s) {
-    const float* src = partial.data() + (s - 1) * tokens * d;
-    for (int64_t i = 0; i < tokens * d; ++i) p.y[i] += src[i];
-  }
+  if (splits == 1) return;
+  auto reduce = [&](size_t t) {
+    float* yt = p.y + static_cast<int64_t>(t) * d;
+    for (int64_t s = 1; s < splits; ++s) {
+      const float* src = partial.data() + ((s - 1) * tokens + static_cast<int64_t>(t)) * d;
+      for (int64_t i = 0; i < d; ++i) yt[i] += src[i];
+    }
+  };
+  ParallelFor(par, static_cast<size_t>(tokens), reduce);
 }
 
 // x, y: float32 activations (y holds y_lin on entry); the other operands are read from op as T.

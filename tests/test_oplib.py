@@ -228,12 +228,12 @@ def test_neuron_path_matches_reference(lib, monkeypatch, isa, dtype, flags, lead
 @pytest.mark.parametrize("variant", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
 @pytest.mark.parametrize("flags", ["none", "all", "random", "shared", "nan"])
-@pytest.mark.parametrize("lead", [(1,), (2, 37)], ids=["decode", "batch-seq"])
+@pytest.mark.parametrize("lead", [(1,), (2, 37), (3, 100)], ids=["decode", "batch-seq", "two-groups"])
 def test_tile_path_matches_reference(lib, monkeypatch, variant, dtype, flags, lead):
     """The tile path (AVX-512: token-major in neuron blocks, vector erf / tanh), forced, vs the float64
     reference: d = 16 (kTileVecs + 4) so a token row is a full 16-vector chunk plus a 4-vector one, neuron
-    blocks of the minimum size, every flag pattern, float and float16, one token (split over threads) and
-    batch x sequence."""
+    blocks of the minimum size, every flag pattern, float and float16, one token, batch x sequence (the
+    neuron range split over work items, partial sums added) and 300 tokens (two token groups)."""
     rng = np.random.default_rng(hash((variant, dtype, flags, lead)) % 2**32)
     d, D = 16 * 20, int(rng.integers(100, 400))
     npdt = NP[dtype]
