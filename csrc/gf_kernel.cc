@@ -449,17 +449,18 @@ TARDIS_AVX512 inline __attribute__((always_inline)) void RegDots(const __m512 (&
     __m512 a0 = _mm512_mul_ps(reg[0], Ld16(r0)), a1 = _mm512_mul_ps(reg[0], Ld16(r1));
     __m512 a2 = _mm512_mul_ps(reg[0], Ld16(r2)), a3 = _mm512_mul_ps(reg[0], Ld16(r3));
     __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-    for (int v = 1; v < NV; ++v) {
-      if (v & 1) {
-        b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
-        b1 = _mm512_fmadd_ps(reg[v], Ld16(r1 + 16 * v), b1);
-        b2 = _mm512_fmadd_ps(reg[v], Ld16(r2 + 16 * v), b2);
-        b3 = _mm512_fmadd_ps(reg[v], Ld16(r3 + 16 * v), b3);
-      } else {
-        a0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), a0);
-        a1 = _mm512_fmadd_ps(reg[v], Ld16(r1 + 16 * v), a1);
-        a2 = _mm512_fmadd_ps(reg[v], Ld16(r2 + 16 * v), a2);
-        a3 = _mm512_fmadd_ps(reg[v], Ld16(r3 + 16 * v), a3);
+    // Fully unrolled (constant NV), so reg[v] stays in registers instead of being reloaded from the stack.
+#pragma GCC unroll 16
+    for (int v = 1; v < NV; v += 2) {
+      b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
+      b1 = _mm512_fmadd_ps(reg[v], Ld16(r1 + 16 * v), b1);
+      b2 = _mm512_fmadd_ps(reg[v], Ld16(r2 + 16 * v), b2);
+      b3 = _mm512_fmadd_ps(reg[v], Ld16(r3 + 16 * v), b3);
+      if (v + 1 < NV) {
+        a0 = _mm512_fmadd_ps(reg[v + 1], Ld16(r0 + 16 * (v + 1)), a0);
+        a1 = _mm512_fmadd_ps(reg[v + 1], Ld16(r1 + 16 * (v + 1)), a1);
+        a2 = _mm512_fmadd_ps(reg[v + 1], Ld16(r2 + 16 * (v + 1)), a2);
+        a3 = _mm512_fmadd_ps(reg[v + 1], Ld16(r3 + 16 * (v + 1)), a3);
       }
     }
     const __m128 s = avx2::Hsum4(Fold(_mm512_add_ps(a0, b0)), Fold(_mm512_add_ps(a1, b1)),
@@ -469,11 +470,10 @@ TARDIS_AVX512 inline __attribute__((always_inline)) void RegDots(const __m512 (&
   for (; q < n; ++q) {
     const R* r0 = base + idx[q] * stride;
     __m512 a0 = _mm512_mul_ps(reg[0], Ld16(r0)), b0 = _mm512_setzero_ps();
-    for (int v = 1; v < NV; ++v) {
-      if (v & 1)
-        b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
-      else
-        a0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), a0);
+#pragma GCC unroll 16
+    for (int v = 1; v < NV; v += 2) {
+      b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
+      if (v + 1 < NV) a0 = _mm512_fmadd_ps(reg[v + 1], Ld16(r0 + 16 * (v + 1)), a0);
     }
     acc[q] += _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
   }
@@ -484,6 +484,7 @@ TARDIS_AVX512 inline __attribute__((always_inline)) void RegDots(const __m512 (&
 template <class W, int NV>
 TARDIS_AVX512 void DotBlkN(const float* x, int64_t ld, const int32_t* tok, int64_t m, const W* w, float* acc) {
   __m512 wr[NV];
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) wr[v] = Ld16(w + 16 * v);
   RegDots<float, NV>(wr, x, ld, tok, m, acc);
 }
@@ -491,10 +492,12 @@ TARDIS_AVX512 void DotBlkN(const float* x, int64_t ld, const int32_t* tok, int64
 template <class W, int NV>
 TARDIS_AVX512 void AxpyBlkN(float* y, int64_t ld, const int32_t* tok, const float* c, int64_t m, const W* w) {
   __m512 wr[NV];
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) wr[v] = Ld16(w + 16 * v);
   for (int64_t q = 0; q < m; ++q) {
     float* r = y + tok[q] * ld;
     const __m512 cv = _mm512_set1_ps(c[q]);
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(r + 16 * v, _mm512_fmadd_ps(cv, wr[v], _mm512_loadu_ps(r + 16 * v)));
   }
 }
@@ -607,6 +610,7 @@ TARDIS_AVX512 void CorrN(float* c, const float* h, const float* a, const float* 
 template <class W, int NV>
 TARDIS_AVX512 void TileDots(const float* x, const W* w, int64_t d, const int32_t* js, int64_t n, float* h) {
   __m512 xr[NV];
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) xr[v] = _mm512_loadu_ps(x + 16 * v);
   RegDots<W, NV>(xr, w, d, js, n, h);
 }
@@ -615,12 +619,15 @@ TARDIS_AVX512 void TileDots(const float* x, const W* w, int64_t d, const int32_t
 template <class W, int NV>
 TARDIS_AVX512 void TileAxpy(float* y, const W* w, int64_t d, const int32_t* js, const float* c, int64_t n) {
   __m512 yr[NV];
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) yr[v] = _mm512_loadu_ps(y + 16 * v);
   for (int64_t q = 0; q < n; ++q) {
     const __m512 cv = _mm512_set1_ps(c[q]);
     const W* r = w + js[q] * d;
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) yr[v] = _mm512_fmadd_ps(cv, Ld16(r + 16 * v), yr[v]);
   }
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + 16 * v, yr[v]);
 }
 
