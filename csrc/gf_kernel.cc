@@ -1022,7 +1022,7 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, const Parallel& par)
     const int64_t g = static_cast<int64_t>(item) / splits, s = static_cast<int64_t>(item) % splits;
     const int64_t t0 = tokens * g / groups, t1 = tokens * (g + 1) / groups;
     const int64_t js0 = D * s / splits, js1 = D * (s + 1) / splits;
-    const int64_t block = CeilDiv(js1 - js0, std::max<int64_t>(1, (3 * (js1 - js0) + 2 * target) / (4 * target)));
+    const int64_t block = CeilDiv(js1 - js0, std::max<int64_t>(1, CeilDiv(3 * (js1 - js0), 4 * target)));
     float* ybase = s == 0 ? p.y : partial.data() + (s - 1) * tokens * d;
     std::vector<int64_t> cur(static_cast<size_t>(t1 - t0));
     for (int64_t t = t0; t < t1; ++t) {
