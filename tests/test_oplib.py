@@ -231,9 +231,10 @@ def test_neuron_path_matches_reference(lib, monkeypatch, isa, dtype, flags, lead
 @pytest.mark.parametrize("lead", [(1,), (2, 37), (3, 100)], ids=["decode", "batch-seq", "two-groups"])
 def test_tile_path_matches_reference(lib, monkeypatch, variant, dtype, flags, lead):
     """The tile path (AVX-512: token-major in neuron blocks, vector erf / tanh), forced, vs the float64
-    reference: d = 16 (kTileVecs + 4) so a token row is a full 16-vector chunk plus a 4-vector one, neuron
-    blocks of the minimum size, every flag pattern, float and float16, one token, batch x sequence (the
-    neuron range split over work items, partial sums added) and 300 tokens (two token groups)."""
+    reference: d = 16 (kTileVecs + 4) so a token row is a full 16-vector chunk plus a 4-vector one, every
+    flag pattern, float and float16, one token, batch x sequence (the neuron range split over work items,
+    partial sums added) and 300 tokens (two token groups). Several neuron blocks per split: the prefill
+    test below (384 x 1536)."""
     rng = np.random.default_rng(hash((variant, dtype, flags, lead)) % 2**32)
     d, D = 16 * 20, int(rng.integers(100, 400))
     npdt = NP[dtype]
