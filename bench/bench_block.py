@@ -7,7 +7,7 @@ For each size d x D and flagged share s:
    erf), weights drawn like a trained layer's scale (``N(0, 1/d)``, ``N(0, 1/D)``).
 2. ``tardis_compile.optimize(..., Settings(predictor=P, target_fallback=s, refit=False))`` on Gaussian
    calibration inputs: the folded ``MatMul``/``Add``, the predictor (int4: ``com.microsoft::MatMulNBits``,
-   bits 4, block 32, accuracy_level 4, bias ``b1``; int8: ``com.microsoft::DynamicQuantizeMatMul``), and
+   bits 4, block 128 (the default), accuracy_level 4, bias ``b1``; int8: ``com.microsoft::DynamicQuantizeMatMul``), and
    ``ai.tardis::GuardedFallback``.
 3. Timing, interleaved round by round (so machine noise hits all variants alike), medians:
 
@@ -19,7 +19,7 @@ For each size d x D and flagged share s:
    ``tardis - predictor - fold`` is the kernel's (plus the residual Add). The flagged share actually seen
    at run time comes from the kernel's counter, and the path it took (tile / token / union / neuron).
 
-Bytes read at 1 token (the decode bound): dense 2·d·D·4; rewritten d·d·4 (fold) + d·D·(0.5 + 4/32)
+Bytes read at 1 token (the decode bound): dense 2·d·D·4; rewritten d·d·4 (fold) + d·D·(0.5 + 4/128)
 (int4 + float scales; int8: d·D + 4·D) + share·2·d·D·4 (flagged rows of W1ᵀ and W2): ``bound`` in the table.
 
     python bench/bench_block.py --predictor int8 --name block_int8   # the prefill predictor
@@ -50,7 +50,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tardis_compile as tc  # noqa: E402
-from tardis_compile import runtime  # noqa: E402
+from tardis_compile import predictor as predictors, runtime  # noqa: E402
 from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
                     parse_sizes, session)
 from tardis_compile.models import tiny  # noqa: E402
@@ -113,7 +113,7 @@ def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, min_time
 
 def bytes_bound(d: int, D: int, share: float, predictor: str) -> float:
     dense = 2.0 * d * D * 4
-    pred = d * D + 4.0 * D if predictor == "int8" else d * D * (0.5 + 4.0 / 32)
+    pred = d * D + 4.0 * D if predictor == "int8" else d * D * (0.5 + 4.0 / predictors.DEFAULT_BLOCK["int4"])
     rewritten = d * d * 4 + pred + share * 2.0 * d * D * 4
     return dense / rewritten
 

@@ -12,7 +12,7 @@ Kinds (METHOD.md §4), each emitted with standard or ONNX Runtime contrib ops:
 kind        ĥ                                                             stored (float32 model)
 ==========  ============================================================  ==========================
 exact       ``MatMul(x, W1) + b1`` (tests and accuracy reference)          d·D
-int4        ``com.microsoft::MatMulNBits`` bits=4, GPTQ, blocks of 32       ≈ d·D·5.1/32
+int4        ``com.microsoft::MatMulNBits`` bits=4, GPTQ, blocks of 128      ≈ d·D·4.3/32
 int2        ``com.microsoft::MatMulNBits`` bits=2, GPTQ (or RTN)            ≈ d·D·3.1/32
 int8        ``com.microsoft::DynamicQuantizeMatMul``: int8 W1 with one      ≈ d·D·8/32
             scale per neuron, activations quantized per call to uint8
@@ -47,6 +47,10 @@ AddInitializer = Callable[[str, "np.ndarray | ir.LazyTensor"], ir.Value]
 MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (MLAS's fast CPU path)
 Z_GRID = np.linspace(0.0, 8.0, 161)
+# int4: blocks of 128 read 15% fewer bytes than 32 and run MatMulNBits 10-27% faster at 1 token (d = 384 ..
+# 1024), at the same MiniLM accuracy (10% flagged: cosine 0.9803 vs 0.9805, zero-shot 83.6 vs 83.3%);
+# int2 keeps 32, its four levels per weight need the finer scales. Small layers (d < block) take smaller blocks.
+DEFAULT_BLOCK = {"int4": 128, "int2": 32}
 
 
 class PredictorError(TardisError):
@@ -59,7 +63,7 @@ class PredictorOptions:
 
     recall: float = 0.99
     quantizer: str = "gptq"  # int4/int2: "gptq" (needs calibration inputs) or "rtn"
-    block_size: int = 32
+    block_size: int | None = None  # int4/int2 weights per quantization block; None: DEFAULT_BLOCK per kind
     rank: int | None = None  # lowrank: fixed rank; None chooses per layer by ``energy``
     energy: float = 0.99  # lowrank: share of the whitened spectrum kept
 
@@ -68,8 +72,19 @@ class PredictorOptions:
             raise TardisError(f"--predictor-recall must be within (0, 1], got {self.recall}")
         if self.quantizer not in ("gptq", "rtn"):
             raise TardisError(f"unknown quantizer {self.quantizer!r}; choose gptq or rtn")
-        if self.block_size not in (16, 32, 64, 128):
+        if self.block_size not in (None, 16, 32, 64, 128):
             raise TardisError(f"predictor block size must be 16, 32, 64 or 128, got {self.block_size}")
+
+
+    def block_for(self, kind: str, d: int) -> int:
+        """The quantization block of an int4/int2 predictor of a d-row W1: the explicit one, else the kind's
+        default, halved while it exceeds d (a padded block would store and read zeros)."""
+        if self.block_size:
+            return self.block_size
+        block = DEFAULT_BLOCK[kind]
+        while block > 16 and block > d:
+            block //= 2
+        return block
 
 
 class Predictor(Protocol):
@@ -379,7 +394,7 @@ def neuron_parameters(kind: str, d: int, dtype: np.dtype, options: PredictorOpti
         return float(d + 1)
     if kind in ("int4", "int2"):
         scale_bits = 8 * np.dtype(dtype).itemsize
-        return quantize.stored_bits(d, 1, 4 if kind == "int4" else 2, options.block_size, scale_bits) / scale_bits + 1
+        return quantize.stored_bits(d, 1, 4 if kind == "int4" else 2, options.block_for(kind, d), scale_bits) / scale_bits + 1
     if kind == "int8":
         return d / 4.0 + 2.0
     raise PredictorError(f"the {kind} predictor's size depends on its per-layer rank; choose exact, int8, int4 or int2")
@@ -407,9 +422,9 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
         bits = 4 if kind == "int4" else 2
         _require_kernel(bits)
         if options.quantizer == "gptq":
-            quant = quantize.gptq(w1, gram[:-1, :-1], bits, options.block_size)
+            quant = quantize.gptq(w1, gram[:-1, :-1], bits, options.block_for(kind, w1.shape[0]))
         else:
-            quant = quantize.rtn(w1, bits, options.block_size)
+            quant = quantize.rtn(w1, bits, options.block_for(kind, w1.shape[0]))
         pred = LowBitPredictor(quant, b1, dtype, kind)
     elif kind == "int8":
         pred = int8_columns(w1, b1, dtype)
