@@ -261,7 +261,7 @@ def time_variant(info: dict, original: Path, optimized: Path, pred: str, sets: d
     optional session-option and ``accuracy_level`` experiments on ``variant_case``; returns ``info``."""
     load = wait_for_load(args.max_load, args.max_wait)
     result = benchmark.bench(original, optimized, sets, threads=args.threads, warmup=warmup, rounds=args.rounds,
-                             profile_runs=args.profile_runs, log=lambda r: log(r))
+                             min_seconds=args.min_seconds, profile_runs=args.profile_runs, log=lambda r: log(r))
     info.update(optimized=str(optimized.relative_to(ROOT)), load_before=load, cases=summarize_cases(result),
                 profiles=result.profiles, machine=result.machine)
     if args.session_variants:
@@ -360,6 +360,8 @@ def main(argv=None) -> int:
     ap.add_argument("--predictors", help="predictors to time (default: Settings() default, plus int4 if different)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--min-seconds", type=float, default=3.0,
+                    help="more rounds until each case has run this long (1×16 MiniLM: ~8 ms a round)")
     ap.add_argument("--profile-runs", type=int, default=5)
     ap.add_argument("--accuracy-docs", type=int, default=500)
     ap.add_argument("--calib-batches", type=int, default=20)
@@ -382,7 +384,7 @@ def main(argv=None) -> int:
     stem = Path(args.out)
     results = {"machine": benchmark.machine_info(), "load_start": [round(x, 2) for x in os.getloadavg()],
                "settings_default": dataclasses.asdict(api.Settings()), "threads": args.threads,
-               "rounds": args.rounds, "models": {}}
+               "rounds": args.rounds, "min_seconds": args.min_seconds, "models": {}}
     names = {"minilm": "all-MiniLM-L6-v2 (real weights) — sentence embeddings",
              "gpt2": "GPT-2-small-shaped (random weights)", "bloom": "BLOOM-560m-shaped (random weights)",
              "falcon": "Falcon-7B layer shape, 1 layer (random weights)"}

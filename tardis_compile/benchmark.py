@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tardis_compile import fallback_op
-from tardis_compile.errors import CalibrationDataError, TardisError
+from tardis_compile.errors import CalibrationDataError, ModelLoadError, TardisError
 from tardis_compile.feeds import Feed, InputSpec, input_specs, validate, validated
 
 OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -135,6 +135,11 @@ def feed_rows_tokens(feed: Feed) -> tuple[int, int]:
 # Sessions
 
 
+def _require_file(model: str | os.PathLike) -> None:
+    if not Path(model).is_file():
+        raise ModelLoadError(f"cannot read model '{model}': no such file")
+
+
 def make_session(model: str | os.PathLike, threads: int, *, library: bool = False, require_library: bool = True,
                  opt_level: str = "all", profile_prefix: str | None = None,
                  spinning: bool | None = None) -> ort.InferenceSession:
@@ -158,7 +163,12 @@ def make_session(model: str | os.PathLike, threads: int, *, library: bool = Fals
         except runtime.LibraryUnavailableError as err:
             raise TardisError(f"{err} — build it (python -m tardis_compile.runtime --build) or time the "
                               "optimized model without it (--no-library)") from err
-    return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    _require_file(model)
+    try:
+        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT's own errors (invalid protobuf, unknown op, bad graph) as one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"ONNX Runtime cannot load '{model}': {first}") from err
 
 
 def _kernel_counters() -> dict[str, int]:
@@ -362,6 +372,8 @@ def bench(original: str | os.PathLike, optimized: str | os.PathLike, feed_sets: 
     """
     from tardis_compile import runtime
 
+    for model in (original, optimized):
+        _require_file(model)
     lib = runtime.library_path() if library else None
     neurons = fallback_neurons(optimized)
     cases: list[Case] = []

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch=8,sequence=128 (repeatable: one case each)")
     p.add_argument("--threads", dest="thread_list", default="1,2", help="thread counts (default 1,2)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="... and more rounds until each case has run this long (default 1; short cases "
+                        "need many rounds for a stable median)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs per model (default 2)")
     p.add_argument("--max-batches", type=int, default=4, help="feeds taken from --data per round (default 4)")
     p.add_argument("--int-high", type=int, default=100, help="synthetic token ids are drawn from [0, this)")
@@ -232,7 +235,8 @@ def _bench(args: argparse.Namespace) -> int:
                                     shapes=args.shape, max_batches=args.max_batches, int_high=args.int_high)
     print(benchmark.TABLE_HEADER)
     result = benchmark.bench(args.original, args.optimized, sets, threads=threads, warmup=args.warmup,
-                             rounds=args.rounds, opt_level=args.opt_level, library=not args.no_library,
+                             rounds=args.rounds, min_seconds=args.min_seconds, opt_level=args.opt_level,
+                             library=not args.no_library,
                              profile_runs=10 if args.profile else 0)
     print()
     print(result.markdown())

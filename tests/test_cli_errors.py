@@ -51,6 +51,14 @@ def test_missing_file(tmp_path):
     _assert_one_error(_cli("inspect", str(tmp_path / "nope.onnx")), "no such file")
 
 
+def test_bench_names_a_missing_or_unreadable_model(tmp_path, model):
+    shape = ("--shape", "batch=1,seq=4")
+    _assert_one_error(_cli("bench", str(model), str(tmp_path / "nope.onnx"), *shape), "nope.onnx", "no such file")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07not a protobuf at all" * 10)
+    _assert_one_error(_cli("bench", str(bad), str(model), *shape), "ONNX Runtime cannot load", "bad.onnx")
+
+
 def test_no_foldable_block_names_each_reason(tmp_path):
     path, _ = save_tiny(tmp_path, gelu="quick_gelu")
     np.savez(tmp_path / "c.npz", x=np.zeros((2, 8, 16), np.float32))
