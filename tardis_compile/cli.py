@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-rank", type=int, help="lowrank predictor: fixed rank (default: per layer)")
     p.add_argument("--predictor-block", type=int, choices=[16, 32, 64, 128], default=api.Settings.predictor_block,
                    help="int4/int2 predictors: weights per quantization block (larger: smaller predictor, "
-                        "more flags; default int4 128, int2 32)")
+                        "more flags; default 32; 128 is the faster decode choice)")
     p.add_argument("--fold-bits", type=int, choices=[8],
                    help="store the folded matrix as int8 with a scale per output column (counts a quarter of a "
                         "float32 W_f; leaves room for a predictor at an 87.5%% cut)")

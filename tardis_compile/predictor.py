@@ -12,7 +12,7 @@ Kinds (METHOD.md §4), each emitted with standard or ONNX Runtime contrib ops:
 kind        ĥ                                                             stored (float32 model)
 ==========  ============================================================  ==========================
 exact       ``MatMul(x, W1) + b1`` (tests and accuracy reference)          d·D
-int4        ``com.microsoft::MatMulNBits`` bits=4, GPTQ, blocks of 128      ≈ d·D·4.3/32
+int4        ``com.microsoft::MatMulNBits`` bits=4, GPTQ, blocks of 32       ≈ d·D·5.1/32
 int2        ``com.microsoft::MatMulNBits`` bits=2, GPTQ (or RTN)            ≈ d·D·3.1/32
 int8        ``com.microsoft::DynamicQuantizeMatMul``: int8 W1 with one      ≈ d·D·8/32
             scale per neuron, activations quantized per call to uint8
@@ -47,10 +47,11 @@ AddInitializer = Callable[[str, "np.ndarray | ir.LazyTensor"], ir.Value]
 MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (MLAS's fast CPU path)
 Z_GRID = np.linspace(0.0, 8.0, 161)
-# int4: blocks of 128 read 15% fewer bytes than 32 and run MatMulNBits 10-27% faster at 1 token (d = 384 ..
-# 1024), at the same MiniLM accuracy (10% flagged: cosine 0.9803 vs 0.9805, zero-shot 83.6 vs 83.3%);
-# int2 keeps 32, its four levels per weight need the finer scales. Small layers (d < block) take smaller blocks.
-DEFAULT_BLOCK = {"int4": 128, "int2": 32}
+# int4/int2 weights per quantization block. 32 keeps int4 within 0.004 cosine of the exact predictor on
+# MiniLM at a 0.995 recall target without refit (64: 0.005, 128: 0.006); 128 reads 15% fewer bytes and
+# runs MatMulNBits 13-27% faster at 1 token (d = 384 .. 1024), the decode choice (README, --predictor-block).
+# Layers narrower than the block take smaller ones.
+DEFAULT_BLOCK = 32
 
 
 class PredictorError(TardisError):
@@ -63,7 +64,7 @@ class PredictorOptions:
 
     recall: float = 0.99
     quantizer: str = "gptq"  # int4/int2: "gptq" (needs calibration inputs) or "rtn"
-    block_size: int | None = None  # int4/int2 weights per quantization block; None: DEFAULT_BLOCK per kind
+    block_size: int | None = None  # int4/int2 weights per quantization block; None: DEFAULT_BLOCK
     rank: int | None = None  # lowrank: fixed rank; None chooses per layer by ``energy``
     energy: float = 0.99  # lowrank: share of the whitened spectrum kept
 
@@ -76,12 +77,12 @@ class PredictorOptions:
             raise TardisError(f"predictor block size must be 16, 32, 64 or 128, got {self.block_size}")
 
 
-    def block_for(self, kind: str, d: int) -> int:
-        """The quantization block of an int4/int2 predictor of a d-row W1: the explicit one, else the kind's
+    def block_for(self, d: int) -> int:
+        """The quantization block of an int4/int2 predictor of a d-row W1: the explicit one, else the
         default, halved while it exceeds d (a padded block would store and read zeros)."""
         if self.block_size:
             return self.block_size
-        block = DEFAULT_BLOCK[kind]
+        block = DEFAULT_BLOCK
         while block > 16 and block > d:
             block //= 2
         return block
@@ -394,7 +395,7 @@ def neuron_parameters(kind: str, d: int, dtype: np.dtype, options: PredictorOpti
         return float(d + 1)
     if kind in ("int4", "int2"):
         scale_bits = 8 * np.dtype(dtype).itemsize
-        return quantize.stored_bits(d, 1, 4 if kind == "int4" else 2, options.block_for(kind, d), scale_bits) / scale_bits + 1
+        return quantize.stored_bits(d, 1, 4 if kind == "int4" else 2, options.block_for(d), scale_bits) / scale_bits + 1
     if kind == "int8":
         return d / 4.0 + 2.0
     raise PredictorError(f"the {kind} predictor's size depends on its per-layer rank; choose exact, int8, int4 or int2")
@@ -422,9 +423,9 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
         bits = 4 if kind == "int4" else 2
         _require_kernel(bits)
         if options.quantizer == "gptq":
-            quant = quantize.gptq(w1, gram[:-1, :-1], bits, options.block_for(kind, w1.shape[0]))
+            quant = quantize.gptq(w1, gram[:-1, :-1], bits, options.block_for(w1.shape[0]))
         else:
-            quant = quantize.rtn(w1, bits, options.block_for(kind, w1.shape[0]))
+            quant = quantize.rtn(w1, bits, options.block_for(w1.shape[0]))
         pred = LowBitPredictor(quant, b1, dtype, kind)
     elif kind == "int8":
         pred = int8_columns(w1, b1, dtype)

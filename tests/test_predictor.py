@@ -112,16 +112,16 @@ def test_auto_is_int8_for_float32_and_int4_for_float16():
         predictors.build("int8", half, _gram(x))
 
 
-def test_default_quantization_blocks_per_kind_and_width():
-    """int4 defaults to blocks of 128 (int2: 32), halved while wider than d (no padded block); explicit wins."""
+def test_default_quantization_blocks_per_width():
+    """int4 and int2 default to blocks of 32, halved while wider than d (no padded block); explicit wins."""
     default = predictors.PredictorOptions()
-    assert [default.block_for("int4", d) for d in (4544, 384, 100, 64, 32, 8)] == [128, 128, 64, 64, 32, 16]
-    assert [default.block_for("int2", d) for d in (384, 32, 16)] == [32, 32, 16]
-    assert predictors.PredictorOptions(block_size=32).block_for("int4", 384) == 32
-    built = predictors.build("int4", _block(), _gram(_correlated_inputs(64, 512)))
-    assert built.predictor.quant.block_size == 64
+    assert [default.block_for(d) for d in (4544, 384, 32, 20, 8)] == [32, 32, 32, 16, 16]
+    assert predictors.PredictorOptions(block_size=128).block_for(384) == 128
+    built = predictors.build("int4", _block(16, 64), _gram(_correlated_inputs(16, 512)))
+    assert built.predictor.quant.block_size == 16
     # 4-bit weights plus a float32 scale and a 4-bit zero point per block of 128, bias included
-    assert predictors.neuron_parameters("int4", 384, np.dtype(np.float32)) == pytest.approx(
+    wide = predictors.PredictorOptions(block_size=128)
+    assert predictors.neuron_parameters("int4", 384, np.dtype(np.float32), wide) == pytest.approx(
         quantize.stored_bits(384, 1, 4, 128, 32) / 32 + 1)
 
 
