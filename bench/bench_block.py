@@ -7,8 +7,8 @@ For each size d x D and flagged share s:
    erf), weights drawn like a trained layer's scale (``N(0, 1/d)``, ``N(0, 1/D)``).
 2. ``tardis_compile.optimize(..., Settings(predictor=P, target_fallback=s, refit=False))`` on Gaussian
    calibration inputs: the folded ``MatMul``/``Add``, the predictor (int4: ``com.microsoft::MatMulNBits``,
-   bits 4, blocks of 128 — ``--predictor-block 128``, the decode choice; the
-   tool's default is 32 — accuracy_level 4, bias ``b1``; int8: ``com.microsoft::DynamicQuantizeMatMul``), and
+   bits 4, blocks of 128 (``--predictor-block 128``, the decode choice; the tool's default is 32),
+   accuracy_level 4, bias ``b1``; int8: ``com.microsoft::DynamicQuantizeMatMul``), and
    ``ai.tardis::GuardedFallback``.
 3. Timing, interleaved round by round (so machine noise hits all variants alike), medians:
 
@@ -52,13 +52,11 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tardis_compile as tc  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
-from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
+from common import (DECODE_INT4_BLOCK, QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
                     parse_sizes, session)
 from tardis_compile.models import tiny  # noqa: E402
 
 QUICK_SHARES = [0.05, 0.10]
-# int4 rows: blocks of 128 (`--predictor-block 128`), 13-27% faster MatMulNBits at 1 token than the default 32
-INT4_BLOCK = 128
 
 
 def calib_batches(d: int, n_batches: int, tokens: int, seed: int = 123) -> list[dict[str, np.ndarray]]:
@@ -116,7 +114,7 @@ def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict, min_time
 
 def bytes_bound(d: int, D: int, share: float, predictor: str) -> float:
     dense = 2.0 * d * D * 4
-    pred = d * D + 4.0 * D if predictor == "int8" else d * D * (0.5 + 4.0 / INT4_BLOCK)
+    pred = d * D + 4.0 * D if predictor == "int8" else d * D * (0.5 + 4.0 / DECODE_INT4_BLOCK)
     rewritten = d * d * 4 + pred + share * 2.0 * d * D * 4
     return dense / rewritten
 
@@ -136,7 +134,7 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
         t0 = time.time()
         out = work / f"tardis_{share}.onnx"
         settings = tc.Settings(predictor=predictor, target_fallback=share, refit=False,
-                               predictor_block=INT4_BLOCK if predictor == "int4" else None)
+                               predictor_block=DECODE_INT4_BLOCK if predictor == "int4" else None)
         tc.optimize(dense_path, out, calib, settings=settings,
                     show_progress=False, report_path=work / f"report_{share}.json")
         m = onnx.load(str(out), load_external_data=False)
@@ -249,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
             "library": str(runtime.library_path()), "predictor": args.predictor, "refit": False,
-            "int4_block": INT4_BLOCK if args.predictor == "int4" else None,
+            "int4_block": DECODE_INT4_BLOCK if args.predictor == "int4" else None,
             "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
