@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tardis_compile as tc  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
 from common import (DECODE_INT4_BLOCK, QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
-                    parse_sizes, session)
+                    int4_block, parse_sizes, session)
 from tardis_compile.models import tiny  # noqa: E402
 
 QUICK_SHARES = [0.05, 0.10]
@@ -134,7 +134,7 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
         t0 = time.time()
         out = work / f"tardis_{share}.onnx"
         settings = tc.Settings(predictor=predictor, target_fallback=share, refit=False,
-                               predictor_block=DECODE_INT4_BLOCK if predictor == "int4" else None)
+                               predictor_block=int4_block(predictor))
         tc.optimize(dense_path, out, calib, settings=settings,
                     show_progress=False, report_path=work / f"report_{share}.json")
         m = onnx.load(str(out), load_external_data=False)
@@ -180,10 +180,10 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
 
 
 def markdown(records: list[dict], meta: dict) -> str:
+    blocks = f" in blocks of {meta['int4_block']}" if meta.get("int4_block") else ""
     lines = [
-        f"# Rewritten FFN block ({meta['predictor']} predictor"
-        f"{' in blocks of ' + str(meta['int4_block']) if meta.get('int4_block') else ''} + GuardedFallback) vs "
-        "dense block (ONNX Runtime, CPU)",
+        f"# Rewritten FFN block ({meta['predictor']} predictor{blocks} + GuardedFallback) vs dense block "
+        "(ONNX Runtime, CPU)",
         "",
         f"onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs (AVX2 {bool(meta['cpu_has_avx2'])}, AVX-512 "
         f"{bool(meta['cpu_has_avx512'])}). Medians in ms, variants interleaved round by round. `tardis` = the "
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
             "library": str(runtime.library_path()), "predictor": args.predictor, "refit": False,
-            "int4_block": DECODE_INT4_BLOCK if args.predictor == "int4" else None,
+            "int4_block": int4_block(args.predictor),
             "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")

@@ -22,6 +22,11 @@ QUICK_TOKENS = [1, 128]
 DECODE_INT4_BLOCK = 128
 
 
+def int4_block(predictor: str) -> int | None:
+    """``Settings.predictor_block`` for a benchmark row: the decode block for int4, else the tool's default."""
+    return DECODE_INT4_BLOCK if predictor == "int4" else None
+
+
 def parse_sizes(values: list[str]) -> list[tuple[int, int]]:
     """``["768x3072", ...]`` → ``[(768, 3072), ...]``."""
     return [tuple(int(v) for v in s.lower().split("x")) for s in values]

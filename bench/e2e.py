@@ -7,7 +7,8 @@ the optimized model runs the compiled ``GuardedFallback`` kernels of ``libtardis
 * **MiniLM** — real all-MiniLM-L6-v2 from ``tardis_compile.demo.prepare`` (BBC News calibration text),
   optimized with ``api.Settings()`` defaults (predictor ``auto`` = int8 for these float32 models, and also
   with the int4 predictor in blocks of 128, the decode choice); timed on real BBC evaluation text tokenized
-  to 1×16 and 8×128 tokens (every document long enough, so no padding); zero-shot BBC topic accuracy of both models on held-out articles.
+  to 1×16 and 8×128 tokens (every document long enough, so no padding); zero-shot BBC topic accuracy of
+  both models on held-out articles.
 * **GPT-2-small-shaped**, **BLOOM-560m-shaped**, **Falcon** — ``models.hf_export.export_random(arch,
   size="real")``: random weights (real FFN shapes and layer counts, vocab 1000; Falcon: the Falcon-7B
   layer shape 4544/18176 with **one** layer). The export has **no KV cache** (``use_cache=False``; inputs
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from tardis_compile import api, benchmark, evaluate, runtime  # noqa: E402
 from tardis_compile import predictor as predictors  # noqa: E402
-from common import DECODE_INT4_BLOCK  # noqa: E402
+from common import int4_block  # noqa: E402
 from tardis_compile.feeds import from_text  # noqa: E402
 
 OUT = ROOT / "out"
@@ -82,11 +83,6 @@ def optimized_model(src: Path, dst: Path, calib, settings: api.Settings, **kw) -
 def default_predictor() -> str:
     """What the default ``--predictor`` (``auto``) means for these float32 models."""
     return predictors.resolve(api.Settings().predictor, np.dtype(np.float32))
-
-
-def int4_block(pred: str) -> int | None:
-    """The int4 rows are the decode comparison (``common.DECODE_INT4_BLOCK``)."""
-    return DECODE_INT4_BLOCK if pred == "int4" else None
 
 
 def predictor_list(arg: str | None) -> list[str]:

@@ -54,7 +54,7 @@ class Settings:
     predictor_recall: float = 0.95
     predictor_quantizer: str = "gptq"  # int4/int2: gptq or rtn
     predictor_rank: int | None = None  # lowrank: fixed rank (default: chosen per layer)
-    predictor_block: int | None = None  # int4/int2: weights per quantization block along d (None: 32, less when d < 32)
+    predictor_block: int | None = None  # int4/int2: weights per block along d (None: 32, halved below d)
     target_params: float | None = None  # share of the FFN parameters touched per token (sets the fallback rate)
     max_error: float | None = None  # worst block's own relative output error (sets the fallback rate)
     resident: float | None = None  # share of the FFN parameters kept resident (the rest: always linear)

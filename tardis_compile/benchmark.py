@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from tardis_compile import fallback_op
+from tardis_compile import fallback_op, modelio
 from tardis_compile.errors import CalibrationDataError, ModelLoadError, TardisError
 from tardis_compile.feeds import Feed, InputSpec, input_specs, validate, validated
 
@@ -135,11 +135,6 @@ def feed_rows_tokens(feed: Feed) -> tuple[int, int]:
 # Sessions
 
 
-def _require_file(model: str | os.PathLike) -> None:
-    if not Path(model).is_file():
-        raise ModelLoadError(f"cannot read model '{model}': no such file")
-
-
 def make_session(model: str | os.PathLike, threads: int, *, library: bool = False, require_library: bool = True,
                  opt_level: str = "all", profile_prefix: str | None = None,
                  spinning: bool | None = None) -> ort.InferenceSession:
@@ -163,7 +158,7 @@ def make_session(model: str | os.PathLike, threads: int, *, library: bool = Fals
         except runtime.LibraryUnavailableError as err:
             raise TardisError(f"{err} — build it (python -m tardis_compile.runtime --build) or time the "
                               "optimized model without it (--no-library)") from err
-    _require_file(model)
+    modelio.require_file(model)
     try:
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT's own errors (invalid protobuf, unknown op, bad graph) as one line
@@ -372,8 +367,8 @@ def bench(original: str | os.PathLike, optimized: str | os.PathLike, feed_sets: 
     """
     from tardis_compile import runtime
 
-    for model in (original, optimized):
-        _require_file(model)
+    for model in (original, optimized):  # before reading the optimized model's fallback sizes
+        modelio.require_file(model)
     lib = runtime.library_path() if library else None
     neurons = fallback_neurons(optimized)
     cases: list[Case] = []

@@ -27,11 +27,16 @@ TWO_GB = 2**31
 _EXTERNAL_THRESHOLD = 1_800_000_000  # leave headroom below protobuf's 2 GB limit
 
 
+def require_file(path: str | os.PathLike) -> None:
+    """A :class:`ModelLoadError` naming ``path`` unless it is a file."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"cannot read model '{path}': no such file")
+
+
 def load(path: str | os.PathLike) -> ir.Model:
     """Load and check a model; every failure is a :class:`ModelLoadError` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"cannot read model '{path}': no such file")
+    require_file(path)
     unsorted = False
     try:
         onnx.checker.check_model(str(path))

@@ -76,7 +76,6 @@ class PredictorOptions:
         if self.block_size not in (None, 16, 32, 64, 128):
             raise TardisError(f"predictor block size must be 16, 32, 64 or 128, got {self.block_size}")
 
-
     def block_for(self, d: int) -> int:
         """The quantization block of an int4/int2 predictor of a d-row W1: the explicit one, else the
         default, halved while it exceeds d (a padded block would store and read zeros)."""
