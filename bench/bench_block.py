@@ -28,6 +28,7 @@ Bytes read at 1 token (the decode bound): dense 2·d·D·4; rewritten d·d·4 (f
     python bench/bench_block.py --quick                       # 2 sizes, 1 and 128 tokens, 5% and 10%
     python bench/bench_block.py                               # full grid (~6 GB RAM for 4544x18176)
     python bench/bench_block.py --sizes 4544x18176 --reps 5   # the big one, fewer rounds
+    python bench/bench_block.py --runs 3                      # the grid 3 times; medians over the runs
 
 Writes bench/results/block.json and bench/results/block.md (or --out DIR).
 """
@@ -119,9 +120,44 @@ def bytes_bound(d: int, D: int, share: float, predictor: str) -> float:
     return dense / rewritten
 
 
+def prepare_share(dense_path: Path, d: int, D: int, share: float, calib, predictor: str, work: Path,
+                  log) -> dict[str, Path]:
+    """The rewritten model at flagged share ``share`` and its two cuts (predictor, fold): variant → path."""
+    t0 = time.time()
+    out = work / f"tardis_{share}.onnx"
+    settings = tc.Settings(predictor=predictor, target_fallback=share, refit=False,
+                           predictor_block=int4_block(predictor))
+    tc.optimize(dense_path, out, calib, settings=settings, show_progress=False,
+                report_path=work / f"report_{share}.json")
+    m = onnx.load(str(out), load_external_data=False)
+    gf = fallback_node(m)
+    y_lin, h_hat = gf.input[1], gf.input[2]
+    ops = sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node})
+    del m
+    paths = {"dense": dense_path, "tardis": out, "predictor": cut(out, h_hat, work / f"pred_{share}.onnx"),
+             "fold": cut(out, y_lin, work / f"fold_{share}.onnx")}
+    log(f"== d={d} D={D} share={share:.0%}: optimized in {time.time() - t0:.1f} s; ops {', '.join(ops)}")
+    return paths
+
+
+def check_run(sess: dict[str, ort.InferenceSession], feeds: dict, tokens: int, D: int) -> dict:
+    """One rewritten run against the dense one: the flagged share the kernel saw, its path, the difference."""
+    s0 = runtime.kernel_stats()
+    y_t = sess["tardis"].run(None, feeds)[0]
+    s1 = runtime.kernel_stats()
+    y_d = sess["dense"].run(None, feeds)[0]
+    path = ("tile" if s1["tile_calls"] > s0["tile_calls"] else
+            "neuron" if s1["neuron_calls"] > s0["neuron_calls"] else
+            "union" if s1["union_calls"] > s0["union_calls"] else "token")
+    return {"measured_share": round((s1["flagged_pairs"] - s0["flagged_pairs"]) / (tokens * D), 5), "path": path,
+            "max_rel_diff": float(np.max(np.abs(y_t - y_d)) / max(1e-12, float(np.max(np.abs(y_d)))))}
+
+
 def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float, reps: int | None, work: Path,
-             log, predictor: str = "int4") -> list[dict]:
-    records = []
+             log, predictor: str = "int4", runs: int = 1) -> list[dict]:
+    """Records for one size. ``runs`` > 1 repeats the whole grid of this size that many times (models built
+    once) and reports each variant's median over the runs' medians, so one run caught in a noisy minute
+    does not decide a row."""
     model = tiny.ffn_model(d, D, gelu="erf_op", rank=2, constants="initializer", seed=0)
     dense_path = work / "dense.onnx"
     onnx.save(model, str(dense_path), save_as_external_data=d * D > 50_000_000, location="dense.onnx.data")
@@ -130,53 +166,46 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     calib = calib_batches(d, n_batches=4 if big else 8, tokens=128 if big else 256)
     rng = np.random.default_rng(7)
     xs = {t: rng.standard_normal((t, d), dtype=np.float32) for t in tokens_list}
-    for share in shares:
-        t0 = time.time()
-        out = work / f"tardis_{share}.onnx"
-        settings = tc.Settings(predictor=predictor, target_fallback=share, refit=False,
-                               predictor_block=int4_block(predictor))
-        tc.optimize(dense_path, out, calib, settings=settings,
-                    show_progress=False, report_path=work / f"report_{share}.json")
-        m = onnx.load(str(out), load_external_data=False)
-        gf = fallback_node(m)
-        y_lin, h_hat = gf.input[1], gf.input[2]
-        ops = sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node})
-        del m
-        pred_path = cut(out, h_hat, work / f"pred_{share}.onnx")
-        fold_path = cut(out, y_lin, work / f"fold_{share}.onnx")
-        log(f"== d={d} D={D} share={share:.0%}: optimized in {time.time() - t0:.1f} s; ops {', '.join(ops)}")
-        for threads in threads_list:
-            sess = {"dense": session(dense_path, threads, False), "tardis": session(out, threads, True),
-                    "predictor": session(pred_path, threads, False), "fold": session(fold_path, threads, False)}
-            for t in tokens_list:
-                feeds = {"x": xs[t]}
-                s0 = runtime.kernel_stats()
-                y_t = sess["tardis"].run(None, feeds)[0]
-                s1 = runtime.kernel_stats()
-                y_d = sess["dense"].run(None, feeds)[0]
-                measured = (s1["flagged_pairs"] - s0["flagged_pairs"]) / (t * D)
-                path = ("tile" if s1["tile_calls"] > s0["tile_calls"] else
-                        "neuron" if s1["neuron_calls"] > s0["neuron_calls"] else
-                        "union" if s1["union_calls"] > s0["union_calls"] else "token")
-                rel = float(np.max(np.abs(y_t - y_d)) / max(1e-12, float(np.max(np.abs(y_d)))))
-                n_min, n_max = (3, reps or 10) if big else (5, reps or 200)
-                ms = interleaved(sess, feeds, min_time, n_min, n_max)
-                rec = {"d": d, "D": D, "tokens": t, "threads": threads, "share": share,
-                       "measured_share": round(measured, 5), "path": path, "max_rel_diff": rel,
-                       "ms": {k: round(v, 4) for k, v in ms.items()},
-                       "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4),
-                       "speedup": round(ms["dense"] / ms["tardis"], 3),
-                       "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3),
-                       "predictor": predictor, "bytes_bound_1tok": round(bytes_bound(d, D, share, predictor), 2)}
-                records.append(rec)
-                log(f"d={d:5d} D={D:5d} T={t:4d} thr={threads} share={share:4.0%} (meas {measured:6.2%}, {path:6s}): "
-                    f"dense {ms['dense']:9.3f} | tardis {ms['tardis']:9.3f} (x{rec['speedup']:.2f}) | predictor "
-                    f"{ms['predictor']:8.3f} | fold {ms['fold']:8.3f} | rel diff {rel:.1e}")
-            del sess
-            gc.collect()
-        for p in work.glob(f"*_{share}.onnx*"):
-            p.unlink()
+    n_min, n_max = (3, reps or 10) if big else (5, reps or 200)
+    models = {share: prepare_share(dense_path, d, D, share, calib, predictor, work, log) for share in shares}
+    checks: dict[tuple, dict] = {}
+    timings: dict[tuple, list[dict[str, float]]] = {}
+    for run in range(runs):
+        for share, paths in models.items():
+            for threads in threads_list:
+                sess = {k: session(p, threads, k == "tardis") for k, p in paths.items()}
+                for t in tokens_list:
+                    key, feeds = (share, threads, t), {"x": xs[t]}
+                    if key not in checks:
+                        checks[key] = check_run(sess, feeds, t, D)
+                    ms = interleaved(sess, feeds, min_time, n_min, n_max)
+                    timings.setdefault(key, []).append(ms)
+                    log(f"d={d:5d} D={D:5d} T={t:4d} thr={threads} share={share:4.0%} run {run + 1}/{runs} "
+                        f"(meas {checks[key]['measured_share']:6.2%}, {checks[key]['path']:6s}): dense "
+                        f"{ms['dense']:9.3f} | tardis {ms['tardis']:9.3f} (x{ms['dense'] / ms['tardis']:.2f}) | "
+                        f"predictor {ms['predictor']:8.3f} | fold {ms['fold']:8.3f}")
+                del sess
+                gc.collect()
+    records = []
+    for (share, threads, t), per_run in timings.items():
+        ms = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+        records.append({"d": d, "D": D, "tokens": t, "threads": threads, "share": share, **checks[(share, threads, t)],
+                        "ms": {k: round(v, 4) for k, v in ms.items()},
+                        "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4),
+                        "speedup": round(ms["dense"] / ms["tardis"], 3),
+                        "speedup_runs": [round(r["dense"] / r["tardis"], 3) for r in per_run],
+                        "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3),
+                        "predictor": predictor, "bytes_bound_1tok": round(bytes_bound(d, D, share, predictor), 2)})
+    for p in work.glob("*.onnx*"):
+        p.unlink()
     return records
+
+
+def runs_note(runs: int) -> str:
+    if runs == 1:
+        return "One run of the grid."
+    return (f"The grid ran {runs} times (sessions rebuilt, other shares in between); each time is the median "
+            "over the runs' medians, and the last column gives each run's ×dense.")
 
 
 def markdown(records: list[dict], meta: dict) -> str:
@@ -189,11 +218,12 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"{bool(meta['cpu_has_avx512'])}). Medians in ms, variants interleaved round by round. `tardis` = the "
         f"whole rewritten block (fold + {meta['predictor']} predictor + kernel + residual); `predictor`, `fold` = "
         "the block cut at `h_hat`, `y_lin`; `kernel` ≈ tardis − predictor − fold. ×dense = dense / tardis. "
-        "`bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy.",
+        "`bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy. "
+        f"{runs_note(meta.get('runs', 1))}",
         "",
         "| d×D | tokens | threads | share (run) | path | dense | tardis | predictor | fold | kernel | ×dense "
-        "| pred % | bound |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pred % | bound | ×dense per run |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in sorted(records, key=lambda r: (r["d"], r["threads"], r["tokens"], r["share"])):
         ms = r["ms"]
@@ -201,7 +231,7 @@ def markdown(records: list[dict], meta: dict) -> str:
             f"| {r['d']}×{r['D']} | {r['tokens']} | {r['threads']} | {r['share']:.0%} ({r['measured_share']:.1%}) "
             f"| {r['path']} | {ms['dense']:.3f} | {ms['tardis']:.3f} | {ms['predictor']:.3f} | {ms['fold']:.3f} "
             f"| {r['kernel_ms_est']:.3f} | **{r['speedup']:.2f}** | {100 * r['predictor_share_of_block']:.0f}% "
-            f"| {r['bytes_bound_1tok']:.2f} |")
+            f"| {r['bytes_bound_1tok']:.2f} | {' / '.join(f'{x:.2f}' for x in r.get('speedup_runs', [r['speedup']]))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="block", help="output file stem (default: block)")
     ap.add_argument("--append", action="store_true", help="add to the existing JSON's records (other sizes)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat each size's whole grid this many times; rows report medians over the runs")
     ap.add_argument("--predictor", choices=["int4", "int8"], default="int4", help="predictor kind (default int4)")
     args = ap.parse_args(argv)
 
@@ -240,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tardis-bench-block-") as tmp:
         for d, D in sizes:
             records += run_size(d, D, tokens, shares, threads, min_time, args.reps, Path(tmp),
-                                log=lambda m: print(m, flush=True), predictor=args.predictor)
+                                log=lambda m: print(m, flush=True), predictor=args.predictor, runs=args.runs)
             gc.collect()
     stats = runtime.kernel_stats()
     meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
             "library": str(runtime.library_path()), "predictor": args.predictor, "refit": False,
-            "int4_block": int4_block(args.predictor),
+            "int4_block": int4_block(args.predictor), "runs": args.runs,
             "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tardis_compile import runtime  # noqa: E402
+from tardis_compile import benchmark, runtime  # noqa: E402
 
 SIZES = [(384, 1536), (768, 3072), (1024, 4096), (4544, 18176)]
 TOKENS = [1, 8, 128]
@@ -33,11 +33,9 @@ def parse_sizes(values: list[str]) -> list[tuple[int, int]]:
 
 
 def session(model: bytes | str | Path, threads: int, lib: bool) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads, sequential, with or without ``libtardis_ops``."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    """A CPU session with the benchmarks' timing options (``benchmark.timing_options``: sequential,
+    ``threads`` intra-op threads, spinning stopped after each run), with or without ``libtardis_ops``."""
+    so = benchmark.timing_options(threads)
     if lib:
         runtime.session_options(so, require=True)
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,

@@ -4,7 +4,8 @@ What it does, so the numbers mean something on a noisy machine:
 
 * both models get their own ``InferenceSession`` per thread count, in **one process**, same options
   (CPU EP, sequential execution, ``intra_op_num_threads`` = t, ``inter_op_num_threads`` = 1, the same
-  graph optimization level); the optimized one has ``libtardis_ops`` registered
+  graph optimization level, intra-op spinning stopped when a run returns so the idle session's workers
+  do not take the timed one's cores: :func:`timing_options`); the optimized one has ``libtardis_ops`` registered
   (:func:`tardis_compile.runtime.session_options`, required by default — a silent fall back to the ONNX
   function body would time the wrong thing);
 * feeds come from any data spec :func:`tardis_compile.api.open_data` accepts (``.npz``, folder, script,
@@ -135,18 +136,35 @@ def feed_rows_tokens(feed: Feed) -> tuple[int, int]:
 # Sessions
 
 
-def make_session(model: str | os.PathLike, threads: int, *, library: bool = False, require_library: bool = True,
-                 opt_level: str = "all", profile_prefix: str | None = None,
-                 spinning: bool | None = None) -> ort.InferenceSession:
-    """A CPU session with the benchmark's settings; ``library``: register ``libtardis_ops``."""
+def timing_options(threads: int, *, opt_level: str = "all", spinning: bool | None = None) -> ort.SessionOptions:
+    """Session options every timed session shares: CPU, sequential, ``threads`` intra-op threads.
+
+    ``session.force_spinning_stop`` is set because the benchmarks interleave several sessions in one
+    process: by default each session's intra-op workers keep spinning after ``Run`` returns, so on a small
+    machine the idle session's spinners take cores from the one being timed (measured: the rewritten
+    768×3072 block at 1 token, 2 threads, 0.27 ms interleaved with spinning left on against 0.23 ms with
+    it stopped; the dense block 0.42 against 0.46 ms). Workers still spin within a ``Run``.
+    ``spinning=False`` turns intra-op spinning off altogether (an experiment: every parallel region then
+    wakes its workers).
+    """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = OPT_LEVELS[opt_level]
     so.log_severity_level = 3
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if spinning is not None:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return so
+
+
+def make_session(model: str | os.PathLike, threads: int, *, library: bool = False, require_library: bool = True,
+                 opt_level: str = "all", profile_prefix: str | None = None,
+                 spinning: bool | None = None) -> ort.InferenceSession:
+    """A CPU session with the benchmark's settings (:func:`timing_options`); ``library``: register
+    ``libtardis_ops``."""
+    so = timing_options(threads, opt_level=opt_level, spinning=spinning)
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

@@ -161,3 +161,16 @@ def test_time_many(models):
     assert list(out) == ["all", "basic", "no-spin"]
     assert out["all"]["vs_first"] == pytest.approx(1.0)
     assert all(len(v["rounds_ms"]) == 4 and v["median_ms"] > 0 for v in out.values())
+
+
+def test_timed_sessions_stop_spinning_after_each_run(models):
+    """Interleaved sessions share one process: an idle session's spinning workers must not take the cores
+    of the one being timed, so every timed session stops spinning when its run returns."""
+    orig, opt = models
+    for sess in (benchmark.make_session(orig, 2), benchmark.make_session(opt, 2, library=True),
+                 benchmark.make_session(opt, 2, library=True, spinning=False)):
+        entries = sess.get_session_options().get_session_config_entry
+        assert entries("session.force_spinning_stop") == "1"
+        assert sess.get_session_options().intra_op_num_threads == 2
+    assert benchmark.timing_options(1, spinning=False).get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
