@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", default=[],
                    help="synthetic feeds from the model's inputs with these symbolic dims, e.g. "
                         "batch=8,sequence=128 (repeatable: one case each)")
-    p.add_argument("--threads", dest="thread_list", default="1,2", help="thread counts (default 1,2)")
+    p.add_argument("--threads", dest="thread_list", default="1,2",
+                   help="thread counts (default 1,2); intra-op workers stop spinning after each run, so the two "
+                        "interleaved sessions do not take each other's cores")
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
     p.add_argument("--min-seconds", type=float, default=1.0,
                    help="... and more rounds until each case has run this long (default 1; short cases "
