@@ -29,6 +29,7 @@ Bytes read at 1 token (the decode bound): dense 2·d·D·4; rewritten d·d·4 (f
     python bench/bench_block.py                               # full grid (~6 GB RAM for 4544x18176)
     python bench/bench_block.py --sizes 4544x18176 --reps 5   # the big one, fewer rounds
     python bench/bench_block.py --runs 3                      # the grid 3 times; medians over the runs
+    python bench/bench_block.py --blocks 8 --runs 3 --name block_x8   # 8 blocks per model, decode-like
 
 Writes bench/results/block.json and bench/results/block.md (or --out DIR).
 """
@@ -65,11 +66,11 @@ def calib_batches(d: int, n_batches: int, tokens: int, seed: int = 123) -> list[
     return [{"x": rng.standard_normal((tokens, d), dtype=np.float32)} for _ in range(n_batches)]
 
 
-def fallback_node(model: onnx.ModelProto) -> onnx.NodeProto:
+def fallback_nodes(model: onnx.ModelProto, blocks: int) -> list[onnx.NodeProto]:
     nodes = [n for n in model.graph.node if n.op_type == "GuardedFallback"]
-    if len(nodes) != 1:
-        raise RuntimeError(f"expected one GuardedFallback node, found {len(nodes)}")
-    return nodes[0]
+    if len(nodes) != blocks:
+        raise RuntimeError(f"expected {blocks} GuardedFallback node(s), found {len(nodes)}")
+    return nodes
 
 
 def cut(model_path: Path, output: str, out_path: Path) -> Path:
@@ -120,9 +121,34 @@ def bytes_bound(d: int, D: int, share: float, predictor: str) -> float:
     return dense / rewritten
 
 
-def prepare_share(dense_path: Path, d: int, D: int, share: float, calib, predictor: str, work: Path,
-                  log) -> dict[str, Path]:
-    """The rewritten model at flagged share ``share`` and its two cuts (predictor, fold): variant → path."""
+def block_model(d: int, D: int, blocks: int) -> onnx.ModelProto:
+    """One residual block ``y = x + GELU(x·W1 + b1)·W2 + b2``, or ``blocks`` of them side by side on the same
+    input, each with its own weights, their outputs summed. Side by side rather than chained: every block
+    then sees the calibration's input distribution (a chain of random blocks drifts away from it once
+    the upstream blocks are approximated, and its deep blocks flag far more than its first ones), while
+    each block's weights are still cold when it runs and one run's fixed costs are shared, as in a model."""
+    if blocks == 1:
+        return tiny.ffn_model(d, D, gelu="erf_op", rank=2, constants="initializer", seed=0)
+    nodes, inits, outs = [], [], []
+    for b in range(blocks):
+        m = onnx.compose.add_prefix(tiny.ffn_model(d, D, gelu="erf_op", rank=2, constants="initializer", seed=b),
+                                    f"b{b}.")
+        for n in m.graph.node:
+            n.input[:] = ["x" if i == f"b{b}.x" else i for i in n.input]
+        nodes += m.graph.node
+        inits += m.graph.initializer
+        outs.append(m.graph.output[0].name)
+    graph = onnx.helper.make_graph(
+        nodes + [onnx.helper.make_node("Sum", outs, ["y"], name="sum_of_blocks")], "blocks",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", d])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", d])], inits)
+    return onnx.helper.make_model(graph, opset_imports=m.opset_import, ir_version=m.ir_version)
+
+
+def prepare_share(dense_path: Path, d: int, D: int, share: float, calib, predictor: str, work: Path, log,
+                  blocks: int = 1) -> dict[str, Path]:
+    """The rewritten model at flagged share ``share`` and, for a single block, its two cuts (predictor,
+    fold): variant → path. (With several blocks the cuts would have to hold them all.)"""
     t0 = time.time()
     out = work / f"tardis_{share}.onnx"
     settings = tc.Settings(predictor=predictor, target_fallback=share, refit=False,
@@ -130,17 +156,19 @@ def prepare_share(dense_path: Path, d: int, D: int, share: float, calib, predict
     tc.optimize(dense_path, out, calib, settings=settings, show_progress=False,
                 report_path=work / f"report_{share}.json")
     m = onnx.load(str(out), load_external_data=False)
-    gf = fallback_node(m)
+    gf = fallback_nodes(m, blocks)[0]
     y_lin, h_hat = gf.input[1], gf.input[2]
     ops = sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node})
     del m
-    paths = {"dense": dense_path, "tardis": out, "predictor": cut(out, h_hat, work / f"pred_{share}.onnx"),
-             "fold": cut(out, y_lin, work / f"fold_{share}.onnx")}
+    paths = {"dense": dense_path, "tardis": out}
+    if blocks == 1:
+        paths.update(predictor=cut(out, h_hat, work / f"pred_{share}.onnx"),
+                     fold=cut(out, y_lin, work / f"fold_{share}.onnx"))
     log(f"== d={d} D={D} share={share:.0%}: optimized in {time.time() - t0:.1f} s; ops {', '.join(ops)}")
     return paths
 
 
-def check_run(sess: dict[str, ort.InferenceSession], feeds: dict, tokens: int, D: int) -> dict:
+def check_run(sess: dict[str, ort.InferenceSession], feeds: dict, tokens: int, D: int, blocks: int) -> dict:
     """One rewritten run against the dense one: the flagged share the kernel saw, its path, the difference."""
     s0 = runtime.kernel_stats()
     y_t = sess["tardis"].run(None, feeds)[0]
@@ -149,25 +177,29 @@ def check_run(sess: dict[str, ort.InferenceSession], feeds: dict, tokens: int, D
     path = ("tile" if s1["tile_calls"] > s0["tile_calls"] else
             "neuron" if s1["neuron_calls"] > s0["neuron_calls"] else
             "union" if s1["union_calls"] > s0["union_calls"] else "token")
-    return {"measured_share": round((s1["flagged_pairs"] - s0["flagged_pairs"]) / (tokens * D), 5), "path": path,
+    return {"measured_share": round((s1["flagged_pairs"] - s0["flagged_pairs"]) / (tokens * D * blocks), 5),
+            "path": path,
             "max_rel_diff": float(np.max(np.abs(y_t - y_d)) / max(1e-12, float(np.max(np.abs(y_d)))))}
 
 
 def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float, reps: int | None, work: Path,
-             log, predictor: str = "int4", runs: int = 1) -> list[dict]:
+             log, predictor: str = "int4", runs: int = 1, blocks: int = 1) -> list[dict]:
     """Records for one size. ``runs`` > 1 repeats the whole grid of this size that many times (models built
     once) and reports each variant's median over the runs' medians, so one run caught in a noisy minute
-    does not decide a row."""
-    model = tiny.ffn_model(d, D, gelu="erf_op", rank=2, constants="initializer", seed=0)
+    does not decide a row. ``blocks`` > 1 times that many blocks of the size side by side
+    (:func:`block_model`) and reports time per block; the predictor and fold cuts are single-block only."""
+    model = block_model(d, D, blocks)
     dense_path = work / "dense.onnx"
-    onnx.save(model, str(dense_path), save_as_external_data=d * D > 50_000_000, location="dense.onnx.data")
+    onnx.save(model, str(dense_path), save_as_external_data=blocks * d * D > 50_000_000,
+              location="dense.onnx.data")
     del model
     big = d * D >= 4544 * 18176
     calib = calib_batches(d, n_batches=4 if big else 8, tokens=128 if big else 256)
     rng = np.random.default_rng(7)
     xs = {t: rng.standard_normal((t, d), dtype=np.float32) for t in tokens_list}
     n_min, n_max = (3, reps or 10) if big else (5, reps or 200)
-    models = {share: prepare_share(dense_path, d, D, share, calib, predictor, work, log) for share in shares}
+    models = {share: prepare_share(dense_path, d, D, share, calib, predictor, work, log, blocks)
+              for share in shares}
     checks: dict[tuple, dict] = {}
     timings: dict[tuple, list[dict[str, float]]] = {}
     for run in range(runs):
@@ -177,24 +209,26 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
                 for t in tokens_list:
                     key, feeds = (share, threads, t), {"x": xs[t]}
                     if key not in checks:
-                        checks[key] = check_run(sess, feeds, t, D)
-                    ms = interleaved(sess, feeds, min_time, n_min, n_max)
+                        checks[key] = check_run(sess, feeds, t, D, blocks)
+                    ms = {k: v / blocks for k, v in interleaved(sess, feeds, min_time, n_min, n_max).items()}
                     timings.setdefault(key, []).append(ms)
+                    parts = "".join(f" | {k} {ms[k]:8.3f}" for k in ("predictor", "fold") if k in ms)
                     log(f"d={d:5d} D={D:5d} T={t:4d} thr={threads} share={share:4.0%} run {run + 1}/{runs} "
                         f"(meas {checks[key]['measured_share']:6.2%}, {checks[key]['path']:6s}): dense "
-                        f"{ms['dense']:9.3f} | tardis {ms['tardis']:9.3f} (x{ms['dense'] / ms['tardis']:.2f}) | "
-                        f"predictor {ms['predictor']:8.3f} | fold {ms['fold']:8.3f}")
+                        f"{ms['dense']:9.3f} | tardis {ms['tardis']:9.3f} (x{ms['dense'] / ms['tardis']:.2f}){parts}"
+                        f"{' per block' if blocks > 1 else ''}")
                 del sess
                 gc.collect()
     records = []
     for (share, threads, t), per_run in timings.items():
         ms = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
-        records.append({"d": d, "D": D, "tokens": t, "threads": threads, "share": share, **checks[(share, threads, t)],
-                        "ms": {k: round(v, 4) for k, v in ms.items()},
-                        "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4),
+        parts = "predictor" in ms
+        records.append({"d": d, "D": D, "tokens": t, "threads": threads, "share": share, "blocks": blocks,
+                        **checks[(share, threads, t)], "ms": {k: round(v, 4) for k, v in ms.items()},
+                        "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4) if parts else None,
                         "speedup": round(ms["dense"] / ms["tardis"], 3),
                         "speedup_runs": [round(r["dense"] / r["tardis"], 3) for r in per_run],
-                        "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3),
+                        "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3) if parts else None,
                         "predictor": predictor, "bytes_bound_1tok": round(bytes_bound(d, D, share, predictor), 2)})
     for p in work.glob("*.onnx*"):
         p.unlink()
@@ -208,10 +242,19 @@ def runs_note(runs: int) -> str:
             "over the runs' medians, and the last column gives each run's ×dense.")
 
 
+def blocks_note(blocks: int) -> str:
+    if blocks == 1:
+        return ""
+    return (f" Each model holds {blocks} blocks of the size side by side on the same input, each with its own "
+            "weights, outputs summed (every block's weights cold when it runs, as in a model; one run's fixed "
+            f"costs, such as waking the second thread, shared by {blocks} blocks); times are per block, and the "
+            "predictor / fold cuts are single-block only.")
+
+
 def markdown(records: list[dict], meta: dict) -> str:
-    blocks = f" in blocks of {meta['int4_block']}" if meta.get("int4_block") else ""
+    qblocks = f" in blocks of {meta['int4_block']}" if meta.get("int4_block") else ""
     lines = [
-        f"# Rewritten FFN block ({meta['predictor']} predictor{blocks} + GuardedFallback) vs dense block "
+        f"# Rewritten FFN block ({meta['predictor']} predictor{qblocks} + GuardedFallback) vs dense block "
         "(ONNX Runtime, CPU)",
         "",
         f"onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs (AVX2 {bool(meta['cpu_has_avx2'])}, AVX-512 "
@@ -219,7 +262,7 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"whole rewritten block (fold + {meta['predictor']} predictor + kernel + residual); `predictor`, `fold` = "
         "the block cut at `h_hat`, `y_lin`; `kernel` ≈ tardis − predictor − fold. ×dense = dense / tardis. "
         "`bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy. "
-        f"{runs_note(meta.get('runs', 1))}",
+        f"{runs_note(meta.get('runs', 1))}{blocks_note(meta.get('blocks', 1))}",
         "",
         "| d×D | tokens | threads | share (run) | path | dense | tardis | predictor | fold | kernel | ×dense "
         "| pred % | bound | ×dense per run |",
@@ -227,10 +270,12 @@ def markdown(records: list[dict], meta: dict) -> str:
     ]
     for r in sorted(records, key=lambda r: (r["d"], r["threads"], r["tokens"], r["share"])):
         ms = r["ms"]
+        parts = (f"{ms['predictor']:.3f} | {ms['fold']:.3f} | {r['kernel_ms_est']:.3f}" if "predictor" in ms
+                 else "— | — | —")
+        pred = f"{100 * r['predictor_share_of_block']:.0f}%" if r.get("predictor_share_of_block") is not None else "—"
         lines.append(
             f"| {r['d']}×{r['D']} | {r['tokens']} | {r['threads']} | {r['share']:.0%} ({r['measured_share']:.1%}) "
-            f"| {r['path']} | {ms['dense']:.3f} | {ms['tardis']:.3f} | {ms['predictor']:.3f} | {ms['fold']:.3f} "
-            f"| {r['kernel_ms_est']:.3f} | **{r['speedup']:.2f}** | {100 * r['predictor_share_of_block']:.0f}% "
+            f"| {r['path']} | {ms['dense']:.3f} | {ms['tardis']:.3f} | {parts} | **{r['speedup']:.2f}** | {pred} "
             f"| {r['bytes_bound_1tok']:.2f} | {' / '.join(f'{x:.2f}' for x in r.get('speedup_runs', [r['speedup']]))} |")
     return "\n".join(lines) + "\n"
 
@@ -247,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="block", help="output file stem (default: block)")
     ap.add_argument("--append", action="store_true", help="add to the existing JSON's records (other sizes)")
+    ap.add_argument("--blocks", type=int, default=1,
+                    help="time this many blocks per model, side by side (decode-like: cold weights, run costs "
+                         "shared); reports per block, without the predictor / fold cuts")
     ap.add_argument("--runs", type=int, default=1,
                     help="repeat each size's whole grid this many times; rows report medians over the runs")
     ap.add_argument("--predictor", choices=["int4", "int8"], default="int4", help="predictor kind (default int4)")
@@ -272,14 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tardis-bench-block-") as tmp:
         for d, D in sizes:
             records += run_size(d, D, tokens, shares, threads, min_time, args.reps, Path(tmp),
-                                log=lambda m: print(m, flush=True), predictor=args.predictor, runs=args.runs)
+                                log=lambda m: print(m, flush=True), predictor=args.predictor, runs=args.runs,
+                                blocks=args.blocks)
             gc.collect()
     stats = runtime.kernel_stats()
     meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
             "library": str(runtime.library_path()), "predictor": args.predictor, "refit": False,
-            "int4_block": int4_block(args.predictor), "runs": args.runs,
+            "int4_block": int4_block(args.predictor), "runs": args.runs, "blocks": args.blocks,
             "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
