@@ -4,7 +4,8 @@ int8``), against the original dense block in ONNX Runtime: same process, same se
 For each size d x D and flagged share s:
 
 1. ``models.tiny.ffn_model(d, D)``: one residual block ``y = x + GELU(x·W1 + b1)·W2 + b2`` (ONNX ``Gelu``,
-   erf), weights drawn like a trained layer's scale (``N(0, 1/d)``, ``N(0, 1/D)``).
+   erf), weights drawn like a trained layer's scale (``N(0, 1/d)``, ``N(0, 1/D)``); with ``--blocks N``,
+   N such blocks side by side on the same input, outputs summed (:func:`block_model`), timed per block.
 2. ``tardis_compile.optimize(..., Settings(predictor=P, target_fallback=s, refit=False))`` on Gaussian
    calibration inputs: the folded ``MatMul``/``Add``, the predictor (int4: ``com.microsoft::MatMulNBits``,
    bits 4, blocks of 128 (``--predictor-block 128``, the decode choice; the tool's default is 32),
