@@ -223,13 +223,13 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     records = []
     for (share, threads, t), per_run in timings.items():
         ms = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
-        parts = "predictor" in ms
+        has_cuts = blocks == 1
         records.append({"d": d, "D": D, "tokens": t, "threads": threads, "share": share, "blocks": blocks,
                         **checks[(share, threads, t)], "ms": {k: round(v, 4) for k, v in ms.items()},
-                        "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4) if parts else None,
+                        "kernel_ms_est": round(ms["tardis"] - ms["predictor"] - ms["fold"], 4) if has_cuts else None,
                         "speedup": round(ms["dense"] / ms["tardis"], 3),
                         "speedup_runs": [round(r["dense"] / r["tardis"], 3) for r in per_run],
-                        "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3) if parts else None,
+                        "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3) if has_cuts else None,
                         "predictor": predictor, "bytes_bound_1tok": round(bytes_bound(d, D, share, predictor), 2)})
     for p in work.glob("*.onnx*"):
         p.unlink()
@@ -271,9 +271,11 @@ def markdown(records: list[dict], meta: dict) -> str:
     ]
     for r in sorted(records, key=lambda r: (r["d"], r["threads"], r["tokens"], r["share"])):
         ms = r["ms"]
-        parts = (f"{ms['predictor']:.3f} | {ms['fold']:.3f} | {r['kernel_ms_est']:.3f}" if "predictor" in ms
-                 else "— | — | —")
-        pred = f"{100 * r['predictor_share_of_block']:.0f}%" if r.get("predictor_share_of_block") is not None else "—"
+        if "predictor" in ms:  # single-block rows carry the cuts
+            parts = f"{ms['predictor']:.3f} | {ms['fold']:.3f} | {r['kernel_ms_est']:.3f}"
+            pred = f"{100 * r['predictor_share_of_block']:.0f}%"
+        else:
+            parts, pred = "— | — | —", "—"
         lines.append(
             f"| {r['d']}×{r['D']} | {r['tokens']} | {r['threads']} | {r['share']:.0%} ({r['measured_share']:.1%}) "
             f"| {r['path']} | {ms['dense']:.3f} | {ms['tardis']:.3f} | {parts} | **{r['speedup']:.2f}** | {pred} "
