@@ -29,7 +29,10 @@ the same block differently; the pass must match both (torch 2.13, transformers 5
   MatMul's output is added to the *attention* output (``Add(mlp, attn)``) — that Add is not ``b2``.
 
 Every export has inputs ``input_ids`` and ``attention_mask`` (int64, [batch, seq], both axes dynamic)
-and no KV cache. Random models get *all* parameters drawn non-trivially (biases and LayerNorm affine
+and, by default, no KV cache. ``export_random(..., kv_cache=True)`` (decoders, dynamo) adds the attention
+cache as inputs and outputs — what a decode loop runs: ``past_key_{i}``/``past_value_{i}`` [batch, kv heads,
+past, head dim] in, ``present_key_{i}``/``present_value_{i}`` (past + new positions) out, ``attention_mask``
+[batch, past + seq]. An empty past (length 0) is a prefill; the FFN blocks are the same subgraphs. Random models get *all* parameters drawn non-trivially (biases and LayerNorm affine
 included): default initialisation leaves biases at exactly zero, and both exporters then deduplicate the
 identical zero tensors (TorchScript aliases them through ``Identity`` nodes; dynamo drops a zero ``Gemm``
 bias), giving graphs no real checkpoint has.
@@ -49,6 +52,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
 ARCHS: tuple[str, ...] = ("gpt2", "bloom", "falcon", "bert")
@@ -227,27 +231,47 @@ def random_model(arch: str, size: Size = "tiny", seed: int = 0) -> "torch.nn.Mod
 
 
 def export_random(arch: str, out_path: str | os.PathLike, *, size: Size = "tiny", seed: int = 0,
-                  exporter: Exporter = "dynamo", opset: int | None = None) -> Path:
+                  exporter: Exporter = "dynamo", opset: int | None = None, kv_cache: bool = False) -> Path:
     """Export ``random_model(arch, size, seed)`` to ``out_path``; return the path.
 
     Inputs ``input_ids``, ``attention_mask`` (int64 [batch, seq]); output ``logits`` [batch, seq, vocab]
     (gpt2, bloom, falcon) or ``last_hidden_state`` [batch, seq, hidden] (bert). ``size="real"`` writes
     weights as external data (``<out_path>.data``) since some exceed protobuf's 2 GB limit.
+    ``kv_cache=True`` (decoders, dynamo exporter): the decode-ready form with the attention cache as inputs
+    and outputs (module docstring; :func:`empty_past`, :func:`cache_after` build a prefill's and a
+    decode step's cache feeds).
     """
     model = random_model(arch, size, seed)
+    if kv_cache:
+        if arch == "bert" or exporter != "dynamo":
+            raise ValueError(f"kv_cache=True needs a decoder and the dynamo exporter, got {arch!r}, {exporter!r}")
+        return _export_with_cache(model.model, Path(out_path), opset=opset, external_data=size == "real")
     output = "last_hidden_state" if arch == "bert" else "logits"
     return _export(model, Path(out_path), output, exporter=exporter, opset=opset,
                    max_seq=512, external_data=size == "real")
 
 
-def export_torchscript(arch: str, out_path: str | os.PathLike, *, size: Size = "tiny", seed: int = 0,
-                       opset: int = TORCHSCRIPT_OPSET) -> Path:
-    """``export_random`` with the legacy TorchScript exporter (``dynamo=False``).
+def empty_past(model: str | os.PathLike, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length ``past_*`` feeds for a ``kv_cache=True`` export (its prefill); shapes from its inputs."""
+    import numpy as np
+    import onnx
 
-    Its GPT-2 graph is the ``Reshape → Gemm → Reshape`` spelling of Conv1D (shapes built from
-    ``Shape/Gather/Slice/Concat``), with ``Constant`` nodes for scalars; GELU is decomposed (opset < 20).
-    """
-    return export_random(arch, out_path, size=size, seed=seed, exporter="torchscript", opset=opset)
+    inputs = onnx.load(str(model), load_external_data=False).graph.input
+    return {i.name: np.zeros((batch, i.type.tensor_type.shape.dim[1].dim_value, 0,
+                              i.type.tensor_type.shape.dim[3].dim_value), np.float32)
+            for i in inputs if i.name.startswith("past_")}
+
+
+def cache_after(session: Any, model: str | os.PathLike, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Prefill ``input_ids`` (empty past) through a ``kv_cache=True`` export's ONNX Runtime ``session``;
+    return the cache it outputs as the next step's ``past_*`` feeds."""
+    import numpy as np
+
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones(input_ids.shape, np.int64),
+             **empty_past(model, input_ids.shape[0])}
+    names = [o.name for o in session.get_outputs()]
+    out = session.run(None, feeds)
+    return {n.replace("present_", "past_", 1): v for n, v in zip(names, out) if n.startswith("present_")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +314,28 @@ def _wrappers() -> SimpleNamespace:
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    return SimpleNamespace(SentenceEmbedding=SentenceEmbedding, LastHiddenState=LastHiddenState, Logits=Logits)
+    class LogitsWithCache(torch.nn.Module):
+        """Causal LM step with the attention cache as flat tensors: (ids, mask, k0, v0, k1, v1, …) →
+        (logits, present k0, v0, …); ``mask`` covers past and new positions."""
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            for i in range(len(past) // 2):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    return SimpleNamespace(SentenceEmbedding=SentenceEmbedding, LastHiddenState=LastHiddenState, Logits=Logits,
+                           LogitsWithCache=LogitsWithCache)
 
 
 def example_inputs(batch: int = _EXAMPLE_BATCH, seq: int = _EXAMPLE_SEQ, vocab: int = 1000,
@@ -338,6 +383,39 @@ def _export(model: "torch.nn.Module", out_path: Path, output: str, *, exporter: 
                                   opset_version=opset or TORCHSCRIPT_OPSET, do_constant_folding=True)
         else:
             raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    _export_seconds[str(out_path)] = time.perf_counter() - t0
+    return out_path
+
+
+def _export_with_cache(model: "torch.nn.Module", out_path: Path, *, opset: int | None,
+                       external_data: bool) -> Path:
+    """Dynamo export of ``LogitsWithCache(model)``; traced on a real 5-position cache, every axis but the
+    cache's heads and head dim dynamic (the past's length may be 0 at run time: a prefill)."""
+    import warnings
+
+    import torch
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ids, mask = example_inputs()
+    batch, seq = ids.shape
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :5], attention_mask=torch.ones(batch, 5, dtype=torch.int64), use_cache=True)
+    past = tuple(t for layer in first.past_key_values.layers for t in (layer.keys, layer.values))
+    mask = torch.cat([torch.ones(batch, 5, dtype=torch.int64), mask], dim=1)
+    layers = len(past) // 2
+    kinds = [(i, kind) for i in range(layers) for kind in ("key", "value")]
+    b = torch.export.Dim("batch", min=1, max=4096)
+    s = torch.export.Dim("seq", min=1, max=1024)
+    p = torch.export.Dim("past", min=1, max=1024)
+    total = torch.export.Dim("total", min=2, max=2048)
+    shapes = ({0: b, 1: s}, {0: b, 1: total}, tuple({0: b, 2: p} for _ in past))
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        torch.onnx.export(_wrappers().LogitsWithCache(model).eval(), (ids, mask, past), str(out_path), dynamo=True,
+                          input_names=["input_ids", "attention_mask"] + [f"past_{k}_{i}" for i, k in kinds],
+                          output_names=["logits"] + [f"present_{k}_{i}" for i, k in kinds],
+                          dynamic_shapes=shapes, opset_version=opset or DYNAMO_OPSET, external_data=external_data)
     _export_seconds[str(out_path)] = time.perf_counter() - t0
     return out_path
 

@@ -67,9 +67,11 @@ def validate(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: str)
                 raise CalibrationDataError(
                     f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
                     f"{spec.shape} (axis {axis} must be {want})")
-        if arr.size == 0:
-            raise CalibrationDataError(f"{where}: input '{spec.name}' is empty (shape {list(arr.shape)})")
         out[spec.name] = arr
+    # An input may be empty along a dynamic axis (a KV-cache model's past at prefill), not the whole feed.
+    if all(arr.size == 0 for arr in out.values()):
+        shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in out.items())
+        raise CalibrationDataError(f"{where}: every input is empty ({shapes})")
     return out
 
 

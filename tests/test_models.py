@@ -302,6 +302,49 @@ def test_export_random_tiny(export_dir: Path, arch: str, exporter: str) -> None:
         np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "falcon"])
+def test_kv_cache_export_decodes_like_the_full_sequence_and_optimizes(tmp_path: Path, arch: str) -> None:
+    """The decode-ready export (``kv_cache=True``): a prefill with an empty past, then one decode step on the
+    returned cache, gives the cache-less model's logits for the whole sequence; the pass finds the same FFN
+    blocks, calibrates on prefill feeds (empty past), and with every neuron flagged the optimized decode step
+    (compiled kernel) equals the original's, cache outputs included."""
+    pytest.importorskip("transformers")
+    import torch
+
+    import tardis_compile as tc
+    from tardis_compile.models import hf_export
+
+    path = hf_export.export_random(arch, tmp_path / f"{arch}_kv.onnx", kv_cache=True)
+    info = hf_export.arch_info(arch, "tiny")
+    sess = _session(path)
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["logits"] + [f"present_{k}_{i}" for i in range(info.layers) for k in ("key", "value")]
+    empty = hf_export.empty_past(path, 2)
+    assert sorted(empty) == sorted(n.replace("present_", "past_") for n in names[1:])
+    assert all(v.shape[0] == 2 and v.shape[2] == 0 for v in empty.values())
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, 1000, (2, 9)).astype(np.int64)
+    cache = hf_export.cache_after(sess, path, ids[:, :8])
+    assert all(v.shape[2] == 8 for v in cache.values())
+    decode = {"input_ids": ids[:, 8:], "attention_mask": np.ones((2, 9), np.int64), **cache}
+    logits = sess.run(None, decode)[0]
+    with torch.no_grad():
+        full = hf_export.random_model(arch)(torch.from_numpy(ids), torch.ones(2, 9, dtype=torch.int64)).numpy()
+    np.testing.assert_allclose(logits[:, -1], full[:, -1], atol=1e-4, rtol=1e-4)
+
+    assert len(tc.inspect(path)[0]) == info.layers
+    calib = [{"input_ids": rng.integers(2, 1000, (4, 16)).astype(np.int64),
+              "attention_mask": np.ones((4, 16), np.int64), **hf_export.empty_past(path, 4)} for _ in range(4)]
+    out = tmp_path / f"{arch}_kv.tardis.onnx"
+    report = tc.optimize(path, out, calib, settings=tc.Settings(flag_all=True, predictor="exact"),
+                         show_progress=False)
+    assert len(report.blocks) == info.layers
+    opt = ort.InferenceSession(str(out), tc.session_options(), providers=["CPUExecutionProvider"])
+    for got, want in zip(opt.run(None, decode), sess.run(None, decode)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_arch_info_real_shapes() -> None:
     pytest.importorskip("transformers")
     from tardis_compile.models import hf_export
