@@ -115,6 +115,8 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     graph.insert_before(first, [*dequantize, mm, y_lin, *pred_nodes, *guard_nodes, fallback])
     _reroute_shape_reads(graph, block, h_hat, prefix, fallback)
     old_name = block.y.name
+    # the new output stands in for y everywhere, a graph output included (which must keep its type)
+    fallback.outputs[0].type, fallback.outputs[0].shape = block.y.type, block.y.shape
     block.y.replace_all_uses_with(fallback.outputs[0], replace_graph_outputs=True)
     block.y.name = f"{old_name}/replaced"
     fallback.outputs[0].name = old_name

@@ -50,6 +50,26 @@ def test_all_flagged_equals_original(tmp_path, variant):
     np.testing.assert_allclose(run(out, {"x": x}), run(path, {"x": x}), atol=1e-5, rtol=1e-5)
 
 
+def test_block_output_that_is_the_graph_output(tmp_path):
+    """A block whose output is the model's output (no residual Add after it): the rewritten output keeps its
+    name, type and shape, and with every neuron flagged equals the original."""
+    model = tiny.ffn_model(16, 64)
+    residual = next(n for n in model.graph.node if n.op_type == "Add" and "x" in n.input)
+    block_out = next(i for i in residual.input if i != "x")
+    model.graph.node.remove(residual)
+    out_info = model.graph.output[0]
+    out_info.name = block_out
+    onnx.checker.check_model(model, full_check=True)
+    path, out = tmp_path / "no_residual.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    tc.optimize(path, out, batches(), settings=tc.Settings(flag_all=True), show_progress=False)
+    rewritten = onnx.load(out)
+    assert [o.name for o in rewritten.graph.output] == [block_out]
+    assert rewritten.graph.output[0].type == out_info.type
+    x = batches(seed=3)[0]["x"]
+    np.testing.assert_allclose(run(out, {"x": x}), run(path, {"x": x}), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_none_flagged_is_the_folded_linear_map(tmp_path, variant):
     path, params = save_tiny(tmp_path, gelu=VARIANTS[variant], layers=1)
