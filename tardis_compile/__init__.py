@@ -11,14 +11,8 @@ Python API::
 from tardis_compile.api import DataOptions, Settings, inspect, optimize, verify, version
 from tardis_compile.errors import (CalibrationDataError, ModelLoadError, NoFoldableBlockError, OutputPathError,
                                    TardisError)
+from tardis_compile.runtime import session_options
 from tardis_compile.verify import Thresholds
-
-
-def session_options(*args, **kwargs):
-    """ONNX Runtime session options with the compiled ``ai.tardis`` op library registered."""
-    from tardis_compile.runtime import session_options as _session_options
-
-    return _session_options(*args, **kwargs)
 
 
 __all__ = ["optimize", "verify", "inspect", "version", "session_options", "Settings", "DataOptions", "Thresholds",

@@ -32,6 +32,7 @@ DataSpec = str | os.PathLike | Callable[[], Iterable[Mapping[str, np.ndarray]]] 
 
 
 def version() -> str:
+    """The installed tardis-compile version ("0+unknown" when run from sources that were never installed)."""
     try:
         return metadata.version("tardis-compile")
     except metadata.PackageNotFoundError:

@@ -212,6 +212,8 @@ def _apply_mask(graph: ir.Graph, linear: Linear, keep: np.ndarray, name: str) ->
 
 @dataclasses.dataclass
 class BlockPrune:
+    """One pruned block: its shapes and how many W1 / W2 weights were kept."""
+
     name: str
     d: int
     hidden: int
@@ -244,6 +246,7 @@ class PruneReport:
     seconds: float = 0.0
 
     def summary(self) -> dict:
+        """Blocks pruned, FFN parameter reduction, and the shares touched per token and kept resident."""
         original = sum(b.params_original for b in self.blocks)
         kept = sum(b.kept for b in self.blocks)
         # A pruned FFN reads every kept weight for every token: touched = resident = kept.
@@ -251,17 +254,20 @@ class PruneReport:
                 "params_touched_per_token_ratio": kept / original, "params_resident_ratio": kept / original}
 
     def to_dict(self) -> dict:
+        """Everything, JSON-ready, the summary included."""
         out = dataclasses.asdict(self)
         out["summary"] = self.summary()
         return out
 
     def table(self) -> str:
+        """The per-block table (Markdown)."""
         rows = ["| block | d×D | kept W1 | kept W2 | reduction |", "|---|---|---|---|---|"]
         rows += [f"| {b.name} | {b.d}×{b.hidden} | {b.kept_w1:,} | {b.kept_w2:,} | {b.reduction:.1%} |"
                  for b in self.blocks]
         return "\n".join(rows)
 
     def write(self, json_path: Path) -> None:
+        """Write ``to_dict()`` as JSON."""
         json_path.write_text(json.dumps(self.to_dict(), indent=2))
 
 

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-out", help="save calibration statistics (.npz) for reuse or merging")
     p.add_argument("--stats-in", help="reuse saved calibration statistics instead of pass 1")
     p.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
-                   help="write weights to <output>.data (auto: on for models above ~1.8 GB)")
+                   help="write weights to <output>.data (auto: on when the input has external data or the "
+                        "weights exceed ~1.8 GB)")
     p.add_argument("--report", help="report path stem (default: <output stem>.report.{json,md})")
     _data_args(p)
     _threshold_args(p)
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["wanda", "ria"], default="wanda", help="pruning score (default wanda)")
     p.add_argument("--sparsity", type=float, help="share of W1+W2 weights removed per output neuron "
                    "(default 0.5; 2:4 is fixed at 0.5)")
-    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
+    p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured",
+                   help="which weights go: the lowest scores of each output neuron (default) or the 2 lowest of "
+                        "every 4 consecutive input weights (2:4)")
     p.add_argument("--one-shot", action="store_true",
                    help="all blocks' statistics from the original model in one pass (default: sequential, "
                         "as the papers' code does)")
@@ -145,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
-    p.add_argument("--target-fallback", type=float, default=0.1)
+    p.add_argument("--target-fallback", type=float, default=0.1,
+                   help="mean share of token-neuron pairs taking the exact fallback (default 0.1)")
     return parser
 
 

@@ -16,6 +16,9 @@ from tardis_compile.verify import Verification
 
 @dataclasses.dataclass
 class BlockReport:
+    """One rewritten block: its shapes, how it was matched, its parameter counts and predictor, and (after
+    verification) what was measured on the evaluation data."""
+
     name: str
     spelling: str
     source_nodes: list[str]
@@ -80,6 +83,9 @@ def block_report(block: FfnBlock, coverage: float, predictor_params: float, pred
 
 @dataclasses.dataclass
 class Report:
+    """What ``optimize`` did: the rewritten blocks, the rejected candidates with their reasons, the settings
+    and the verification of the output model (``summary()``, ``table()``, ``markdown()``, ``write()``)."""
+
     model: str
     output: str | None
     settings: dict
@@ -91,6 +97,7 @@ class Report:
     plots: list[str] | None = None  # file names next to the report (None: not attempted)
 
     def to_dict(self) -> dict:
+        """Everything, JSON-ready (the ``.report.json`` file), the summary included."""
         return {
             "model": self.model, "output": self.output, "settings": self.settings,
             "calibration_tokens": self.calibration_tokens,
@@ -102,6 +109,9 @@ class Report:
         }
 
     def summary(self) -> dict:
+        """Headline numbers: blocks rewritten and rejected, FFN parameter reduction and resident share and,
+        when verified, fallback rate, share touched per token, max abs error, mean cosine and the worst
+        block's own error ({} with no block)."""
         if not self.blocks:
             return {}
         original = sum(b.params_original for b in self.blocks)
@@ -143,6 +153,7 @@ class Report:
         return "\n".join(rows)
 
     def markdown(self) -> str:
+        """The ``.report.md`` file: summary, per-block table, plots and rejected candidates."""
         s = self.summary()
         lines = [f"# tardis-compile report: `{Path(self.model).name}`", "",
                  f"- output: `{self.output}`", f"- settings: `{json.dumps(self.settings)}`",
@@ -175,5 +186,6 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write(self, json_path: Path, md_path: Path) -> None:
+        """Write ``to_dict()`` as JSON and ``markdown()`` to the two paths."""
         json_path.write_text(json.dumps(self.to_dict(), indent=2, default=float))
         md_path.write_text(self.markdown())

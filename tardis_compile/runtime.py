@@ -289,8 +289,10 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
     if lib is None and build and not os.environ.get(ENV_LIBRARY):
         lib = build_library(quiet=not require and _warned_missing)
     if lib is None:
-        msg = (f"{LIB_NAME} is not available ({'; '.join(missing_build_requirements()) or 'build failed'}); "
-               "GuardedFallback nodes run through their ONNX function body")
+        env = os.environ.get(ENV_LIBRARY)
+        why = (f"${ENV_LIBRARY}={env} is not a file" if env
+               else "; ".join(missing_build_requirements()) or "build failed")
+        msg = f"{LIB_NAME} is not available ({why}); GuardedFallback nodes run through their ONNX function body"
         if require:
             raise LibraryUnavailableError(msg)
         if not _warned_missing:

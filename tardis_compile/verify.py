@@ -45,6 +45,8 @@ class Thresholds:
 
 @dataclasses.dataclass
 class OutputMetrics:
+    """Original vs optimized on one model output, over all evaluation batches."""
+
     name: str
     max_abs_error: float
     mean_cosine: float
@@ -55,6 +57,9 @@ class OutputMetrics:
 
 @dataclasses.dataclass
 class BlockMetrics:
+    """One rewritten block on the evaluation data: range coverage, fallback rate, the predictor's recall and
+    precision, and the block's relative output error (in the model, and on its own original input)."""
+
     name: str
     coverage: float
     fallback_rate: float
@@ -67,6 +72,8 @@ class BlockMetrics:
 
 @dataclasses.dataclass
 class Verification:
+    """What ``verify`` measured (per output and per block) and which thresholds failed."""
+
     outputs: list[OutputMetrics]
     blocks: list[BlockMetrics]
     batches: int
@@ -74,14 +81,17 @@ class Verification:
 
     @property
     def passed(self) -> bool:
+        """No threshold failed."""
         return not self.failures
 
     @property
     def max_abs_error(self) -> float:
+        """The largest absolute error over all outputs."""
         return max((o.max_abs_error for o in self.outputs), default=0.0)
 
     @property
     def mean_cosine(self) -> float:
+        """Mean over outputs of the per-row cosine similarity's mean."""
         return float(np.mean([o.mean_cosine for o in self.outputs])) if self.outputs else 1.0
 
 
