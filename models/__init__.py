@@ -28,9 +28,9 @@ from .tiny import (
 
 _LAZY = {  # name → module, imported on first access (torch-dependent)
     name: "hf_export"
-    for name in ("ARCHS", "arch_info", "example_inputs", "export_minilm", "export_random", "export_seconds",
-                 "export_torchscript", "minilm_model_dir", "minilm_tokenizer", "minilm_torch", "random_config",
-                 "random_model")
+    for name in ("ARCHS", "arch_info", "cache_after", "empty_past", "example_inputs", "export_minilm",
+                 "export_random", "export_seconds", "export_torchscript", "minilm_model_dir", "minilm_tokenizer",
+                 "minilm_torch", "random_config", "random_model")
 }
 
 __all__ = [

@@ -274,6 +274,16 @@ def cache_after(session: Any, model: str | os.PathLike, input_ids: np.ndarray) -
     return {n.replace("present_", "past_", 1): v for n, v in zip(names, out) if n.startswith("present_")}
 
 
+def export_torchscript(arch: str, out_path: str | os.PathLike, *, size: Size = "tiny", seed: int = 0,
+                       opset: int = TORCHSCRIPT_OPSET) -> Path:
+    """``export_random`` with the legacy TorchScript exporter (``dynamo=False``).
+
+    Its GPT-2 graph is the ``Reshape → Gemm → Reshape`` spelling of Conv1D (shapes built from
+    ``Shape/Gather/Slice/Concat``), with ``Constant`` nodes for scalars; GELU is decomposed (opset < 20).
+    """
+    return export_random(arch, out_path, size=size, seed=seed, exporter="torchscript", opset=opset)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Wrappers and the export itself
 # ---------------------------------------------------------------------------------------------------
