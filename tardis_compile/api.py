@@ -101,6 +101,11 @@ class DataOptions:
     max_length: int = 128
     mask_input: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise CalibrationDataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
 
 def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> feeds.FeedSource:
     """A feed source from a path (``.npz``/folder, ``.py`` with ``load_data()``, text), a callable or a list."""
@@ -111,10 +116,15 @@ def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> f
     path = Path(spec)
     if not path.exists():
         raise CalibrationDataError(f"calibration data '{path}': no such file or directory")
-    if path.is_dir() or path.suffix == ".npz":
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix == ".npz":
         return feeds.from_npz(path)
-    if path.suffix == ".py":
+    if suffix == ".py":
         return feeds.from_script(path)
+    if suffix in (".npy", ".onnx", ".pb", ".pt", ".bin", ".safetensors"):
+        raise CalibrationDataError(f"calibration data '{path}': a {suffix} file is not a data source; give a "
+                                   ".npz of feed dicts (input name → array), a folder of them, a .py with "
+                                   "load_data(), or a text file with --tokenizer")
     if options.tokenizer is None:
         raise CalibrationDataError(f"calibration data '{path}' is text: pass --tokenizer (a tokenizer.json or "
                                    "a folder holding one) to tokenize it")
@@ -359,10 +369,20 @@ def optimize(
     settings = settings or Settings()
     data = data or DataOptions()
     model_path, out_path = Path(model), Path(output)
-    modelio.check_destination(model_path, out_path)
+    reads = {"the calibration data": calib, "the evaluation data": eval_data, "the statistics input": stats_in}
+    modelio.check_destination(model_path, out_path, reads=reads)
+    writes = {**reads, "the output model": out_path}
+    if stats_out is not None:
+        modelio.check_destination(model_path, histogram.stats_path(stats_out), reads=writes, what="statistics output")
+    json_path, md_path = _report_paths(out_path, report_path)
+    for path in (json_path, md_path):
+        modelio.check_destination(model_path, path, reads=writes, what="report path")
     original = modelio.load(model_path)
     blocks, rejected = find_blocks(original)
     _require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(original))
+    if data.mask_input is not None and data.mask_input not in _input_names(original):
+        raise CalibrationDataError(f"--mask-input '{data.mask_input}' is not an input of the model (inputs: "
+                                   f"{_input_names(original)})")
     progress = lambda label: Progress(label, enabled=show_progress)  # noqa: E731
     source = open_data(calib, _input_names(original), data)
     if eval_data is not None:
@@ -379,6 +399,10 @@ def optimize(
         missing = [b.name for b in blocks if b.name not in stats]
         if missing:
             raise CalibrationDataError(f"statistics '{stats_in}' do not cover blocks {missing}")
+        other = [f"{b.name} ({stats[b.name].moments.shape[1]} neurons, the model's {b.hidden})" for b in blocks
+                 if stats[b.name].moments.shape[1] != b.hidden]
+        if other:
+            raise CalibrationDataError(f"statistics '{stats_in}' come from another model: {', '.join(other)}")
     else:
         stats = collect_stats(original, blocks, calib_source, mask_input=data.mask_input, threads=threads,
                               progress_factory=progress)
@@ -397,11 +421,15 @@ def optimize(
         folds, margins = _second_pass(original, blocks, calib_source, lines, folds, built, settings, data,
                                       progress, threads)
         flagged = _flagged_share(blocks, lines, built, margins)
-        if scale != 1.0 or not _rate_targeted(settings) or flagged is None or abs(flagged / rate - 1.0) <= 0.03:
+        if (scale != 1.0 or not _rate_targeted(settings) or flagged is None or rate <= 0.0
+                or abs(flagged / rate - 1.0) <= 0.03):
             break
         # fit ranges for fewer out-of-range pairs so that the *flagged* ones meet the target; a predictor
-        # whose false flags dominate cannot be fixed this way, so never below half the target
-        scale = max(rate / flagged, 0.5)
+        # whose false flags dominate cannot be fixed this way, so never below half the target (nor above
+        # every pair)
+        scale = min(max(rate / flagged, 0.5) if flagged > 0 else 2.0, 1.0 / rate)
+        if scale == 1.0:  # already every pair out of range: nothing to rescale
+            break
     tool = version()
     folded = [FoldedBlock(b, lines[b.name], *folds[b.name], built[b.name].predictor,
                           margins[b.name].widths(built[b.name].sigma),
@@ -437,7 +465,6 @@ def optimize(
     if external_data is None and modelio.uses_external_data(original):
         external_data = True  # auto: an input with external data gets an output with external data
     modelio.save(optimized, out_path, external_data=external_data, validate=validate)
-    json_path, md_path = _report_paths(out_path, report_path)
     measured = {b.name: {"flagged_share": b.flagged_share(b.measured["fallback_rate"]),
                          "relative_error": b.measured["relative_error"]} for b in report.blocks if b.measured}
     report.plots = [p.name for p in plots.write(json_path.with_suffix(""), stats, lines, measured)]
@@ -454,7 +481,12 @@ def _attach_measurements(report: Report, verification: Verification) -> None:
 
 
 def _report_paths(out_path: Path, report_path: str | os.PathLike | None) -> tuple[Path, Path]:
-    base = str(report_path) if report_path else str(out_path.with_name(out_path.stem + ".report"))
+    """``<stem>.json``/``.md`` for ``report_path`` (a folder: the default names inside it), else beside the
+    output."""
+    default = out_path.stem + ".report"
+    if report_path and Path(report_path).is_dir():
+        report_path = Path(report_path) / default
+    base = str(report_path) if report_path else str(out_path.with_name(default))
     return Path(base + ".json"), Path(base + ".md")
 
 

@@ -40,7 +40,7 @@ from tardis_compile.calibrate import BlockWeights, stream_block_inputs
 from tardis_compile.errors import CalibrationDataError, TardisError
 from tardis_compile.feeds import FeedSource
 from tardis_compile.gelu import gelu
-from tardis_compile.passes.ffn_match import FfnBlock, find_blocks
+from tardis_compile.passes.ffn_match import FfnBlock, count_rewritten, find_blocks
 from tardis_compile.passes.linear import Linear
 from tardis_compile.progress import Progress
 
@@ -299,10 +299,10 @@ def prune(
         raise PruneSettingsError("precomputed norms are one-shot statistics: pass sequential=False with norms")
     data = data or api.DataOptions()
     model_path, out_path = Path(model), Path(output)
-    modelio.check_destination(model_path, out_path)
+    modelio.check_destination(model_path, out_path, reads={"the calibration data": calib})
     pruned = modelio.load(model_path)
     blocks, rejected = find_blocks(pruned)
-    api._require_blocks(model_path, blocks, rejected)
+    api._require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(pruned))
     if pattern == "2:4":
         bad = [f"{b.name} ({'d' if b.d % 4 else 'D'}={b.d if b.d % 4 else b.hidden})" for b in blocks
                if b.d % 4 or b.hidden % 4]

@@ -386,7 +386,7 @@ def bench(original: str | os.PathLike, optimized: str | os.PathLike, feed_sets: 
     from tardis_compile import runtime
 
     for model in (original, optimized):  # before reading the optimized model's fallback sizes
-        modelio.require_file(model)
+        modelio.check(model)
     lib = runtime.library_path() if library else None
     neurons = fallback_neurons(optimized)
     cases: list[Case] = []

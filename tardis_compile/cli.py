@@ -7,21 +7,54 @@ Every user error (bad file, no foldable block, wrong calibration data, output = 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 
-from tardis_compile import api
+from tardis_compile import api, modelio
 from tardis_compile import predictor as predictors
 from tardis_compile.errors import AlreadyOptimizedError, TardisError
 from tardis_compile.verify import Thresholds
 
 
+# More intra-op threads than this is a typo, not a setting (ORT would start them all).
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: at least {low}"
+                                             + (f", at most {high}" if high is not None else ""))
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for text data")
-    p.add_argument("--batch-size", type=int, default=8, help="documents per batch for text data (default 8)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per document for text data (default 128)")
+    p.add_argument("--batch-size", type=_int_in(1), default=8, help="documents per batch for text data (default 8)")
+    p.add_argument("--max-length", type=_int_in(1), default=128, help="tokens per document for text data (default 128)")
     p.add_argument("--mask-input", help="input holding the attention mask (default: any '*attention_mask*')")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--threads", type=_int_in(0, MAX_THREADS), default=0,
+                   help="ONNX Runtime intra-op threads (0 = all cores)")
 
 
 def _threshold_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"margins (default {api.Settings.predictor_recall})")
     p.add_argument("--predictor-quantizer", choices=["gptq", "rtn"], default=api.Settings.predictor_quantizer,
                    help="int4/int2 predictors: GPTQ with the calibration inputs (default) or round-to-nearest")
-    p.add_argument("--predictor-rank", type=int, help="lowrank predictor: fixed rank (default: per layer)")
+    p.add_argument("--predictor-rank", type=_int_in(1), help="lowrank predictor: fixed rank (default: per layer)")
     p.add_argument("--predictor-block", type=int, choices=[16, 32, 64, 128], default=api.Settings.predictor_block,
                    help="int4/int2 predictors: weights per quantization block (larger: smaller predictor, "
                         "more flags; default 32; 128 is the faster decode choice)")
@@ -128,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", dest="thread_list", default="1,2",
                    help="thread counts (default 1,2); intra-op workers stop spinning after each run, so the two "
                         "interleaved sessions do not take each other's cores")
-    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
-    p.add_argument("--min-seconds", type=float, default=1.0,
+    p.add_argument("--rounds", type=_int_in(1), default=10, help="interleaved rounds per case (default 10)")
+    p.add_argument("--min-seconds", type=_seconds, default=1.0,
                    help="... and more rounds until each case has run this long (default 1; short cases "
                         "need many rounds for a stable median)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up runs per model (default 2)")
-    p.add_argument("--max-batches", type=int, default=4, help="feeds taken from --data per round (default 4)")
-    p.add_argument("--int-high", type=int, default=100, help="synthetic token ids are drawn from [0, this)")
+    p.add_argument("--warmup", type=_int_in(0), default=2, help="warm-up runs per model (default 2)")
+    p.add_argument("--max-batches", type=_int_in(1), default=4, help="feeds taken from --data per round (default 4)")
+    p.add_argument("--int-high", type=_int_in(1), default=100, help="synthetic token ids are drawn from [0, this)")
     p.add_argument("--opt-level", choices=["disable", "basic", "extended", "all"], default="all",
                    help="ORT graph optimization level for both models (default all)")
     p.add_argument("--no-library", action="store_true",
@@ -142,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also profile both models per node (ORT profiling)")
     p.add_argument("--json", dest="json_out", help="write all results (rounds, profile) to this JSON file")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for text data")
-    p.add_argument("--batch-size", type=int, default=8, help="documents per batch for text data (default 8)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per document for text data (default 128)")
+    p.add_argument("--batch-size", type=_int_in(1), default=8, help="documents per batch for text data (default 8)")
+    p.add_argument("--max-length", type=_int_in(1), default=128, help="tokens per document for text data (default 128)")
     p.add_argument("--mask-input", help="input holding the attention mask (default: any '*attention_mask*')")
 
     p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
@@ -208,6 +241,8 @@ def _verify(args: argparse.Namespace) -> int:
     if not result.passed:
         print("error: verification failed: " + "; ".join(result.failures), file=sys.stderr)
         return 1
+    if not result.blocks:
+        print(f"note: '{args.optimized}' has no rewritten block (is it the optimized model?)", file=sys.stderr)
     return 0
 
 
@@ -235,8 +270,16 @@ def _bench(args: argparse.Namespace) -> int:
         threads = [int(t) for t in args.thread_list.split(",") if t.strip()]
     except ValueError:
         threads = []
-    if not threads or min(threads) < 1:
-        raise TardisError(f"--threads: '{args.thread_list}' is not a list of positive integers (e.g. 1,2)")
+    if not threads or min(threads) < 1 or max(threads) > MAX_THREADS:
+        raise TardisError(f"--threads: '{args.thread_list}' is not a list of integers in [1, {MAX_THREADS}] "
+                          "(e.g. 1,2)")
+    if args.json_out:
+        modelio.check_destination(args.original, Path(args.json_out), what="--json path",
+                                  reads={"the optimized model": args.optimized, "the benchmark data": args.data})
+        modelio.check_destination(args.optimized, Path(args.json_out), what="--json path")
+    modelio.check(args.original)
+    if not api.rewritten(args.optimized):
+        print(f"note: '{args.optimized}' has no rewritten block (is it the optimized model?)", file=sys.stderr)
     sets = benchmark.load_feed_sets(args.original, data=args.data, data_options=_data_options(args),
                                     shapes=args.shape, max_batches=args.max_batches, int_high=args.int_high)
     print(benchmark.TABLE_HEADER)
@@ -247,7 +290,7 @@ def _bench(args: argparse.Namespace) -> int:
     print()
     print(result.markdown())
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result.to_json(), indent=1))
+        modelio.write_text(Path(args.json_out), json.dumps(result.to_json(), indent=1))
     return 0
 
 
@@ -258,10 +301,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so staging folders are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "demo": _demo, "bench": _bench,
                 "prune": _prune}
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handlers[args.command](args)
     except AlreadyOptimizedError as err:  # running the pass on its own output is not a mistake
@@ -273,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (e.g. `| head`)
+        sys.stderr.close()
+        return 141
+    except OSError as err:  # a file system refusal the checks up front did not foresee
+        print(f"error: {err.strerror or err}" + (f": '{err.filename}'" if err.filename else ""), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

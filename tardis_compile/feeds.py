@@ -67,6 +67,10 @@ def validate(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: str)
                 raise CalibrationDataError(
                     f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
                     f"{spec.shape} (axis {axis} must be {want})")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise CalibrationDataError(f"{where}: input '{spec.name}' holds {bad} NaN or infinite value(s) of "
+                                       f"{arr.size}")
         out[spec.name] = arr
     # An input may be empty along a dynamic axis (a KV-cache model's past at prefill), not the whole feed.
     if all(arr.size == 0 for arr in out.values()):
@@ -103,8 +107,9 @@ def from_npz(path: Path) -> FeedSource:
             try:
                 with np.load(file, allow_pickle=False) as data:
                     yield {k: data[k] for k in data.files}
-            except (OSError, ValueError) as err:
-                raise CalibrationDataError(f"calibration data '{file}': not a readable .npz ({err})") from err
+            except (OSError, ValueError, EOFError, KeyError) as err:
+                raise CalibrationDataError(f"calibration data '{file}': not a readable .npz "
+                                           f"({type(err).__name__}: {err})") from err
 
     return run
 
@@ -122,7 +127,21 @@ def from_script(path: Path) -> FeedSource:
     load = getattr(module, "load_data", None)
     if not callable(load):
         raise CalibrationDataError(f"calibration script '{path}' defines no load_data() function")
-    return lambda: load()
+
+    def run() -> Iterator[Feed]:
+        where = f"calibration script '{path}': load_data()"
+        try:
+            items = load()
+            if items is None or isinstance(items, Mapping):
+                raise CalibrationDataError(f"{where} returned {'None' if items is None else 'one dict'}; it must "
+                                           "return or yield feed dicts (input name → array)")
+            yield from items
+        except (CalibrationDataError, GeneratorExit):
+            raise
+        except Exception as err:  # the user's code: report it, do not crash
+            raise CalibrationDataError(f"{where} failed: {type(err).__name__}: {err}") from err
+
+    return run
 
 
 def read_documents(path: Path) -> list[str]:
@@ -147,7 +166,10 @@ def from_text(
         raise CalibrationDataError("calibration text holds no documents")
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_json))
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        raise CalibrationDataError(f"tokenizer '{tokenizer_json}' cannot be read: {err}") from err
     tok.enable_truncation(max_length)
     pad_id = tok.token_to_id("[PAD]") or 0
     tok.enable_padding(pad_id=pad_id, pad_token="[PAD]")

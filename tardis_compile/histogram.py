@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import os
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from tardis_compile.errors import CalibrationDataError
 from tardis_compile.gelu import gelu
 
 MOMENTS = ("n", "h", "hh", "g", "gg", "hg")
@@ -179,12 +181,26 @@ class NeuronStats:
         return out
 
 
+def stats_path(path: str | Path) -> Path:
+    """Where :func:`save` writes ``path``: with a ``.npz`` suffix added when it has none."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
 def save(stats: dict[str, NeuronStats], path: str | Path) -> None:
     """Save per-block statistics to one ``.npz`` (reloadable, mergeable across shards); written array
-    by array as :func:`numpy.savez_compressed` does, releasing each block when it is written."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    by array as :func:`numpy.savez_compressed` does, releasing each block when it is written, into a
+    temporary file that replaces ``stats_path(path)`` only once complete."""
+    path = stats_path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write(stats, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write(stats: dict[str, NeuronStats], path: Path) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
         for name, s in stats.items():
             arrays = {"moments": s.moments, "grid": np.array([s.grid.bins, s.grid.scale, s.grid.limit]),
@@ -198,13 +214,19 @@ def save(stats: dict[str, NeuronStats], path: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict[str, NeuronStats]:
-    """Inverse of :func:`save`."""
-    with np.load(path, allow_pickle=False) as data:
-        names = sorted({key.split("/")[0] for key in data.files})
-        out = {}
-        for name in names:
-            bins, scale, limit = data[f"{name}/grid"]
-            gram = data[f"{name}/gram"] if f"{name}/gram" in data.files else None
-            out[name] = NeuronStats(str(data[f"{name}/variant"]), Grid(int(bins), float(scale), float(limit)),
-                                    data[f"{name}/moments"], gram)
+    """Inverse of :func:`save`; a missing or foreign file is a :class:`CalibrationDataError`."""
+    if not Path(path).is_file():
+        raise CalibrationDataError(f"statistics '{path}': no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = sorted({key.split("/")[0] for key in data.files})
+            out = {}
+            for name in names:
+                bins, scale, limit = data[f"{name}/grid"]
+                gram = data[f"{name}/gram"] if f"{name}/gram" in data.files else None
+                out[name] = NeuronStats(str(data[f"{name}/variant"]), Grid(int(bins), float(scale), float(limit)),
+                                        data[f"{name}/moments"], gram)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CalibrationDataError(f"statistics '{path}': not a file written by --stats-out "
+                                   f"({type(err).__name__}: {str(err)[:120]})") from err
     return out

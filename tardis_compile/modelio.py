@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import onnx
 import onnx_ir as ir
@@ -29,34 +29,72 @@ _EXTERNAL_THRESHOLD = 1_800_000_000  # leave headroom below protobuf's 2 GB limi
 
 def require_file(path: str | os.PathLike) -> None:
     """A :class:`ModelLoadError` naming ``path`` unless it is a file."""
-    if not Path(path).is_file():
-        raise ModelLoadError(f"cannot read model '{path}': no such file")
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"cannot read model '{path}': {'a directory' if p.is_dir() else 'no such file'}")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"cannot read model '{path}': the file is empty")
 
 
-def load(path: str | os.PathLike) -> ir.Model:
-    """Load and check a model; every failure is a :class:`ModelLoadError` naming the file."""
+def check(path: str | os.PathLike) -> bool:
+    """Check that ``path`` is a readable, valid ONNX model (a :class:`ModelLoadError` naming the file if
+    not); returns whether its nodes need a topological sort first."""
     path = Path(path)
     require_file(path)
-    unsorted = False
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         # ONNX Runtime's float16 converter appends its Casts at the end of the node list; ORT sorts
         # such a graph itself, so we do too rather than refuse an otherwise valid model.
-        unsorted = "topologically sorted" in first
-        if not unsorted:
+        if "topologically sorted" not in first:
             raise ModelLoadError(f"invalid ONNX model '{path}': {first}") from err
+        _require_sources(path)
+        return True
     except Exception as err:  # protobuf decode errors and friends
         raise ModelLoadError(f"cannot read model '{path}': not a valid ONNX file ({type(err).__name__}: "
                              f"{str(err).strip()[:200] or 'unparseable'})") from err
+    return False
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load and check a model; every failure is a :class:`ModelLoadError` naming the file."""
+    path = Path(path)
+    unsorted = check(path)
     try:
         model = ir.load(path)
     except Exception as err:
         raise ModelLoadError(f"cannot read model '{path}': {type(err).__name__}: {err}") from err
+    _check_external_sizes(model, path)
     if unsorted:
         common_passes.TopologicalSortPass()(model)
     return model
+
+
+def _require_sources(path: Path) -> None:
+    """What the checker skips once it finds nodes out of order: every node input has a source."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    known |= {t.values.name for t in graph.sparse_initializer}
+    known |= {o for n in graph.node for o in n.output}
+    for node in graph.node:
+        for name in node.input:
+            if name not in known:
+                raise ModelLoadError(f"invalid ONNX model '{path}': node '{node.name}' ({node.op_type}) reads "
+                                     f"'{name}', which no node, input or initializer provides")
+
+
+def _check_external_sizes(model: ir.Model, path: Path) -> None:
+    """A :class:`ModelLoadError` when an external data file is shorter than the tensors it should hold."""
+    for name, value in model.graph.initializers.items():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor):
+            file = Path(t.base_dir) / t.location
+            need = (t.offset or 0) + (t.length if t.length is not None else t.nbytes)
+            size = file.stat().st_size if file.is_file() else -1
+            if size < need:
+                what = "is missing" if size < 0 else f"holds {size:,} bytes, tensor '{name}' needs {need:,}"
+                raise ModelLoadError(f"cannot read model '{path}': external data file '{file}' {what}")
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -139,20 +177,32 @@ def _external_files(model_path: Path) -> set[Path]:
     return files
 
 
-def check_destination(src: Path, dst: Path) -> None:
-    """Refuse to write over the input model or any file it depends on."""
+def check_destination(src: Path, dst: Path, *, reads: Mapping[str, object] | None = None,
+                      what: str = "output path") -> None:
+    """Refuse to write ``dst`` (or its ``<dst>.data``) over the input model, a file the input depends on
+    (its external data), or another file the run reads (``reads``: description → path; data given as
+    arrays or callables is skipped). Also refuses a directory or a missing folder as ``dst``."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    if src == dst:
-        raise OutputPathError(f"output path '{dst}' is the input model; choose another output (the input "
-                              "is never overwritten)")
-    protected = _external_files(src) if src.is_file() else set()
-    data = dst.with_name(dst.name + ".data")
-    if data in protected:
-        raise OutputPathError(f"output data file '{data}' is the input model's external data")
+    protected = {src: "the input model"}
+    protected.update({f: "the input model's external data" for f in (_external_files(src) if src.is_file() else ())})
+    for label, path in (reads or {}).items():
+        if isinstance(path, (str, os.PathLike)) and str(path):
+            protected.setdefault(Path(path).resolve(), label)
+    for path in (dst, dst.with_name(dst.name + ".data")):
+        if path in protected:
+            raise OutputPathError(f"{what} '{path}' is {protected[path]}; choose another path (inputs are "
+                                  "never overwritten)")
     if dst.is_dir():
-        raise OutputPathError(f"output path '{dst}' is a directory")
+        raise OutputPathError(f"{what} '{dst}' is a directory")
     if not dst.parent.is_dir():
-        raise OutputPathError(f"output directory '{dst.parent}' does not exist")
+        raise OutputPathError(f"{what}: directory '{dst.parent}' does not exist")
+
+
+def write_text(dst: Path, text: str) -> None:
+    """Write a small text file atomically (a temporary file beside it, then ``os.replace``)."""
+    with _staging(dst.parent) as tmp:
+        (tmp / dst.name).write_text(text)
+        os.replace(tmp / dst.name, dst)
 
 
 def save(model: ir.Model, dst: str | os.PathLike, *, external_data: bool | None = None,

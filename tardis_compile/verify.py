@@ -16,6 +16,7 @@ the larger model, not of both; block weights read in place are released after ea
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +27,7 @@ import onnxruntime as ort
 
 from tardis_compile import fallback_op, modelio
 from tardis_compile.calibrate import BlockWeights, capture_session
-from tardis_compile.errors import CalibrationDataError
+from tardis_compile.errors import CalibrationDataError, TardisError
 from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
 from tardis_compile.gelu import gelu
 from tardis_compile.passes.ffn_match import find_blocks
@@ -41,6 +42,15 @@ class Thresholds:
     atol: float = 1e-3
     rtol: float = 1e-2
     max_share_over: float | None = None
+
+    def __post_init__(self) -> None:
+        bounds = {"max_abs_error": (0.0, math.inf), "min_cosine": (-1.0, 1.0), "atol": (0.0, math.inf),
+                  "rtol": (0.0, math.inf), "max_share_over": (0.0, 1.0)}
+        for name, (lo, hi) in bounds.items():
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+                flag = "--" + name.replace("_", "-")
+                raise TardisError(f"{flag} must be a number in [{lo:g}, {hi:g}], got {value}")
 
 
 @dataclasses.dataclass
@@ -154,13 +164,20 @@ class _Accumulator:
         self.over = self.count = 0
 
     def add(self, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> None:
+        """Add one batch. A value that is finite on one side only (NaN or ±inf where the other is finite)
+        is an infinite error, and its row's cosine 0: a broken output can never pass."""
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-        diff = got64 - ref64
+        ok_r, ok_g = np.isfinite(ref64), np.isfinite(got64)
+        with np.errstate(invalid="ignore"):
+            diff = np.where(ok_r & ok_g, got64 - ref64, np.where(ok_r != ok_g, np.inf, 0.0))
+        ref64, got64 = np.where(ok_r, ref64, 0.0), np.where(ok_g, got64, 0.0)
         self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))) if diff.size else 0.0)
         r = ref64.reshape(-1, ref64.shape[-1]) if ref64.ndim else ref64.reshape(1, 1)
         g = got64.reshape(r.shape)
+        broken = (ok_r != ok_g).reshape(r.shape).any(axis=1)
         denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-        self.cos.extend(np.where(denom > 0, (r * g).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0).tolist())
+        cos = np.where(denom > 0, (r * g).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
+        self.cos.extend(np.where(broken, 0.0, cos).tolist())
         self.err2 += float(np.sum(diff * diff))
         self.ref2 += float(np.sum(ref64 * ref64))
         self.over += int(np.sum(np.abs(diff) > atol + rtol * np.abs(ref64)))
@@ -174,6 +191,7 @@ def compare(
 ) -> Verification:
     """Run both models on ``source`` (one after the other) and measure outputs and rewritten blocks."""
     thresholds = thresholds or Thresholds()
+    _require_same_interface(original, optimized)
     sites = fallback_sites(optimized)
     out_names = [v.name for v in original.graph.outputs]
     opt_values = [*optimized.graph.outputs, *(v for s in sites for v in (s.x, s.h_hat, s.y))]
@@ -276,6 +294,17 @@ def _all_values(model: ir.Model):
 
 def _relative(acc: _Accumulator) -> float:
     return float(np.sqrt(acc.err2 / max(acc.ref2, 1e-300)))
+
+
+def _require_same_interface(original: ir.Model, optimized: ir.Model) -> None:
+    """The two models must take the same inputs and give the same outputs (names and element types)."""
+    for what, a, b in (("inputs", original.graph.inputs, optimized.graph.inputs),
+                       ("outputs", original.graph.outputs, optimized.graph.outputs)):
+        sig_a = {v.name: str(v.dtype) for v in a}
+        sig_b = {v.name: str(v.dtype) for v in b}
+        if sig_a != sig_b:
+            raise TardisError(f"the two models' {what} differ (original: {sig_a}; optimized: {sig_b}): compare a "
+                              "model with its own optimized version")
 
 
 def _output_metrics(name: str, acc: _Accumulator) -> OutputMetrics:
