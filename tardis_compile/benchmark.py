@@ -39,6 +39,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 
 from tardis_compile import fallback_op, modelio
 from tardis_compile.errors import CalibrationDataError, ModelLoadError, TardisError
@@ -400,8 +401,12 @@ def bench(original: str | os.PathLike, optimized: str | os.PathLike, feed_sets: 
             feeds = [validate(f, specs_o, f"benchmark data '{label}'") for f in feeds]
             for f in feeds:
                 validate(f, specs_p, f"benchmark data '{label}' (optimized model)")
-            case = time_pair(s_orig, s_opt, feeds, label=label, threads=t, warmup=warmup, rounds=rounds,
-                             min_seconds=min_seconds, neurons=neurons)
+            try:
+                case = time_pair(s_orig, s_opt, feeds, label=label, threads=t, warmup=warmup, rounds=rounds,
+                                 min_seconds=min_seconds, neurons=neurons)
+            except (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException) as err:  # data ≠ model
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise CalibrationDataError(f"benchmark data '{label}': a model failed on it: {first}") from err
             cases.append(case)
             if log:
                 log(case.row())

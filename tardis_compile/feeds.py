@@ -122,7 +122,7 @@ def from_script(path: Path) -> FeedSource:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as err:  # the user's script: report, do not crash
+    except (Exception, SystemExit) as err:  # the user's script: report, do not crash (nor exit)
         raise CalibrationDataError(f"calibration script '{path}' failed to import: {err!r}") from err
     load = getattr(module, "load_data", None)
     if not callable(load):
