@@ -48,6 +48,11 @@ def _find_node(graph: ir.Graph, name: str) -> ir.Node:
     for node in graph:
         if node.name == name or describe(node) == name or any(v.name == name for v in node.outputs):
             return node
+    if name in graph.initializers or any(v.name == name for v in graph.inputs):
+        kind = "an initializer" if name in graph.initializers else "a graph input"
+        values = [v for v in [*graph.inputs, *graph.initializers.values()] if v.name == name]
+        readers = ", ".join(sorted({describe(use.node) for v in values for use in v.uses()})) or "none"
+        raise TardisError(f"'{name}' is {kind}, not a node output: explain a node that reads it ({readers})")
     raise TardisError(f"no node or tensor named '{name}' in the model's main graph "
                       "(use `tardis-compile inspect MODEL` to list the candidates)")
 

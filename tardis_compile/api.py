@@ -125,6 +125,10 @@ def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> f
         raise CalibrationDataError(f"calibration data '{path}': a {suffix} file is not a data source; give a "
                                    ".npz of feed dicts (input name → array), a folder of them, a .py with "
                                    "load_data(), or a text file with --tokenizer")
+    if "input_ids" not in input_names:
+        raise CalibrationDataError(f"calibration data '{path}' is read as text, but the model takes no token ids "
+                                   f"(its inputs: {input_names}); give a .npz of feed dicts, a folder of them, or "
+                                   "a .py with load_data()")
     if options.tokenizer is None:
         raise CalibrationDataError(f"calibration data '{path}' is text: pass --tokenizer (a tokenizer.json or "
                                    "a folder holding one) to tokenize it")

@@ -173,6 +173,7 @@ def test_broken_sources_and_values_are_one_error_line(tmp_path, model):
     for name, text in scripts.items():
         (tmp_path / f"{name}.py").write_text(text)
     (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "docs.txt").write_text("one document\n\nanother one\n")
     m = onnx.load(model)
     m.graph.node[0].input[0] = "does_not_exist"
     m.graph.node.append(m.graph.node.pop(0))  # also out of order: the checker's "unsorted" leniency applies
@@ -186,6 +187,7 @@ def test_broken_sources_and_values_are_one_error_line(tmp_path, model):
         (("optimize", str(model), *out, "--calib", str(tmp_path / "none.py")), "returned None"),
         (("optimize", str(model), *out, "--calib", str(tmp_path / "dict.py")), "returned one dict"),
         (("optimize", str(model), *out, "--calib", str(tmp_path / "empty.npz")), "not a readable .npz"),
+        (("optimize", str(model), *out, "--calib", str(tmp_path / "docs.txt")), "takes no token ids"),
         (("inspect", str(tmp_path / "dangling.onnx")), "does_not_exist"),
         (("inspect", str(tmp_path / "ext.onnx")), "external data file"),
         (("optimize", str(model), *out, "--calib", str(data), "--max-abs-error", "nan"), "max-abs-error"),

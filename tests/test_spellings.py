@@ -336,3 +336,5 @@ def test_explain_foldable_and_unknown(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: no node or tensor named 'nope' in the model's main graph (use `tardis-compile inspect MODEL` "
         "to list the candidates)")
+    assert main(["inspect", str(path), "--explain", "x"]) == 2
+    assert "'x' is a graph input, not a node output: explain a node that reads it (" in capsys.readouterr().err
