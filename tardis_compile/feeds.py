@@ -146,6 +146,10 @@ def from_script(path: Path) -> FeedSource:
 
 def read_documents(path: Path) -> list[str]:
     """Documents of a text file: blocks separated by blank lines (or single lines if there are none)."""
+    with open(path, "rb") as f:
+        if b"\x00" in f.read(4096):
+            raise CalibrationDataError(f"calibration data '{path}' is read as text but looks binary (NUL bytes); "
+                                       "give a .npz of feed dicts, a folder of them, a .py with load_data(), or text")
     text = path.read_text(encoding="utf-8", errors="replace")
     blocks = [" ".join(b.split()) for b in text.split("\n\n")]
     docs = [b for b in blocks if b]

@@ -206,3 +206,14 @@ def test_target_fallback_at_both_ends(tmp_path, model, target):
     proc = _cli("optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "good.npz"),
                 "--target-fallback", target)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_binary_file_read_as_text_is_named(tmp_path):
+    from tardis_compile.errors import CalibrationDataError
+    from tardis_compile.feeds import read_documents
+
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01\x02 not text" * 10)
+    with pytest.raises(CalibrationDataError, match="looks binary"):
+        read_documents(tmp_path / "weights.bin")
+    (tmp_path / "docs.txt").write_text("first document\n\nsecond one\n")
+    assert read_documents(tmp_path / "docs.txt") == ["first document", "second one"]
