@@ -226,21 +226,21 @@ def run_decoder(arch: str, args) -> dict:
     def ids(batch: int, seq: int) -> np.ndarray:
         return rng.integers(0, 1000, (batch, seq)).astype(np.int64)
 
-    def prefill(batch: int, seq: int) -> dict:
-        return {"input_ids": ids(batch, seq), "attention_mask": np.ones((batch, seq), np.int64),
-                **hf_export.empty_past(src, batch)}
-
     prefiller = benchmark.make_session(src, 1)
 
+    def prefill(batch: int, seq: int) -> dict:
+        return {"input_ids": ids(batch, seq), "attention_mask": np.ones((batch, seq), np.int64),
+                **hf_export.empty_past(prefiller, batch)}
+
     def decode(past: int) -> dict:
-        cache = hf_export.cache_after(prefiller, src, ids(1, past))
+        cache = hf_export.cache_after(prefiller, ids(1, past))
         return {"input_ids": ids(1, 1), "attention_mask": np.ones((1, past + 1), np.int64), **cache}
 
     decode_case = f"1 token after {args.past} (decode step)"
     log(f"{arch}: prefilling {args.past}-token prompts for the decode feeds")
     sets = {decode_case: [decode(args.past) for _ in range(4)], "16 tokens (prefill)": [prefill(1, 16) for _ in range(2)]}
-    del prefiller
     calib = [prefill(4, 64) for _ in range(args.calib_batches)]
+    del prefiller
     section: dict = {"model": f"random {arch}, size='real' (d={info_arch.d}, D={info_arch.D}, "
                      f"{info_arch.layers} layer(s), vocab 1000)", "kv_cache": True,
                      "step": f"KV-cache export; decode step = 1 new token attending to the cache of a "

@@ -251,24 +251,22 @@ def export_random(arch: str, out_path: str | os.PathLike, *, size: Size = "tiny"
                    max_seq=512, external_data=size == "real")
 
 
-def empty_past(model: str | os.PathLike, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length ``past_*`` feeds for a ``kv_cache=True`` export (its prefill); shapes from its inputs."""
+def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length ``past_*`` feeds for a ``kv_cache=True`` export (its prefill), shaped from the inputs
+    of an ONNX Runtime ``session`` over it (heads and head dim are fixed axes there)."""
     import numpy as np
-    import onnx
 
-    inputs = onnx.load(str(model), load_external_data=False).graph.input
-    return {i.name: np.zeros((batch, i.type.tensor_type.shape.dim[1].dim_value, 0,
-                              i.type.tensor_type.shape.dim[3].dim_value), np.float32)
-            for i in inputs if i.name.startswith("past_")}
+    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in session.get_inputs() if i.name.startswith("past_")}
 
 
-def cache_after(session: Any, model: str | os.PathLike, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+def cache_after(session: Any, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Prefill ``input_ids`` (empty past) through a ``kv_cache=True`` export's ONNX Runtime ``session``;
     return the cache it outputs as the next step's ``past_*`` feeds."""
     import numpy as np
 
     feeds = {"input_ids": input_ids, "attention_mask": np.ones(input_ids.shape, np.int64),
-             **empty_past(model, input_ids.shape[0])}
+             **empty_past(session, input_ids.shape[0])}
     names = [o.name for o in session.get_outputs()]
     out = session.run(None, feeds)
     return {n.replace("present_", "past_", 1): v for n, v in zip(names, out) if n.startswith("present_")}

@@ -384,13 +384,14 @@ def optimize(
     original = modelio.load(model_path)
     blocks, rejected = find_blocks(original)
     _require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(original))
-    if data.mask_input is not None and data.mask_input not in _input_names(original):
+    input_names = _input_names(original)
+    if data.mask_input is not None and data.mask_input not in input_names:
         raise CalibrationDataError(f"--mask-input '{data.mask_input}' is not an input of the model (inputs: "
-                                   f"{_input_names(original)})")
+                                   f"{input_names})")
     progress = lambda label: Progress(label, enabled=show_progress)  # noqa: E731
-    source = open_data(calib, _input_names(original), data)
+    source = open_data(calib, input_names, data)
     if eval_data is not None:
-        calib_source, held_source = source, open_data(eval_data, _input_names(original), data)
+        calib_source, held_source = source, open_data(eval_data, input_names, data)
         verified_on = "evaluation data"
     else:
         calib_source, held_source = feeds.holdout_split(source, holdout_every)

@@ -226,6 +226,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_not_optimized(path: str) -> None:
+    """verify / bench were given a second model without rewritten blocks: most likely swapped arguments."""
+    print(f"note: '{path}' has no rewritten block (is it the optimized model?)", file=sys.stderr)
+
+
 def _verify(args: argparse.Namespace) -> int:
     result = api.verify(args.original, args.optimized, args.data, data_options=_data_options(args),
                         thresholds=_thresholds(args), threads=args.threads, use_library=args.use_library)
@@ -242,7 +247,7 @@ def _verify(args: argparse.Namespace) -> int:
         print("error: verification failed: " + "; ".join(result.failures), file=sys.stderr)
         return 1
     if not result.blocks:
-        print(f"note: '{args.optimized}' has no rewritten block (is it the optimized model?)", file=sys.stderr)
+        _note_not_optimized(args.optimized)
     return 0
 
 
@@ -279,7 +284,7 @@ def _bench(args: argparse.Namespace) -> int:
         modelio.check_destination(args.optimized, Path(args.json_out), what="--json path")
     modelio.check(args.original)
     if not api.rewritten(args.optimized):
-        print(f"note: '{args.optimized}' has no rewritten block (is it the optimized model?)", file=sys.stderr)
+        _note_not_optimized(args.optimized)
     sets = benchmark.load_feed_sets(args.original, data=args.data, data_options=_data_options(args),
                                     shapes=args.shape, max_batches=args.max_batches, int_high=args.int_high)
     print(benchmark.TABLE_HEADER)

@@ -136,7 +136,7 @@ def from_script(path: Path) -> FeedSource:
                 raise CalibrationDataError(f"{where} returned {'None' if items is None else 'one dict'}; it must "
                                            "return or yield feed dicts (input name → array)")
             yield from items
-        except (CalibrationDataError, GeneratorExit):
+        except CalibrationDataError:
             raise
         except Exception as err:  # the user's code: report it, do not crash
             raise CalibrationDataError(f"{where} failed: {type(err).__name__}: {err}") from err

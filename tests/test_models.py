@@ -319,13 +319,13 @@ def test_kv_cache_export_decodes_like_the_full_sequence_and_optimizes(tmp_path: 
     sess = _session(path)
     names = [o.name for o in sess.get_outputs()]
     assert names == ["logits"] + [f"present_{k}_{i}" for i in range(info.layers) for k in ("key", "value")]
-    empty = hf_export.empty_past(path, 2)
+    empty = hf_export.empty_past(sess, 2)
     assert sorted(empty) == sorted(n.replace("present_", "past_") for n in names[1:])
     assert all(v.shape[0] == 2 and v.shape[2] == 0 for v in empty.values())
 
     rng = np.random.default_rng(0)
     ids = rng.integers(2, 1000, (2, 9)).astype(np.int64)
-    cache = hf_export.cache_after(sess, path, ids[:, :8])
+    cache = hf_export.cache_after(sess, ids[:, :8])
     assert all(v.shape[2] == 8 for v in cache.values())
     decode = {"input_ids": ids[:, 8:], "attention_mask": np.ones((2, 9), np.int64), **cache}
     logits = sess.run(None, decode)[0]
@@ -335,7 +335,7 @@ def test_kv_cache_export_decodes_like_the_full_sequence_and_optimizes(tmp_path: 
 
     assert len(tc.inspect(path)[0]) == info.layers
     calib = [{"input_ids": rng.integers(2, 1000, (4, 16)).astype(np.int64),
-              "attention_mask": np.ones((4, 16), np.int64), **hf_export.empty_past(path, 4)} for _ in range(4)]
+              "attention_mask": np.ones((4, 16), np.int64), **hf_export.empty_past(sess, 4)} for _ in range(4)]
     out = tmp_path / f"{arch}_kv.tardis.onnx"
     report = tc.optimize(path, out, calib, settings=tc.Settings(flag_all=True, predictor="exact"),
                          show_progress=False)
