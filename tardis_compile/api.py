@@ -384,6 +384,7 @@ def optimize(
     original = modelio.load(model_path)
     blocks, rejected = find_blocks(original)
     _require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(original))
+    predictors.check_options(settings.predictor, [b.dtype.numpy() for b in blocks], settings.predictor_options())
     input_names = _input_names(original)
     if data.mask_input is not None and data.mask_input not in input_names:
         raise CalibrationDataError(f"--mask-input '{data.mask_input}' is not an input of the model (inputs: "

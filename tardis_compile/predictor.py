@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -446,6 +446,19 @@ def resolve(kind: str, dtype: np.dtype) -> str:
     if kind != "auto":
         return kind
     return "int8" if np.dtype(dtype) == np.float32 else "int4"
+
+
+def check_options(kind: str, dtypes: Iterable[np.dtype], options: PredictorOptions) -> None:
+    """Refuse an option the predictor the blocks get would ignore (``--predictor-block`` applies to int4 and
+    int2, ``--predictor-rank`` to lowrank), so a setting never silently has no effect."""
+    kinds = sorted({resolve(kind, dtype) for dtype in dtypes})
+    named = f"--predictor {kind}" if kind != "auto" else f"--predictor auto ({' / '.join(kinds)} for these blocks)"
+    if options.block_size is not None and not set(kinds) & {"int4", "int2"}:
+        raise TardisError(f"--predictor-block applies to the int4 and int2 predictors, not {named}: choose "
+                          "--predictor int4 (or int2), or drop --predictor-block")
+    if options.rank is not None and "lowrank" not in kinds:
+        raise TardisError(f"--predictor-rank applies to the lowrank predictor, not {named}: choose --predictor "
+                          "lowrank, or drop --predictor-rank")
 
 
 class MarginSearch:

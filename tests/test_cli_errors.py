@@ -162,7 +162,7 @@ def test_non_finite_data_is_refused_and_a_nan_output_never_verifies(tmp_path, mo
 
 def test_broken_sources_and_values_are_one_error_line(tmp_path, model):
     """User code that raises, returns None or a dict; an empty .npz file; a graph reading a tensor nothing
-    produces; truncated external data; out-of-range options."""
+    produces; truncated external data; out-of-range options; options the chosen predictor would ignore."""
     import onnx
 
     data = tmp_path / "good.npz"
@@ -192,6 +192,10 @@ def test_broken_sources_and_values_are_one_error_line(tmp_path, model):
         (("inspect", str(tmp_path / "ext.onnx")), "external data file"),
         (("optimize", str(model), *out, "--calib", str(data), "--max-abs-error", "nan"), "max-abs-error"),
         (("optimize", str(model), *out, "--calib", str(data), "--stats-in", str(data)), "--stats-out"),
+        # options the chosen predictor would ignore (auto = int8 for this float32 model)
+        (("optimize", str(model), *out, "--calib", str(data), "--predictor-block", "64"), "auto (int8"),
+        (("optimize", str(model), *out, "--calib", str(data), "--predictor", "int4", "--predictor-rank", "4"),
+         "--predictor-rank applies to the lowrank"),
     ]
     for args, needle in cases:
         _assert_one_error(_cli(*args), needle)
