@@ -2,7 +2,7 @@
 
 Everything else is declared in pyproject.toml. The build never fails the install: without a C++ compiler
 or the ONNX Runtime API headers it prints one warning (what to install) and the package installs without
-the library (models then run through their ONNX function body; ``tardis_compile.runtime`` can still build
+the library (models then run through their ONNX function body; ``tardis-compile library --build`` can still build
 the library into the user cache later). Headers: ``$TARDIS_ORT_INCLUDE`` or
 ``third_party/onnxruntime/include`` (``scripts/fetch_ort_headers``).
 """

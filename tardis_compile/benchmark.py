@@ -175,7 +175,7 @@ def make_session(model: str | os.PathLike, threads: int, *, library: bool = Fals
         try:
             runtime.session_options(so, require=require_library)
         except runtime.LibraryUnavailableError as err:
-            raise TardisError(f"{err} — build it (python -m tardis_compile.runtime --build) or time the "
+            raise TardisError(f"{err} — build it (tardis-compile library --build) or time the "
                               "optimized model without it (--no-library)") from err
     modelio.require_file(model)
     try:

@@ -1,4 +1,4 @@
-"""``tardis-compile`` command line: optimize, inspect, verify, bench, demo, prune (baseline).
+"""``tardis-compile`` command line: optimize, inspect, verify, bench, demo, prune (baseline), library.
 
 Every user error (bad file, no foldable block, wrong calibration data, output = input) is printed as one
 ``error:`` line with exit status 2; nothing is written in that case.
@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_int_in(1), default=128, help="tokens per document for text data (default 128)")
     p.add_argument("--mask-input", help="input holding the attention mask (default: any '*attention_mask*')")
 
+    p = sub.add_parser("library", help="print the path of the compiled op library (libtardis_ops) in use")
+    p.add_argument("--build", action="store_true", help="build it into the user cache when missing")
+    p.add_argument("--force", action="store_true", help="rebuild even when a fresh library exists")
+
     p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--target-fallback", type=float, default=0.1,
@@ -306,6 +310,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _library(args: argparse.Namespace) -> int:
+    import logging
+
+    from tardis_compile import runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return runtime.describe(build=args.build, force=args.force)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C, so staging folders are removed on the way out."""
     raise KeyboardInterrupt
@@ -314,7 +327,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "demo": _demo, "bench": _bench,
-                "prune": _prune}
+                "prune": _prune, "library": _library}
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handlers[args.command](args)

@@ -28,7 +28,7 @@ the session (the library exports the standard ``RegisterCustomOps`` entry point)
     var so = new SessionOptions();
     so.RegisterCustomOpLibrary("/path/to/libtardis_ops.so");
 
-``python -c "import tardis_compile.runtime as r; print(r.library_path())"`` prints the path. The library
+``tardis-compile library`` prints the path (``--build`` builds it). The library
 needs onnxruntime >= 1.21 (ORT API 21) and does not link libonnxruntime itself.
 
 Where the library comes from, in order: ``$TARDIS_OPS_LIBRARY`` (an explicit file), the package's
@@ -272,6 +272,14 @@ def build_library(out_dir: Path | None = None, ort_include: Path | None = None, 
 # ONNX Runtime
 
 
+def _unavailable_reason() -> str:
+    """Why no library was found: a ``$TARDIS_OPS_LIBRARY`` naming no file, or what a build lacks."""
+    env = os.environ.get(ENV_LIBRARY)
+    if env:
+        return f"${ENV_LIBRARY}={env} is not a file"
+    return "; ".join(missing_build_requirements()) or "build failed"
+
+
 def session_options(so: ort.SessionOptions | None = None, require: bool = False,
                     build: bool = True) -> ort.SessionOptions:
     """ONNX Runtime session options with ``libtardis_ops`` registered.
@@ -289,10 +297,8 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
     if lib is None and build and not os.environ.get(ENV_LIBRARY):
         lib = build_library(quiet=not require and _warned_missing)
     if lib is None:
-        env = os.environ.get(ENV_LIBRARY)
-        why = (f"${ENV_LIBRARY}={env} is not a file" if env
-               else "; ".join(missing_build_requirements()) or "build failed")
-        msg = f"{LIB_NAME} is not available ({why}); GuardedFallback nodes run through their ONNX function body"
+        msg = (f"{LIB_NAME} is not available ({_unavailable_reason()}); GuardedFallback nodes run through their "
+               "ONNX function body")
         if require:
             raise LibraryUnavailableError(msg)
         if not _warned_missing:
@@ -341,23 +347,13 @@ def kernel_stats(lib: Path | None = None) -> dict[str, int]:
             "ort_api": int(handle.TardisOpsOrtApiVersion())}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tardis_compile.runtime [--build] [--force]``: print the library path (building it)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--build", action="store_true", help="build into the user cache when missing")
-    ap.add_argument("--force", action="store_true", help="rebuild even when a fresh library exists")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    lib = build_library(force=args.force) if (args.build or args.force) else library_path()
+def describe(build: bool = False, force: bool = False) -> int:
+    """``tardis-compile library [--build] [--force]``: print the path of the library in use (building it into
+    the user cache first with ``build``, rebuilding with ``force``); status 1 and what is missing when there is
+    none."""
+    lib = build_library(force=force) if (build or force) else library_path()
     if lib is None:
-        print(f"{LIB_NAME}: not available; missing: {'; '.join(missing_build_requirements()) or 'nothing'}",
-              file=sys.stderr)
+        print(f"error: {LIB_NAME} is not available ({_unavailable_reason()})", file=sys.stderr)
         return 1
     print(lib)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -128,6 +128,19 @@ def test_session_options_without_library(monkeypatch, tmp_path):
     assert rel_err(out, fo.reference(**inp)) < 1e-5
 
 
+def test_library_command_prints_the_library_in_use(lib, monkeypatch, tmp_path):
+    """``tardis-compile library``: the path session_options() registers; a missing one is named (status 1)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tardis_compile.cli", "library"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(runtime.library_path()), proc.stderr
+    env = {**os.environ, runtime.ENV_LIBRARY: str(tmp_path / "missing.so")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and proc.stdout == "" and "not available" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------ kernel
 
 
