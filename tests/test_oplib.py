@@ -144,6 +144,27 @@ def test_library_command_prints_the_library_in_use(lib, monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------------ kernel
 
 
+def test_concurrent_runs_on_one_session_match_sequential_ones(lib):
+    """A server calls Run on one session from many threads at once: every result equals the same call made
+    alone (the kernel keeps no state between calls besides per-thread scratch), on each path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, D = 64, 256
+    model = fo.standalone_model(d, D)
+    calls = [make_inputs(np.random.default_rng(100 + i), lead, d, D, flags=flags)
+             for i, (lead, flags) in enumerate([((1,), "random"), ((40,), "random"), ((51,), "shared"),
+                                                 ((96,), "random"), ((2,), "all"), ((64,), "nan")] * 3)]
+    sess = session(model, runtime.session_options(require=True), threads=2)
+    alone = [sess.run(None, inp)[0] for inp in calls]
+    before = runtime.kernel_calls(lib)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(lambda inp: sess.run(None, inp)[0], calls * 4))
+    assert runtime.kernel_calls(lib) == before + 4 * len(calls)
+    for i, out in enumerate(together):
+        np.testing.assert_array_equal(out, alone[i % len(calls)])
+    assert rel_err(alone[1], fo.reference(**calls[1])) < 1e-5
+
+
 def test_kernel_runs_instead_of_function_body(lib):
     """With the library registered, ORT does not inline the model-local function: our kernel computes."""
     rng = np.random.default_rng(2)
