@@ -1,4 +1,5 @@
-// libtardis_ops: ONNX Runtime custom-op library with ai.tardis::GuardedFallback (OP_SPEC.md).
+// libtardis_ops: ONNX Runtime custom-op library with ai.tardis::GuardedFallback and ai.tardis::MatMulNBits
+// (the int4 predictor's product; OP_SPEC.md).
 //
 // Built against the ORT C API version 21 headers, WITHOUT linking libonnxruntime: the API table is taken
 // from the OrtApiBase that ORT passes to RegisterCustomOps, so one build loads into onnxruntime
@@ -27,6 +28,7 @@
 #include <vector>
 
 #include "gf_kernel.h"
+#include "nbits_kernel.h"
 
 #define TARDIS_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -34,6 +36,7 @@ namespace {
 
 constexpr const char* kDomain = "ai.tardis";
 constexpr const char* kOpName = "GuardedFallback";
+constexpr const char* kNBitsName = "MatMulNBits";
 constexpr int kRequiredApi = 21;
 
 std::atomic<uint64_t> g_calls{0};
@@ -43,6 +46,7 @@ std::atomic<uint64_t> g_tile_calls{0};
 std::atomic<uint64_t> g_portable_calls{0};
 std::atomic<uint64_t> g_avx512_calls{0};
 std::atomic<uint64_t> g_flagged_pairs{0};
+std::atomic<uint64_t> g_nbits_calls{0};
 
 bool EnvFlag(const char* name) {
   const char* v = std::getenv(name);
@@ -69,6 +73,112 @@ class OrtParallel final : public tardis::Parallel {
 template <typename T>
 using In = const Ort::Custom::Tensor<T>&;
 
+// The instruction set a kernel created now may use: the best the CPU has, capped by the environment.
+tardis::Isa IsaFromEnv() {
+  const char* isa = std::getenv("TARDIS_OPS_ISA");
+  const bool no512 = isa != nullptr && std::strcmp(isa, "avx2") == 0;
+  if (EnvFlag("TARDIS_OPS_FORCE_PORTABLE") || (isa != nullptr && std::strcmp(isa, "portable") == 0))
+    return tardis::Isa::kPortable;
+  if (!no512 && tardis::CpuHasAvx512()) return tardis::Isa::kAvx512;
+  if (tardis::CpuHasAvx2()) return tardis::Isa::kAvx2;
+  return tardis::Isa::kPortable;
+}
+
+int64_t IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = fallback;
+  if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &value)) {
+    api->ReleaseStatus(st);
+    return fallback;
+  }
+  return value;
+}
+
+float ToFloat(float v) { return v; }
+float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
+
+// ai.tardis::MatMulNBits: com.microsoft::MatMulNBits at accuracy_level 4 for bits = 4 (the int4 predictor),
+// run by nbits_kernel. The weights are repacked on the first call and kept with the node (they are
+// initializers: the same buffer on every call; a different buffer is repacked).
+template <typename T>
+struct MatMulNBitsKernel {
+  MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
+        bits_(IntAttribute(api, info, "bits", 4)), bs_(IntAttribute(api, info, "block_size", -1)),
+        isa_(IsaFromEnv()) {
+    if (bits_ != 4)
+      ORT_CXX_API_THROW("ai.tardis::MatMulNBits: only bits = 4 is implemented, got " + std::to_string(bits_),
+                        ORT_INVALID_ARGUMENT);
+    if (K_ <= 0 || N_ <= 0 || bs_ < 16 || bs_ > 128 || (bs_ & (bs_ - 1)) != 0)
+      ORT_CXX_API_THROW("ai.tardis::MatMulNBits: attributes K, N > 0 and block_size 16, 32, 64 or 128 required, got K=" +
+                            std::to_string(K_) + " N=" + std::to_string(N_) + " block_size=" + std::to_string(bs_),
+                        ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, In<T> a, const Ort::Custom::Tensor<uint8_t>& b, In<T> scales,
+                      const Ort::Custom::Tensor<uint8_t>& zero_points, In<T> bias, Ort::Custom::Tensor<T>& y) {
+    g_nbits_calls.fetch_add(1, std::memory_order_relaxed);
+    try {
+      const auto& as = a.Shape();
+      if (as.empty() || as.back() != K_)
+        return Error("A must have shape [..., K] with K = " + std::to_string(K_) + ", got " + ShapeStr(as));
+      const int64_t kb = (K_ + bs_ - 1) / bs_;
+      const std::vector<int64_t> b_shape{N_, kb, bs_ / 2}, s_shape{N_ * kb}, z_shape{N_ * ((kb + 1) / 2)}, n_shape{N_};
+      if (b.Shape() != b_shape) return Error("B must have shape " + ShapeStr(b_shape) + ", got " + ShapeStr(b.Shape()));
+      if (scales.Shape() != s_shape && scales.Shape() != std::vector<int64_t>{N_, kb})
+        return Error("scales must have shape " + ShapeStr(s_shape) + ", got " + ShapeStr(scales.Shape()));
+      if (zero_points.Shape() != z_shape && zero_points.Shape() != std::vector<int64_t>{N_, (kb + 1) / 2})
+        return Error("zero_points must have shape " + ShapeStr(z_shape) + ", got " + ShapeStr(zero_points.Shape()));
+      if (bias.Shape() != n_shape) return Error("bias must have shape " + ShapeStr(n_shape) + ", got " + ShapeStr(bias.Shape()));
+      std::vector<int64_t> ys(as);
+      ys.back() = N_;
+      T* out = y.Allocate(ys);
+      int64_t M = 1;
+      for (size_t i = 0; i + 1 < as.size(); ++i) M *= as[i];
+      if (M == 0) return Ort::Status{nullptr};
+      std::shared_ptr<const tardis::Int4Packed> packed = Packed(b.Data(), scales.Data(), zero_points.Data(), kb);
+      const T* bias_data = bias.Data();
+      OrtParallel par(ctx);
+      if constexpr (std::is_same<T, float>::value) {
+        tardis::Int4MatMul(*packed, a.Data(), M, bias_data, out, isa_, par);
+      } else {
+        std::vector<float> af(static_cast<size_t>(M * K_)), yf(static_cast<size_t>(M * N_)), bf(static_cast<size_t>(N_));
+        for (size_t i = 0; i < af.size(); ++i) af[i] = a.Data()[i].ToFloat();
+        for (int64_t n = 0; n < N_; ++n) bf[n] = bias_data[n].ToFloat();
+        tardis::Int4MatMul(*packed, af.data(), M, bf.data(), yf.data(), isa_, par);
+        for (size_t i = 0; i < yf.size(); ++i) out[i] = Ort::Float16_t(yf[i]);
+      }
+      return Ort::Status{nullptr};
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e);
+    } catch (const std::exception& e) {
+      return Error(std::string("internal error: ") + e.what(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+
+ private:
+  static Ort::Status Error(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+    return Ort::Status(("ai.tardis::MatMulNBits: " + msg).c_str(), code);
+  }
+
+  std::shared_ptr<const tardis::Int4Packed> Packed(const uint8_t* b, const T* scales, const uint8_t* zp, int64_t kb) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (packed_ && packed_from_ == b) return packed_;
+    std::vector<float> sf(static_cast<size_t>(N_ * kb));
+    for (size_t i = 0; i < sf.size(); ++i) sf[i] = ToFloat(scales[i]);
+    auto fresh = std::make_shared<tardis::Int4Packed>();
+    tardis::PackInt4(b, sf.data(), zp, K_, N_, bs_, fresh.get());
+    packed_ = std::move(fresh);
+    packed_from_ = b;
+    return packed_;
+  }
+
+  int64_t K_, N_, bits_, bs_;
+  tardis::Isa isa_;
+  std::mutex mutex_;
+  std::shared_ptr<const tardis::Int4Packed> packed_;
+  const uint8_t* packed_from_ = nullptr;
+};
+
 template <typename T>
 struct GuardedFallbackKernel {
   GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info) {
@@ -91,14 +201,7 @@ struct GuardedFallbackKernel {
       ORT_CXX_API_THROW("GuardedFallback: attribute 'approximate' must be \"none\" or \"tanh\", got \"" + approx + "\"",
                         ORT_INVALID_ARGUMENT);
     }
-    const char* isa = std::getenv("TARDIS_OPS_ISA");
-    const bool no512 = isa != nullptr && std::strcmp(isa, "avx2") == 0;
-    if (EnvFlag("TARDIS_OPS_FORCE_PORTABLE") || (isa != nullptr && std::strcmp(isa, "portable") == 0))
-      isa_ = tardis::Isa::kPortable;
-    else if (!no512 && tardis::CpuHasAvx512())
-      isa_ = tardis::Isa::kAvx512;
-    else if (tardis::CpuHasAvx2())
-      isa_ = tardis::Isa::kAvx2;
+    isa_ = IsaFromEnv();
     const char* s = std::getenv("TARDIS_OPS_STRATEGY");
     if (s != nullptr && std::strcmp(s, "token") == 0) strategy_ = tardis::Strategy::kToken;
     if (s != nullptr && std::strcmp(s, "union") == 0) strategy_ = tardis::Strategy::kUnion;
@@ -205,9 +308,45 @@ OrtStatusPtr InferTypeAndShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   return nullptr;  // rank unknown: leave the output to the graph's declaration
 }
 
+// MatMulNBits: A's element type and shape with the last axis N (the attribute).
+OrtStatusPtr InferNBits(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) {
+    api.ReleaseStatus(st);
+    return nullptr;
+  }
+  size_t rank = 0;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  if (OrtStatus* st = api.GetDimensionsCount(info, &rank)) return st;
+  if (OrtStatus* st = api.GetTensorElementType(info, &type)) return st;
+  if (rank == 0) return nullptr;
+  const OrtOpAttr* attr = nullptr;
+  int64_t n = 0;
+  size_t len = 0;
+  if (OrtStatus* st = api.ShapeInferContext_GetAttribute(ctx, "N", &attr)) return st;
+  if (OrtStatus* st = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &len)) return st;
+  std::vector<int64_t> dims(rank);
+  std::vector<const char*> names(rank, "");
+  if (OrtStatus* st = api.GetDimensions(info, dims.data(), rank)) return st;
+  if (OrtStatus* st = api.GetSymbolicDimensions(info, names.data(), rank)) return st;
+  dims[rank - 1] = n;
+  names[rank - 1] = "";
+  OrtTensorTypeAndShapeInfo* out = nullptr;
+  if (OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&out)) return st;
+  OrtStatus* st = api.SetTensorElementType(out, type);
+  if (st == nullptr) st = api.SetDimensions(out, dims.data(), rank);
+  if (st == nullptr) st = api.SetSymbolicDimensions(out, names.data(), rank);
+  if (st == nullptr) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+  api.ReleaseTensorTypeAndShapeInfo(out);
+  return st;
+}
+
 struct Registry {
   std::unique_ptr<OrtCustomOp> op_float;
   std::unique_ptr<OrtCustomOp> op_half;
+  std::unique_ptr<OrtCustomOp> nbits_float;
+  std::unique_ptr<OrtCustomOp> nbits_half;
   Ort::CustomOpDomain domain{nullptr};
 };
 
@@ -219,9 +358,16 @@ Registry& GetRegistry() {
         Ort::Custom::CreateLiteCustomOp<GuardedFallbackKernel<Ort::Float16_t>>(kOpName, "CPUExecutionProvider"));
     r->op_float->InferOutputShapeFn = &InferTypeAndShape;
     r->op_half->InferOutputShapeFn = &InferTypeAndShape;
+    r->nbits_float.reset(Ort::Custom::CreateLiteCustomOp<MatMulNBitsKernel<float>>(kNBitsName, "CPUExecutionProvider"));
+    r->nbits_half.reset(
+        Ort::Custom::CreateLiteCustomOp<MatMulNBitsKernel<Ort::Float16_t>>(kNBitsName, "CPUExecutionProvider"));
+    r->nbits_float->InferOutputShapeFn = &InferNBits;
+    r->nbits_half->InferOutputShapeFn = &InferNBits;
     r->domain = Ort::CustomOpDomain(kDomain);
     r->domain.Add(r->op_float.get());
     r->domain.Add(r->op_half.get());
+    r->domain.Add(r->nbits_float.get());
+    r->domain.Add(r->nbits_half.get());
     return r;
   }();
   return *reg;
@@ -264,6 +410,10 @@ TARDIS_EXPORT uint64_t TardisOpsPortableCalls() { return g_portable_calls.load()
 TARDIS_EXPORT uint64_t TardisOpsAvx512Calls() { return g_avx512_calls.load(); }
 // Sum over invocations of the flagged (token, neuron) pairs.
 TARDIS_EXPORT uint64_t TardisOpsFlaggedPairs() { return g_flagged_pairs.load(); }
+// Number of ai.tardis::MatMulNBits kernel invocations in this process.
+TARDIS_EXPORT uint64_t TardisOpsNBitsCalls() { return g_nbits_calls.load(); }
+// The instruction set ai.tardis::MatMulNBits uses here: 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable.
+TARDIS_EXPORT int TardisOpsNBitsLevel() { return tardis::Int4Level(IsaFromEnv()); }
 // 1 when the AVX2/FMA/F16C path is available on this CPU.
 TARDIS_EXPORT int TardisOpsCpuHasAvx2() { return tardis::CpuHasAvx2() ? 1 : 0; }
 // 1 when the CPU also has AVX-512F (block kernels of the neuron path).

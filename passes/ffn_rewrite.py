@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tardis_compile import fallback_op, quantize
+from tardis_compile import fallback_op, nbits_op, quantize
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock, describe
 from tardis_compile.predictor import deferred
@@ -181,6 +181,7 @@ def rewrite(model: ir.Model, blocks: list[FoldedBlock]) -> list[ir.Node]:
     proto = fallback_op.fallback_function(variants.pop(), opset, int(dtypes.pop()))
     function = ir.serde.deserialize_function(proto)
     model.functions[function.identifier()] = function
+    nbits_op.register(model)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.TopologicalSortPass()(model)
     return nodes

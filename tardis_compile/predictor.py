@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import quantize
+from tardis_compile import nbits_op, quantize
 from tardis_compile.errors import TardisError
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock
@@ -196,10 +196,10 @@ def _int8_activations(x: np.ndarray, block_size: int) -> np.ndarray:
     """MLAS's accuracy-level-4 rounding of the activations: symmetric int8 per block of K."""
     k = x.shape[1]
     pad = (-k) % block_size
-    xb = np.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], -1, block_size)
+    xb = np.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], (k + pad) // block_size, block_size)
     scale = np.abs(xb).max(axis=2, keepdims=True) / 127.0
     scale = np.where(scale > 0, scale, 1.0)
-    return (np.round(xb / scale) * scale).reshape(x.shape[0], -1)[:, :k]
+    return (np.round(xb / scale) * scale).reshape(x.shape[0], k + pad)[:, :k]
 
 
 @dataclasses.dataclass
@@ -227,12 +227,15 @@ class LowBitPredictor:
 
     def emit(self, x: ir.Value, add: AddInitializer, prefix: str) -> tuple[list[ir.Node], ir.Value]:
         b, scales, zp = quantize.pack(self.quant, self.dtype)
-        # b1 rides in MatMulNBits' optional bias input (index 5, after the unused g_idx): one node, no Add
+        # b1 rides in MatMulNBits' optional bias input (index 5, after the unused g_idx): one node, no Add.
+        # 4 bits: our ai.tardis::MatMulNBits (same inputs without g_idx, same attributes; nbits_op.py).
+        ours = self.quant.bits == nbits_op.BITS
         inputs = [x, add(f"{prefix}/predictor/W1_q{self.quant.bits}", b),
-                  add(f"{prefix}/predictor/scales", scales), add(f"{prefix}/predictor/zero_points", zp), None,
-                  add(f"{prefix}/predictor/b1", self.b1.astype(self.dtype))]
-        mm = _node(MS_DOMAIN, "MatMulNBits", inputs, f"{prefix}/h_hat", K=self.quant.k, N=self.quant.n,
-                   bits=self.quant.bits, block_size=self.quant.block_size, accuracy_level=ACCURACY_LEVEL)
+                  add(f"{prefix}/predictor/scales", scales), add(f"{prefix}/predictor/zero_points", zp),
+                  *([] if ours else [None]), add(f"{prefix}/predictor/b1", self.b1.astype(self.dtype))]
+        mm = _node(nbits_op.DOMAIN if ours else MS_DOMAIN, nbits_op.OP_TYPE, inputs, f"{prefix}/h_hat",
+                   K=self.quant.k, N=self.quant.n, bits=self.quant.bits, block_size=self.quant.block_size,
+                   accuracy_level=ACCURACY_LEVEL)
         return [mm], mm.outputs[0]
 
     def parameters(self) -> float:
@@ -348,7 +351,9 @@ def standalone_model(predictor: Predictor, d: int) -> ir.Model:
     nodes, h_hat = predictor.emit(x, add, "p")
     graph.extend(nodes)
     graph.outputs.append(h_hat)
-    return ir.Model(graph, ir_version=10)
+    model = ir.Model(graph, ir_version=10)
+    nbits_op.register(model)
+    return model
 
 
 def _whitened_factors(w1: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

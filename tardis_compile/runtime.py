@@ -63,7 +63,8 @@ LIB_NAME = "libtardis_ops.so"
 STAMP_NAME = "libtardis_ops.stamp"
 ENV_LIBRARY = "TARDIS_OPS_LIBRARY"
 ENV_ORT_INCLUDE = "TARDIS_ORT_INCLUDE"
-SOURCES = ("tardis_ops.cc", "gf_kernel.cc", "gf_kernel.h", "tardis_ops.map", "CMakeLists.txt")
+SOURCES = ("tardis_ops.cc", "gf_kernel.cc", "gf_kernel.h", "nbits_kernel.cc", "nbits_kernel.h", "tardis_ops.map",
+           "CMakeLists.txt")
 _REQUIRED_HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
 
 _PKG_DIR = Path(__file__).resolve().parent
@@ -206,7 +207,7 @@ def compile_library(src: Path, include: Path, out_dir: Path, work_dir: Path | No
             built = tmp_root / LIB_NAME
             cmds = [[cxx, "-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
                      "-fno-math-errno", "-DORT_API_MANUAL_INIT", f"-I{include}",
-                     str(src / "tardis_ops.cc"), str(src / "gf_kernel.cc"), "-o", str(built),
+                     *(str(src / name) for name in SOURCES if name.endswith(".cc")), "-o", str(built),
                      "-Wl,-z,defs", f"-Wl,--version-script={src / 'tardis_ops.map'}"]]
         for cmd in cmds:
             echo("tardis-compile: " + " ".join(cmd))

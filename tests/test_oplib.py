@@ -467,7 +467,7 @@ assert ort.__version__ == sys.argv[4], ort.__version__
 z = np.load(data)
 so = ort.SessionOptions()
 so.register_custom_ops_library(lib)
-calls = ctypes.CDLL(lib).TardisOpsKernelCalls
+calls = getattr(ctypes.CDLL(lib), sys.argv[5])
 calls.restype = ctypes.c_uint64
 before = calls()
 out = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(
@@ -514,7 +514,32 @@ def test_loads_into_onnxruntime_1_21(lib, tmp_path, dtype, strategy):
     onnx.save(fo.standalone_model(d, D, dtype=dtype, rank=3), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "in.npz", ref=fo.reference(**inp), **inp)
     env = dict(os.environ, TARDIS_OPS_STRATEGY=strategy)
-    res = subprocess.run([py, "-c", _CHILD, str(lib), str(tmp_path / "m.onnx"), str(tmp_path / "in.npz"), ORT_MIN],
-                         capture_output=True, text=True, env=env)
+    res = subprocess.run([py, "-c", _CHILD, str(lib), str(tmp_path / "m.onnx"), str(tmp_path / "in.npz"), ORT_MIN,
+                          "TardisOpsKernelCalls"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith(ORT_MIN)
+
+
+@pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("TARDIS_TEST_ORT_MIN")),
+                    reason="installs onnxruntime 1.21 into a side venv (~1 min once): runs under CI or with "
+                           "TARDIS_TEST_ORT_MIN=1")
+def test_int4_predictor_op_runs_in_onnxruntime_1_21(lib, tmp_path):
+    """ai.tardis::MatMulNBits from the same library file, in onnxruntime 1.21, against the float64 emulation."""
+    import subprocess
+
+    import onnx_ir as ir
+
+    from tardis_compile import predictor as predictors
+    from tardis_compile import quantize
+
+    rng = np.random.default_rng(12)
+    d, D = 96, 200
+    pred = predictors.LowBitPredictor(quantize.rtn(rng.standard_normal((d, D)) / np.sqrt(d), 4, 32),
+                                      0.1 * rng.standard_normal(D), np.dtype(np.float32), "int4")
+    onnx.save(ir.to_proto(predictors.standalone_model(pred, d)), str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((5, d)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", ref=pred.estimate(x), x=x)
+    res = subprocess.run([_ort_min_python(), "-c", _CHILD, str(lib), str(tmp_path / "m.onnx"),
+                          str(tmp_path / "in.npz"), ORT_MIN, "TardisOpsNBitsCalls"], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith(ORT_MIN)
