@@ -93,7 +93,10 @@ def cut(model_path: Path, output: str, out_path: Path) -> Path:
     del g.output[:]
     g.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
     del g.value_info[:]
+    used = {(n.domain, n.op_type) for n in keep}
+    functions = [f for f in m.functions if (f.domain, f.name) in used]  # the int4 predictor's op stays defined
     del m.functions[:]
+    m.functions.extend(functions)
     onnx.save(m, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
     return out_path
 
@@ -206,7 +209,7 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     for run in range(runs):
         for share, paths in models.items():
             for threads in threads_list:
-                sess = {k: session(p, threads, k == "tardis") for k, p in paths.items()}
+                sess = {k: session(p, threads, k in ("tardis", "predictor")) for k, p in paths.items()}
                 for t in tokens_list:
                     key, feeds = (share, threads, t), {"x": xs[t]}
                     if key not in checks:
