@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -63,11 +64,19 @@ def wait_for_load(max_load: float, max_wait: float) -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def code_hash() -> str:
+    """The tool's Python sources: an optimized model from other code is not reused (what it emits changes)."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "tardis_compile").rglob("*.py"), *(ROOT / "passes").rglob("*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def optimized_model(src: Path, dst: Path, calib, settings: api.Settings, **kw) -> dict:
-    """Optimize once (cached by settings); return the report summary."""
-    report_json = dst.with_suffix(".report.json")
+    """Optimize once (cached by settings and the tool's code); return the report summary."""
+    report_json, stamp = dst.with_suffix(".report.json"), dst.with_suffix(".code")
     want = dataclasses.asdict(settings)
-    if dst.exists() and report_json.exists():
+    if dst.exists() and report_json.exists() and stamp.exists() and stamp.read_text() == code_hash():
         rep = json.loads(report_json.read_text())
         if {k: rep.get("settings", {}).get(k) for k in want} == want:  # the report adds the solved rates
             log(f"reusing {dst}")
@@ -75,6 +84,7 @@ def optimized_model(src: Path, dst: Path, calib, settings: api.Settings, **kw) -
     log(f"optimizing {src.name} -> {dst.name} ({settings.predictor}, target fallback {settings.target_fallback})")
     t0 = time.time()
     report = api.optimize(src, dst, calib, settings=settings, show_progress=False, **kw)
+    stamp.write_text(code_hash())
     rep = json.loads(report_json.read_text())
     return {"settings": rep["settings"], "summary": rep.get("summary"), "optimize_seconds": round(time.time() - t0, 1),
             "report_md": str(dst.with_suffix(".report.md").relative_to(ROOT)), "_report": report}

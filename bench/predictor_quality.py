@@ -28,7 +28,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import api, modelio
+from tardis_compile import api, modelio, runtime
 from tardis_compile import predictor as predictors
 from tardis_compile.demo import prepare
 from tardis_compile.models import tiny
@@ -63,9 +63,11 @@ def _quality_rows(name: str, model: Path, calib, held, data: api.DataOptions, ou
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """1 thread, with libtardis_ops (the int4 predictor is its ai.tardis::MatMulNBits)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
+    runtime.session_options(options, require=True)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
