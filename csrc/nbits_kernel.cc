@@ -32,12 +32,13 @@ constexpr int kMr = 8;                    // tokens per register group (AVX-512:
 constexpr int kMrAvx2 = 4;                // AVX2: 16 ymm registers, 2 accumulators and 2 sums per token
 constexpr int64_t kUnit = int64_t{1} << 20;  // multiply-adds per work item, at least (one 384 x 1536 token: 1 item)
 
-// Activations of M rows: int8 levels padded to kb * bs per row, one scale and one level sum per block.
+// Activations of M rows: int8 levels padded to kb * bs per row, one scale and one level sum per block
+// (in a per-thread scratch buffer: no allocation per call once it has grown).
 struct Acts {
   int64_t ld = 0;  // kb * bs
-  std::vector<int8_t> q;
-  std::vector<float> sx;
-  std::vector<int32_t> sum;
+  int8_t* q = nullptr;
+  float* sx = nullptr;
+  int32_t* sum = nullptr;
 };
 
 void QuantizeRowPortable(const float* x, int64_t K, int64_t bs, int64_t kb, int8_t* q, float* sx, int32_t* sum) {
@@ -67,7 +68,7 @@ void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const Acts& a, in
     std::memcpy(s, blk + bs * 8, sizeof(s));
     const int8_t* zp = reinterpret_cast<const int8_t*>(blk + bs * 8 + 64);
     for (int m = 0; m < mr; ++m) {
-      const int8_t* xq = a.q.data() + (m0 + m) * a.ld + b * bs;
+      const int8_t* xq = a.q + (m0 + m) * a.ld + b * bs;
       const int32_t xs = a.sum[(m0 + m) * kb + b];
       const float sx = a.sx[(m0 + m) * kb + b];
       for (int n = 0; n < 16; ++n) {
@@ -121,7 +122,7 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
   __m512 h[MR];
   for (int m = 0; m < MR; ++m) h[m] = _mm512_setzero_ps();
   const int8_t* xq[MR];
-  for (int m = 0; m < MR; ++m) xq[m] = a.q.data() + (m0 + m) * a.ld;
+  for (int m = 0; m < MR; ++m) xq[m] = a.q + (m0 + m) * a.ld;
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
     __m512i acc[MR];
@@ -163,7 +164,7 @@ TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const 
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * p + 32 * half));
         const __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         for (int m = 0; m < MR; ++m) {
-          const int8_t* xq = a.q.data() + (m0 + m) * a.ld + k;
+          const int8_t* xq = a.q + (m0 + m) * a.ld + k;
           // levels 0..15 times int8 0..127 in magnitude: a pair sums to at most 3810, no int16 saturation
           const __m256i p0 = _mm256_maddubs_epi16(w0, _mm256_set1_epi32(Quad(xq)));
           const __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_set1_epi32(Quad(xq + 4)));
@@ -227,12 +228,15 @@ void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points,
   out->bs = bs;
   out->kb = (K + bs - 1) / bs;
   out->tiles = (N + 15) / 16;
-  out->data.assign(static_cast<size_t>(out->tiles * out->TileBytes()), 0);
+  const size_t bytes = static_cast<size_t>(out->tiles * out->TileBytes());
+  out->storage.assign(bytes + 64, 0);
+  out->offset = (64 - reinterpret_cast<uintptr_t>(out->storage.data()) % 64) % 64;
+  uint8_t* base = out->storage.data() + out->offset;
   const int64_t kb = out->kb, row = kb * bs / 2, zrow = (kb + 1) / 2;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t ln = n % 16;
     for (int64_t blk = 0; blk < kb; ++blk) {
-      uint8_t* dst = out->data.data() + (n / 16) * out->TileBytes() + blk * out->BlockBytes();
+      uint8_t* dst = base + (n / 16) * out->TileBytes() + blk * out->BlockBytes();
       const uint8_t* src = b + n * row + blk * (bs / 2);
       for (int64_t k = 0; k < bs; ++k) {
         const uint8_t level = (src[k / 2] >> (4 * (k % 2))) & 15;
@@ -252,13 +256,16 @@ void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bia
   const int64_t K = w.K, N = w.N, bs = w.bs, kb = w.kb, tiles = w.tiles;
   Acts a;
   a.ld = kb * bs;
-  a.q.assign(static_cast<size_t>(M * a.ld), 0);
-  a.sx.resize(static_cast<size_t>(M * kb));
-  a.sum.resize(static_cast<size_t>(M * kb));
+  const size_t q_bytes = static_cast<size_t>(M * a.ld + 63) / 64 * 64, n_blocks = static_cast<size_t>(M * kb);
+  thread_local std::vector<uint8_t> scratch;  // every byte below is written before it is read
+  scratch.resize(std::max(scratch.size(), q_bytes + n_blocks * (sizeof(float) + sizeof(int32_t))));
+  a.q = reinterpret_cast<int8_t*>(scratch.data());
+  a.sx = reinterpret_cast<float*>(scratch.data() + q_bytes);
+  a.sum = reinterpret_cast<int32_t*>(scratch.data() + q_bytes + n_blocks * sizeof(float));
   for (int64_t m = 0; m < M; ++m) {
-    int8_t* q = a.q.data() + m * a.ld;
-    float* sx = a.sx.data() + m * kb;
-    int32_t* sum = a.sum.data() + m * kb;
+    int8_t* q = a.q + m * a.ld;
+    float* sx = a.sx + m * kb;
+    int32_t* sum = a.sum + m * kb;
 #if TARDIS_X86
     if (level == 2) {
       QuantizeRowVnni(x + m * K, K, bs, kb, q, sx, sum);
@@ -284,7 +291,7 @@ void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bia
     const int64_t t1 = pw.tiles * (static_cast<int64_t>(item) + 1) / wk.items;
     float out[16 * kMr];
     for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* tile = pw.data.data() + t * pw.TileBytes();
+      const uint8_t* tile = pw.data() + t * pw.TileBytes();
       const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, pw.N - n0);
       for (int64_t m0 = 0; m0 < wk.M; m0 += wk.mr_max) {
         const int mr = static_cast<int>(std::min<int64_t>(wk.mr_max, wk.M - m0));

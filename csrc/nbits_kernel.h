@@ -17,8 +17,10 @@ namespace tardis {
 // (float32) and zero points (int8). Neurons past N are zero (their outputs are not stored).
 struct Int4Packed {
   int64_t K = 0, N = 0, bs = 0, kb = 0, tiles = 0;
-  std::vector<uint8_t> data;
+  std::vector<uint8_t> storage;  // data() starts at the first 64-byte boundary in it (whole-line loads)
+  size_t offset = 0;
 
+  const uint8_t* data() const { return storage.data() + offset; }
   int64_t BlockBytes() const { return bs * 8 + 16 * 4 + 16; }
   int64_t TileBytes() const { return kb * BlockBytes(); }
 };
