@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -64,8 +65,10 @@ def wait_for_load(max_load: float, max_wait: float) -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+@functools.lru_cache(maxsize=None)
 def code_hash() -> str:
-    """The tool's Python sources: an optimized model from other code is not reused (what it emits changes)."""
+    """The tool's Python sources as this run loaded them: an optimized model from other code is not reused
+    (what it emits changes)."""
     digest = hashlib.sha256()
     for path in sorted([*(ROOT / "tardis_compile").rglob("*.py"), *(ROOT / "passes").rglob("*.py")]):
         digest.update(path.read_bytes())
@@ -372,6 +375,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    code_hash()  # of the sources as loaded now, before any later edit
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="minilm,gpt2", help="minilm, gpt2, bloom, falcon (comma-separated)")
     ap.add_argument("--predictors", help="predictors to time (default: Settings() default, plus int4 if different)")

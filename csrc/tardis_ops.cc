@@ -97,14 +97,22 @@ float ToFloat(float v) { return v; }
 float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
 
 // ai.tardis::MatMulNBits: com.microsoft::MatMulNBits at accuracy_level 4 for bits = 4 (the int4 predictor),
-// run by nbits_kernel. The weights are repacked on the first call and kept with the node (they are
-// initializers: the same buffer on every call; a different buffer is repacked).
+// run by nbits_kernel. When B, scales and zero points are constant initializers (as tardis-compile emits
+// them) the weights are repacked on the first call and kept with the node; otherwise on every call.
 template <typename T>
 struct MatMulNBitsKernel {
   MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
       : K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
         bits_(IntAttribute(api, info, "bits", 4)), bs_(IntAttribute(api, info, "block_size", -1)),
         isa_(IsaFromEnv()) {
+    constant_ = true;
+    for (size_t index : {size_t{1}, size_t{2}, size_t{3}}) {
+      int is_constant = 0;
+      const OrtValue* value = nullptr;
+      if (OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value))
+        api->ReleaseStatus(st);
+      constant_ = constant_ && is_constant != 0;
+    }
     if (bits_ != 4)
       ORT_CXX_API_THROW("ai.tardis::MatMulNBits: only bits = 4 is implemented, got " + std::to_string(bits_),
                         ORT_INVALID_ARGUMENT);
@@ -161,22 +169,24 @@ struct MatMulNBitsKernel {
   }
 
   std::shared_ptr<const tardis::Int4Packed> Packed(const uint8_t* b, const T* scales, const uint8_t* zp, int64_t kb) {
+    auto pack = [&] {
+      std::vector<float> sf(static_cast<size_t>(N_ * kb));
+      for (size_t i = 0; i < sf.size(); ++i) sf[i] = ToFloat(scales[i]);
+      auto fresh = std::make_shared<tardis::Int4Packed>();
+      tardis::PackInt4(b, sf.data(), zp, K_, N_, bs_, fresh.get());
+      return std::shared_ptr<const tardis::Int4Packed>(std::move(fresh));
+    };
+    if (!constant_) return pack();  // weights fed as inputs may change between calls
     std::lock_guard<std::mutex> lock(mutex_);
-    if (packed_ && packed_from_ == b) return packed_;
-    std::vector<float> sf(static_cast<size_t>(N_ * kb));
-    for (size_t i = 0; i < sf.size(); ++i) sf[i] = ToFloat(scales[i]);
-    auto fresh = std::make_shared<tardis::Int4Packed>();
-    tardis::PackInt4(b, sf.data(), zp, K_, N_, bs_, fresh.get());
-    packed_ = std::move(fresh);
-    packed_from_ = b;
+    if (!packed_) packed_ = pack();
     return packed_;
   }
 
   int64_t K_, N_, bits_, bs_;
   tardis::Isa isa_;
+  bool constant_ = false;  // B, scales and zero points are initializers: pack once
   std::mutex mutex_;
   std::shared_ptr<const tardis::Int4Packed> packed_;
-  const uint8_t* packed_from_ = nullptr;
 };
 
 template <typename T>

@@ -298,8 +298,8 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
     if lib is None and build and not os.environ.get(ENV_LIBRARY):
         lib = build_library(quiet=not require and _warned_missing)
     if lib is None:
-        msg = (f"{LIB_NAME} is not available ({_unavailable_reason()}); GuardedFallback nodes run through their "
-               "ONNX function body")
+        msg = (f"{LIB_NAME} is not available ({_unavailable_reason()}); the ai.tardis nodes (GuardedFallback, "
+               "MatMulNBits) run through their ONNX function bodies")
         if require:
             raise LibraryUnavailableError(msg)
         if not _warned_missing:
@@ -316,7 +316,7 @@ def _cdll(lib: Path | None = None) -> ctypes.CDLL | None:
         return None
     handle = ctypes.CDLL(str(lib))
     for name in ("TardisOpsKernelCalls", "TardisOpsUnionCalls", "TardisOpsNeuronCalls", "TardisOpsTileCalls",
-                 "TardisOpsPortableCalls", "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs"):
+                 "TardisOpsPortableCalls", "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs", "TardisOpsNBitsCalls"):
         getattr(handle, name).restype = ctypes.c_uint64
     return handle
 
@@ -334,7 +334,9 @@ def kernel_calls(lib: Path | None = None) -> int:
 def kernel_stats(lib: Path | None = None) -> dict[str, int]:
     """All counters of the library: ``calls``, ``union_calls`` (union-gather strategy), ``neuron_calls``
     (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512), ``portable_calls`` (non-AVX2 code),
-    ``avx512_calls`` (AVX-512 block kernels), ``flagged_pairs``, plus ``cpu_has_avx2``, ``cpu_has_avx512`` and ``ort_api``."""
+    ``avx512_calls`` (AVX-512 block kernels), ``flagged_pairs`` (all of GuardedFallback), ``nbits_calls``
+    (ai.tardis::MatMulNBits), plus ``cpu_has_avx2``, ``cpu_has_avx512``, ``nbits_level`` (2 = AVX-512 VNNI,
+    1 = AVX2, 0 = portable) and ``ort_api``."""
     handle = _cdll(lib)
     if handle is None:
         return {}
@@ -343,7 +345,8 @@ def kernel_stats(lib: Path | None = None) -> dict[str, int]:
             "tile_calls": int(handle.TardisOpsTileCalls()),
             "portable_calls": int(handle.TardisOpsPortableCalls()),
             "avx512_calls": int(handle.TardisOpsAvx512Calls()),
-            "flagged_pairs": int(handle.TardisOpsFlaggedPairs()),
+            "flagged_pairs": int(handle.TardisOpsFlaggedPairs()), "nbits_calls": int(handle.TardisOpsNBitsCalls()),
+            "nbits_level": int(handle.TardisOpsNBitsLevel()),
             "cpu_has_avx2": int(handle.TardisOpsCpuHasAvx2()), "cpu_has_avx512": int(handle.TardisOpsCpuHasAvx512()),
             "ort_api": int(handle.TardisOpsOrtApiVersion())}
 

@@ -5,7 +5,6 @@ arithmetic (``LowBitPredictor.estimate``) and against ONNX Runtime's own contrib
 
 from __future__ import annotations
 
-import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,7 +51,7 @@ def _session(pred: predictors.LowBitPredictor, d: int, library: bool, env: dict 
 
 
 def _calls(lib) -> int:
-    return int(ctypes.CDLL(str(lib)).TardisOpsNBitsCalls())
+    return runtime.kernel_stats(lib)["nbits_calls"]
 
 
 @pytest.mark.parametrize("d,D,block,tokens", [(384, 1536, 32, 1), (384, 1536, 128, 130), (100, 48, 32, 7),
@@ -78,6 +77,7 @@ def test_instruction_sets_agree(lib):
     x = np.random.default_rng(4).standard_normal((11, 192)).astype(np.float32)
     outs = {isa: _session(pred, 192, True, {"TARDIS_OPS_ISA": isa}).run(None, {"x": x})[0]
             for isa in ("avx512", "avx2", "portable")}
+    assert runtime.kernel_stats(lib)["nbits_level"] in (0, 1, 2)
     for isa in ("avx2", "portable"):
         np.testing.assert_allclose(outs[isa], outs["avx512"], rtol=1e-6, atol=1e-6)
 
@@ -145,3 +145,21 @@ def test_malformed_inputs_are_clear_errors(lib):
     with pytest.raises(Exception, match="only bits = 4"):
         ort.InferenceSession(_bare_model(K, N, block, bits=2), runtime.session_options(require=True),
                              providers=["CPUExecutionProvider"])
+
+
+def test_weights_fed_as_inputs_are_read_on_every_call(lib):
+    """Only initializer weights are repacked once: weights that are graph inputs may change (even in place)."""
+    K, N, block = 64, 32, 32
+    sess = ort.InferenceSession(_bare_model(K, N, block), runtime.session_options(require=True),
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(8)
+    feed = {"A": rng.standard_normal((3, K)).astype(np.float32), "B": rng.integers(0, 256, (N, 2, 16), dtype=np.uint8),
+            "scales": rng.random(N * 2).astype(np.float32), "zero_points": rng.integers(0, 256, N, dtype=np.uint8),
+            "bias": np.zeros(N, np.float32)}
+    first = sess.run(None, feed)[0]
+    feed["B"][:] = rng.integers(0, 256, feed["B"].shape, dtype=np.uint8)  # same buffer, new levels
+    second = sess.run(None, feed)[0]
+    fresh = ort.InferenceSession(_bare_model(K, N, block), runtime.session_options(require=True),
+                                 providers=["CPUExecutionProvider"]).run(None, feed)[0]  # packs the new levels
+    assert np.abs(second - first).max() > 0.1
+    np.testing.assert_array_equal(second, fresh)
