@@ -37,6 +37,7 @@ namespace {
 constexpr const char* kDomain = "ai.tardis";
 constexpr const char* kOpName = "GuardedFallback";
 constexpr const char* kNBitsName = "MatMulNBits";
+constexpr const char* kNBitsOp = "ai.tardis::MatMulNBits";  // in error messages
 constexpr int kRequiredApi = 21;
 
 std::atomic<uint64_t> g_calls{0};
@@ -93,6 +94,22 @@ int64_t IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* n
   return value;
 }
 
+Ort::Status OpError(const char* op, const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+  return Ort::Status((std::string(op) + ": " + msg).c_str(), code);
+}
+
+// Runs a kernel's body; an exception becomes an error status naming the op (none crosses the C API).
+template <class Body>
+Ort::Status Guarded(const char* op, Body&& body) {
+  try {
+    return body();
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e);
+  } catch (const std::exception& e) {
+    return OpError(op, std::string("internal error: ") + e.what(), ORT_RUNTIME_EXCEPTION);
+  }
+}
+
 float ToFloat(float v) { return v; }
 float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
 
@@ -125,7 +142,7 @@ struct MatMulNBitsKernel {
   Ort::Status Compute(OrtKernelContext* ctx, In<T> a, const Ort::Custom::Tensor<uint8_t>& b, In<T> scales,
                       const Ort::Custom::Tensor<uint8_t>& zero_points, In<T> bias, Ort::Custom::Tensor<T>& y) {
     g_nbits_calls.fetch_add(1, std::memory_order_relaxed);
-    try {
+    return Guarded(kNBitsOp, [&] {
       const auto& as = a.Shape();
       if (as.empty() || as.back() != K_)
         return Error("A must have shape [..., K] with K = " + std::to_string(K_) + ", got " + ShapeStr(as));
@@ -156,17 +173,11 @@ struct MatMulNBitsKernel {
         for (size_t i = 0; i < yf.size(); ++i) out[i] = Ort::Float16_t(yf[i]);
       }
       return Ort::Status{nullptr};
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e);
-    } catch (const std::exception& e) {
-      return Error(std::string("internal error: ") + e.what(), ORT_RUNTIME_EXCEPTION);
-    }
+    });
   }
 
  private:
-  static Ort::Status Error(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
-    return Ort::Status(("ai.tardis::MatMulNBits: " + msg).c_str(), code);
-  }
+  static Ort::Status Error(const std::string& msg) { return OpError(kNBitsOp, msg); }
 
   std::shared_ptr<const tardis::Int4Packed> Packed(const uint8_t* b, const T* scales, const uint8_t* zp, int64_t kb) {
     auto pack = [&] {
@@ -222,7 +233,7 @@ struct GuardedFallbackKernel {
   Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, In<T> h_hat, In<T> lo, In<T> hi, In<T> w1t,
                       In<T> b1, In<T> w2, In<T> alpha, In<T> beta, Ort::Custom::Tensor<T>& y) {
     g_calls.fetch_add(1, std::memory_order_relaxed);
-    try {
+    return Guarded(kOpName, [&] {
       const auto& xs = x.Shape();
       if (xs.empty()) return Error("x must have rank >= 1 ([..., d]), got a scalar");
       const int64_t d = xs.back();
@@ -280,17 +291,11 @@ struct GuardedFallbackKernel {
       if (isa_ == tardis::Isa::kAvx512) g_avx512_calls.fetch_add(1, std::memory_order_relaxed);
       g_flagged_pairs.fetch_add(static_cast<uint64_t>(info.flagged_pairs), std::memory_order_relaxed);
       return Ort::Status{nullptr};
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e);
-    } catch (const std::exception& e) {
-      return Error(std::string("internal error: ") + e.what(), ORT_RUNTIME_EXCEPTION);
-    }
+    });
   }
 
  private:
-  static Ort::Status Error(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
-    return Ort::Status(("GuardedFallback: " + msg).c_str(), code);
-  }
+  static Ort::Status Error(const std::string& msg) { return OpError(kOpName, msg); }
 
   tardis::GeluKind gelu_ = tardis::GeluKind::kErf;
   tardis::Isa isa_ = tardis::Isa::kPortable;

@@ -17,14 +17,6 @@ from helpers import batches, save_tiny
 
 
 @pytest.fixture(scope="module")
-def lib():
-    path = runtime.library_path() or runtime.build_library()
-    if path is None:
-        pytest.skip("libtardis_ops could not be built here")
-    return path
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory, lib):
     """(original, optimized with the int4 predictor) — d=64 so MatMulNBits has whole blocks of 32."""
     tmp = tmp_path_factory.mktemp("bench")

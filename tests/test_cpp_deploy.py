@@ -30,11 +30,10 @@ def _ort_library() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def deploy(tmp_path_factory):
+def deploy(tmp_path_factory, lib):
     """(run_model executable, libtardis_ops path), built with the example's own CMake file."""
-    lib = runtime.library_path() or runtime.build_library()
     ort_lib, include = _ort_library(), runtime.ort_include_dir()
-    missing = [what for what, ok in (("libtardis_ops", lib), ("cmake", shutil.which("cmake")),
+    missing = [what for what, ok in (("cmake", shutil.which("cmake")),
                                      ("the ONNX Runtime API headers", include),
                                      ("libonnxruntime.so in the onnxruntime package", ort_lib)) if not ok]
     if missing:

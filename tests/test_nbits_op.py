@@ -19,15 +19,6 @@ from tardis_compile import nbits_op, quantize, runtime
 from tardis_compile import predictor as predictors
 
 
-@pytest.fixture(scope="module")
-def lib():
-    path = runtime.library_path() or runtime.build_library()
-    if path is None:
-        pytest.skip("libtardis_ops could not be built here (missing: "
-                    + "; ".join(runtime.missing_build_requirements()) + ")")
-    return path
-
-
 def _predictor(d: int, D: int, block: int, dtype=np.float32, seed: int = 0) -> predictors.LowBitPredictor:
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((d, D)) / np.sqrt(d)

@@ -21,15 +21,6 @@ from tardis_compile import runtime
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def lib():
-    path = runtime.library_path() or runtime.build_library()
-    if path is None:
-        pytest.skip("libtardis_ops could not be built here (missing: "
-                    + "; ".join(runtime.missing_build_requirements()) + ")")
-    return path
-
-
 def test_library_available_in_ci():
     """CI must build and use the library; a silent skip of every kernel test would hide that."""
     path = runtime.library_path() or runtime.build_library()
