@@ -1,8 +1,8 @@
-// Compute core of ai.tardis::MatMulNBits4: the int4 predictor's product with int8 activations.
+// Compute core of ai.tardis::MatMulNBits: the int4 predictor's product with int8 activations.
 //
-// Why our own: ONNX Runtime's MatMulNBits runs the predictor at about 12 GB/s at one token and, from a
-// few tokens on, at about the speed of a float32 GEMM (it dequantizes), 5x slower than the int8 predictor
-// at 128 tokens (csrc/README.md has the measurements). Here the weights are repacked once per node into
+// Why our own: ONNX Runtime's MatMulNBits is as fast as this at one token but, from a few tokens on, runs
+// at about the speed of a float32 GEMM (it dequantizes), several times slower than the int8 predictor at
+// 128 tokens (csrc/README.md has the measurements). Here the weights are repacked once per node into
 // tiles of 16 neurons whose 4-bit levels sit where a 32-bit lane of a dot-product instruction wants them,
 // so every loaded byte feeds two multiply-adds of 4 lanes: VPDPBUSD (AVX-512 VNNI) or VPMADDUBSW +
 // VPMADDWD (AVX2). Per tile, the tokens go past in groups of up to kMr with their accumulators in

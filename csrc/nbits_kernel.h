@@ -1,4 +1,4 @@
-// Compute core of ai.tardis::MatMulNBits4 (OP_SPEC.md): a 4-bit block-quantized matrix product with int8
+// Compute core of ai.tardis::MatMulNBits (OP_SPEC.md): a 4-bit block-quantized matrix product with int8
 // activations, the arithmetic of com.microsoft::MatMulNBits at accuracy_level 4, for the int4 predictor.
 // Independent of the ONNX Runtime API, like gf_kernel.h.
 #pragma once

@@ -2,9 +2,9 @@
 
 Same inputs, attributes and arithmetic as ONNX Runtime's ``com.microsoft::MatMulNBits`` at
 ``accuracy_level=4`` (int8 activations, one scale per block of K), for ``bits=4``; specified in
-``csrc/OP_SPEC.md``. ONNX Runtime's own kernel reads the weights at about 12 GB/s at one token and
-dequantizes them to a float32 GEMM from a few tokens on; ours (``csrc/nbits_kernel.cc``) keeps them 4-bit
-all the way into the integer dot products (README "Predictors" has the measurements).
+``csrc/OP_SPEC.md``. ONNX Runtime's own kernel is fine at one token but dequantizes the weights to a
+float32 GEMM from a few tokens on; ours (``csrc/nbits_kernel.cc``) keeps them 4-bit all the way into the
+integer dot products: as fast at one token, 1.5–2× faster from 16 tokens on (``bench/bench_nbits.py``).
 
 Like ``GuardedFallback``, the op is also a model-local function whose body is the contrib op itself, so a
 runtime without ``libtardis_ops`` runs ``com.microsoft::MatMulNBits`` with the same inputs::
