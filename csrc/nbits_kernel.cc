@@ -31,6 +31,7 @@ namespace {
 constexpr int kMr = 8;                    // tokens per register group (AVX-512: 32 zmm registers)
 constexpr int kMrAvx2 = 4;                // AVX2: 16 ymm registers, 2 accumulators and 2 sums per token
 constexpr int64_t kUnit = int64_t{1} << 20;  // multiply-adds per work item, at least (one 384 x 1536 token: 1 item)
+constexpr size_t kKeepScratch = size_t{16} << 20;  // activation scratch kept per calling thread, at most
 
 // Activations of M rows: int8 levels padded to kb * bs per row, one scale and one level sum per block
 // (in a per-thread scratch buffer: no allocation per call once it has grown).
@@ -41,16 +42,19 @@ struct Acts {
   int32_t* sum = nullptr;
 };
 
+// A NaN activation counts as 0, as in ONNX Runtime's MatMulNBits.
+inline float Finite0(float v) { return std::isnan(v) ? 0.0f : v; }
+
 void QuantizeRowPortable(const float* x, int64_t K, int64_t bs, int64_t kb, int8_t* q, float* sx, int32_t* sum) {
   for (int64_t b = 0; b < kb; ++b) {
     const int64_t k0 = b * bs, k1 = std::min(K, k0 + bs);
     float amax = 0.0f;
-    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(Finite0(x[k])));
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int32_t s = 0;
     for (int64_t k = k0; k < k0 + bs; ++k) {
-      const int32_t v = k < k1 ? static_cast<int32_t>(std::nearbyint(x[k] * inv)) : 0;
-      q[k] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
+      const float r = k < k1 ? std::nearbyint(Finite0(x[k]) * inv) : 0.0f;  // |r| <= 127 (inf: clamped)
+      q[k] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, r)));
       s += q[k];
     }
     sx[b] = amax / 127.0f;
@@ -89,17 +93,23 @@ TARDIS_NB_VNNI inline __mmask16 Mask16(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// Up to 16 floats (zeros past `left`), NaN read as 0 like the portable path.
+TARDIS_NB_VNNI inline __m512 LoadFinite0(const float* p, int64_t left) {
+  const __m512 v = _mm512_maskz_loadu_ps(Mask16(left), p);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+}
+
 TARDIS_NB_VNNI void QuantizeRowVnni(const float* x, int64_t K, int64_t bs, int64_t kb, int8_t* q, float* sx,
                                     int32_t* sum) {
   for (int64_t b = 0; b < kb; ++b) {
     const int64_t k0 = b * bs;
     __m512 mx = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k0 + bs; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(Mask16(K - k), x + k)));
+    for (int64_t k = k0; k < k0 + bs; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(LoadFinite0(x + k, K - k)));
     const float amax = _mm512_reduce_max_ps(mx);
     const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     __m512i acc = _mm512_setzero_si512();
     for (int64_t k = k0; k < k0 + bs; k += 16) {
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(Mask16(K - k), x + k), inv));
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(LoadFinite0(x + k, K - k), inv));
       const __m512i c = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), v));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(c));
       acc = _mm512_add_epi32(acc, c);
@@ -259,6 +269,12 @@ void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bia
   const size_t q_bytes = static_cast<size_t>(M * a.ld + 63) / 64 * 64, n_blocks = static_cast<size_t>(M * kb);
   thread_local std::vector<uint8_t> scratch;  // every byte below is written before it is read
   scratch.resize(std::max(scratch.size(), q_bytes + n_blocks * (sizeof(float) + sizeof(int32_t))));
+  struct Trim {  // a one-off huge call does not keep its scratch for the thread's lifetime
+    std::vector<uint8_t>& v;
+    ~Trim() {
+      if (v.capacity() > kKeepScratch) std::vector<uint8_t>().swap(v);
+    }
+  } trim{scratch};
   a.q = reinterpret_cast<int8_t*>(scratch.data());
   a.sx = reinterpret_cast<float*>(scratch.data() + q_bytes);
   a.sum = reinterpret_cast<int32_t*>(scratch.data() + q_bytes + n_blocks * sizeof(float));

@@ -122,6 +122,28 @@ struct MatMulNBitsKernel {
       : K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
         bits_(IntAttribute(api, info, "bits", 4)), bs_(IntAttribute(api, info, "block_size", -1)),
         isa_(IsaFromEnv()) {
+    // All five inputs must be there: the contrib op's optional zero_points / bias (and its g_idx) are not
+    // (the lite API would read a missing one as a tensor), so a node without them is refused here.
+    static const char* const kInputs[] = {"A", "B", "scales", "zero_points", "bias"};
+    size_t count = 0;
+    Ort::ThrowOnError(api->KernelInfo_GetInputCount(info, &count));
+    for (size_t index = 0; index < 5; ++index) {
+      size_t size = 0;
+      if (index < count) Ort::ThrowOnError(api->KernelInfo_GetInputName(info, index, nullptr, &size));
+      if (index >= count || size <= 1)
+        ORT_CXX_API_THROW(std::string(kNBitsOp) + ": input " + std::to_string(index) + " (" + kInputs[index] +
+                              ") is required; the node has " + std::to_string(count) + " input(s)" +
+                              (index < count ? " and this one is empty" : ""),
+                          ORT_INVALID_ARGUMENT);
+    }
+    if (count != 5)
+      ORT_CXX_API_THROW(std::string(kNBitsOp) + ": takes 5 inputs (A, B, scales, zero_points, bias; no g_idx), got " +
+                            std::to_string(count),
+                        ORT_INVALID_ARGUMENT);
+    if (IntAttribute(api, info, "accuracy_level", 4) != 4)
+      ORT_CXX_API_THROW(std::string(kNBitsOp) + ": accuracy_level must be 4 (int8 activations), got " +
+                            std::to_string(IntAttribute(api, info, "accuracy_level", 4)),
+                        ORT_INVALID_ARGUMENT);
     constant_ = true;
     for (size_t index : {size_t{1}, size_t{2}, size_t{3}}) {
       int is_constant = 0;

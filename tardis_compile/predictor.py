@@ -193,13 +193,19 @@ class ExactPredictor:
 
 
 def _int8_activations(x: np.ndarray, block_size: int) -> np.ndarray:
-    """MLAS's accuracy-level-4 rounding of the activations: symmetric int8 per block of K."""
+    """MLAS's accuracy-level-4 rounding of the activations: symmetric int8 per block of K, levels
+    ``round(x · (127 / max|x|))`` computed in float32 as both kernels do (a float64 product can round a tie
+    the other way), scale ``max|x| / 127``."""
     k = x.shape[1]
     pad = (-k) % block_size
-    xb = np.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], (k + pad) // block_size, block_size)
-    scale = np.abs(xb).max(axis=2, keepdims=True) / 127.0
-    scale = np.where(scale > 0, scale, 1.0)
-    return (np.round(xb / scale) * scale).reshape(x.shape[0], k + pad)[:, :k]
+    xb = np.pad(np.asarray(x, np.float32), ((0, 0), (0, pad))).reshape(x.shape[0], (k + pad) // block_size,
+                                                                       block_size)
+    amax = np.abs(xb).max(axis=2, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    levels = np.round(xb * inv).astype(np.float64)
+    scale = (amax / np.float32(127.0)).astype(np.float64)
+    return (levels * scale).reshape(x.shape[0], k + pad)[:, :k]
 
 
 @dataclasses.dataclass

@@ -273,12 +273,16 @@ def build_library(out_dir: Path | None = None, ort_include: Path | None = None, 
 # ONNX Runtime
 
 
-def _unavailable_reason() -> str:
-    """Why no library was found: a ``$TARDIS_OPS_LIBRARY`` naming no file, or what a build lacks."""
+def _unavailable_reason(built: bool) -> str:
+    """Why no library was found: a ``$TARDIS_OPS_LIBRARY`` naming no file, what a build lacks, or (``built``:
+    whether a build was just tried) that the build failed or was never run."""
     env = os.environ.get(ENV_LIBRARY)
     if env:
         return f"${ENV_LIBRARY}={env} is not a file"
-    return "; ".join(missing_build_requirements()) or "build failed"
+    missing = "; ".join(missing_build_requirements())
+    if missing:
+        return f"missing {missing}"
+    return "the build failed (see the messages above)" if built else "not built yet: run tardis-compile library --build"
 
 
 def session_options(so: ort.SessionOptions | None = None, require: bool = False,
@@ -295,11 +299,12 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
     global _warned_missing
     so = so if so is not None else ort.SessionOptions()
     lib = library_path()
-    if lib is None and build and not os.environ.get(ENV_LIBRARY):
+    tried = lib is None and build and not os.environ.get(ENV_LIBRARY)
+    if tried:
         lib = build_library(quiet=not require and _warned_missing)
     if lib is None:
-        msg = (f"{LIB_NAME} is not available ({_unavailable_reason()}); the ai.tardis nodes (GuardedFallback, "
-               "MatMulNBits) run through their ONNX function bodies")
+        msg = (f"{LIB_NAME} is not available ({_unavailable_reason(tried)}); the ai.tardis nodes "
+               "(GuardedFallback, MatMulNBits) run through their ONNX function bodies")
         if require:
             raise LibraryUnavailableError(msg)
         if not _warned_missing:
@@ -352,12 +357,19 @@ def kernel_stats(lib: Path | None = None) -> dict[str, int]:
 
 
 def describe(build: bool = False, force: bool = False) -> int:
-    """``tardis-compile library [--build] [--force]``: print the path of the library in use (building it into
-    the user cache first with ``build``, rebuilding with ``force``); status 1 and what is missing when there is
-    none."""
-    lib = build_library(force=force) if (build or force) else library_path()
+    """``tardis-compile library [--build] [--force]``: print the path of the library sessions will register
+    (:func:`library_path`). ``build``: build it into the user cache first when there is none; ``force``:
+    rebuild the cache's copy (which is then used unless ``$TARDIS_OPS_LIBRARY`` or a fresh package copy comes
+    first, as said on stderr). Status 1, and why, when there is none."""
+    tried = force or (build and library_path() is None)
+    if tried:
+        built = build_library(force=force)
+        used = library_path()
+        if built is not None and used is not None and used != built:
+            print(f"note: built {built}, but {used} comes first and is the one in use", file=sys.stderr)
+    lib = library_path()
     if lib is None:
-        print(f"error: {LIB_NAME} is not available ({_unavailable_reason()})", file=sys.stderr)
+        print(f"error: {LIB_NAME} is not available ({_unavailable_reason(tried)})", file=sys.stderr)
         return 1
     print(lib)
     return 0

@@ -58,7 +58,8 @@ def _run_cpp(exe: Path, model: Path, x: np.ndarray, out: Path, library: Path | N
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     name, shape = re.search(r"^output (\S+) (\S+)$", proc.stdout, re.M).groups()
-    y = np.fromfile(f"{out}.{name}.bin", np.float32).reshape([int(s) for s in shape.split("x")])
+    y = np.fromfile(f"{out}.{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.bin", np.float32)
+    y = y.reshape([int(s) for s in shape.split("x")])
     return y, proc.stdout
 
 
@@ -89,9 +90,22 @@ def test_cpp_deployment_runs_the_kernel_and_matches_python(tmp_path, deploy):
     assert np.abs(y_orig - y_cpp).max() > 0  # the default model is an approximation, not a copy
 
 
+def test_cpp_deployment_runs_the_int4_predictor_op(tmp_path, deploy):
+    """An int4 model: both compiled ops run in the C++ process (their counters), outputs as in Python."""
+    exe, lib = deploy
+    src, _ = save_tiny(tmp_path, layers=2)
+    opt = tmp_path / "int4.onnx"
+    tc.optimize(src, opt, batches(), settings=tc.Settings(predictor="int4"), show_progress=False)
+    x = np.random.default_rng(9).standard_normal((2, 8, 16)).astype(np.float32)
+    y_cpp, stdout = _run_cpp(exe, opt, x, tmp_path / "int4", library=lib)
+    assert int(re.search(r"tardis nbits calls (\d+)", stdout).group(1)) == 2
+    assert int(re.search(r"tardis kernel calls (\d+)", stdout).group(1)) == 2
+    np.testing.assert_allclose(y_cpp, run(opt, {"x": x}, tc.session_options(require=True)), rtol=1e-6, atol=1e-6)
+
+
 def test_cpp_deployment_names_bad_input(tmp_path, deploy):
-    """A wrong-sized input file, and ORT refusing an input's shape, each end in an 'error:' message naming
-    the problem (exit status 1, no crash)."""
+    """A wrong-sized input file, ORT refusing an input's shape, a malformed dimension and a malformed thread
+    count each end in an 'error:' message naming the problem (exit status 1, no crash)."""
     exe, lib = deploy
     src, _ = save_tiny(tmp_path)
     (tmp_path / "short.bin").write_bytes(b"\0" * 12)
@@ -102,3 +116,11 @@ def test_cpp_deployment_names_bad_input(tmp_path, deploy):
     proc = subprocess.run([str(exe), str(src), str(tmp_path / "o"), f"x={tmp_path / 'narrow.bin'}:1x8x5",
                            "--library", str(lib)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("error: Got invalid dimensions for input: x")
+    for bad, needle in ((f"x={tmp_path / 'narrow.bin'}:1x8xa", "is not a whole number >= 0"),
+                        (f"x={tmp_path / 'narrow.bin'}:1x-8x5", "is not a whole number >= 0")):
+        proc = subprocess.run([str(exe), str(src), str(tmp_path / "o"), bad], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: input ") and needle in proc.stderr
+    proc = subprocess.run([str(exe), str(src), str(tmp_path / "o"), "--threads", "abc"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "error: --threads: 'abc'" in proc.stderr

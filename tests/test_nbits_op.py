@@ -99,15 +99,16 @@ def test_concurrent_runs_share_one_repacked_copy(lib):
         assert np.abs(out - pred.estimate(x)).max() < 2e-6 * np.abs(out).max()
 
 
-def _bare_model(K: int, N: int, block: int, bits: int = 4) -> bytes:
+def _bare_model(K: int, N: int, block: int, bits: int = 4, node_inputs: tuple = nbits_op.INPUT_NAMES,
+                accuracy_level: int = 4) -> bytes:
     """One ai.tardis::MatMulNBits node with every operand a graph input (for malformed feeds)."""
     f = TensorProto.FLOAT
     u8 = TensorProto.UINT8
     inputs = [helper.make_tensor_value_info("A", f, ["m", "k"]), helper.make_tensor_value_info("B", u8, ["n", "b", "h"]),
               helper.make_tensor_value_info("scales", f, ["s"]), helper.make_tensor_value_info("zero_points", u8, ["z"]),
               helper.make_tensor_value_info("bias", f, ["o"])]
-    node = helper.make_node(nbits_op.OP_TYPE, list(nbits_op.INPUT_NAMES), ["Y"], domain=nbits_op.DOMAIN, K=K, N=N,
-                            bits=bits, block_size=block, accuracy_level=4)
+    node = helper.make_node(nbits_op.OP_TYPE, list(node_inputs), ["Y"], domain=nbits_op.DOMAIN, K=K, N=N,
+                            bits=bits, block_size=block, accuracy_level=accuracy_level)
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", f, ["m", N])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(nbits_op.DOMAIN, 1),
                                                     helper.make_opsetid(nbits_op.CONTRIB_DOMAIN, 1)],
@@ -133,9 +134,14 @@ def test_malformed_inputs_are_clear_errors(lib):
     for name, value, needle in bad:
         with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=needle.replace("[", r"\[")):
             sess.run(None, {**good, name: value})
-    with pytest.raises(Exception, match="only bits = 4"):
-        ort.InferenceSession(_bare_model(K, N, block, bits=2), runtime.session_options(require=True),
-                             providers=["CPUExecutionProvider"])
+    refused = [({"bits": 2}, "only bits = 4"), ({"accuracy_level": 0}, "accuracy_level must be 4"),
+               ({"node_inputs": ("A", "B", "scales", "", "bias")}, r"input 3 \(zero_points\) is required"),
+               ({"node_inputs": ("A", "B", "scales", "zero_points", "")}, r"input 4 \(bias\) is required"),
+               ({"node_inputs": ("A", "B", "scales")}, r"input 3 \(zero_points\) is required")]
+    for kwargs, needle in refused:  # at session creation, not a crash or a garbled read at run time
+        with pytest.raises(Exception, match=needle):
+            ort.InferenceSession(_bare_model(K, N, block, **kwargs), runtime.session_options(require=True),
+                                 providers=["CPUExecutionProvider"])
 
 
 def test_weights_fed_as_inputs_are_read_on_every_call(lib):
@@ -154,3 +160,17 @@ def test_weights_fed_as_inputs_are_read_on_every_call(lib):
                                  providers=["CPUExecutionProvider"]).run(None, feed)[0]  # packs the new levels
     assert np.abs(second - first).max() > 0.1
     np.testing.assert_array_equal(second, fresh)
+
+
+def test_nan_activations_count_as_zero_like_the_contrib_op(lib):
+    """A NaN in A is read as 0 by ONNX Runtime's MatMulNBits; ours does the same on every instruction set."""
+    pred = _predictor(96, 48, 32, seed=9)
+    x = np.random.default_rng(10).standard_normal((4, 96)).astype(np.float32)
+    x[1, 5] = x[2, 70] = np.nan
+    clean = x.copy()
+    clean[np.isnan(clean)] = 0.0
+    contrib = _session(pred, 96, library=False).run(None, {"x": x})[0]
+    np.testing.assert_allclose(contrib, pred.estimate(clean), rtol=1e-5, atol=1e-5)
+    for isa in ("avx512", "avx2", "portable"):
+        ours = _session(pred, 96, True, {"TARDIS_OPS_ISA": isa}).run(None, {"x": x})[0]
+        np.testing.assert_allclose(ours, contrib, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ The kernel tests are skipped (with the reason) only when the library cannot be b
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -130,6 +131,11 @@ def test_library_command_prints_the_library_in_use(lib, monkeypatch, tmp_path):
     env = {**os.environ, runtime.ENV_LIBRARY: str(tmp_path / "missing.so")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1 and proc.stdout == "" and "not available" in proc.stderr
+    copy = tmp_path / "chosen.so"  # an explicit library comes first, with --build too (nothing to build)
+    copy.write_bytes(Path(runtime.library_path()).read_bytes())
+    env = {**os.environ, runtime.ENV_LIBRARY: str(copy)}
+    proc = subprocess.run([*cmd, "--build"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(copy.resolve()), proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -474,7 +480,6 @@ def _ort_min_python() -> str:
     """Python of a side venv with onnxruntime==ORT_MIN (created once under build/, ~1 min)."""
     import subprocess
     import sys
-    from pathlib import Path
 
     venv = Path(os.environ.get("TARDIS_ORT_MIN_VENV") or Path(__file__).resolve().parents[1] / "build" / "venv-ort-min")
     py = venv / "bin" / "python"

@@ -4,15 +4,16 @@
 //   run_model MODEL.onnx OUT_PREFIX [--library libtardis_ops.so] [--threads N] NAME=FILE:D0xD1x... ...
 //
 // Each input is read from FILE with the shape given and the element type the model declares (float32,
-// float16, int64, int32); each output is written to OUT_PREFIX.<output name>.bin and listed on stdout as
-// "output <name> <d0>x<d1>...". Without --library the model still runs: ORT inlines the ONNX function body of
-// ai.tardis::GuardedFallback. With it, the line "tardis kernel calls <n>" reports how often the compiled
-// kernel ran in this process (the library's TardisOpsKernelCalls probe).
+// float16, int64, int32); each output is written to OUT_PREFIX.<output name>.bin (characters other than
+// letters, digits, '.', '_' and '-' replaced by '_') and listed on stdout as "output <name> <d0>x<d1>...".
+// Without --library the model still runs: ORT inlines the ONNX function bodies of the ai.tardis ops. With it,
+// "tardis kernel calls <n>" and "tardis nbits calls <n>" report how often the compiled GuardedFallback and
+// MatMulNBits kernels ran in this process (the library's TardisOpsKernelCalls / TardisOpsNBitsCalls probes).
 #include <dlfcn.h>
 
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -29,14 +30,36 @@ struct InputSpec {
   std::vector<int64_t> shape;
 };
 
+// A whole decimal number at least `low`, or an error naming `what`.
+int64_t ParseInt(const std::string& text, int64_t low, const std::string& what) {
+  size_t used = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (text.empty() || used != text.size() || value < low)
+    throw std::runtime_error(what + ": '" + text + "' is not a whole number >= " + std::to_string(low));
+  return value;
+}
+
 InputSpec ParseInput(const std::string& arg) {
   const size_t eq = arg.find('='), colon = arg.rfind(':');
   if (eq == std::string::npos || colon == std::string::npos || colon < eq)
     throw std::runtime_error("input '" + arg + "' is not NAME=FILE:D0xD1x...");
   InputSpec spec{arg.substr(0, eq), arg.substr(eq + 1, colon - eq - 1), {}};
   std::stringstream dims(arg.substr(colon + 1));
-  for (std::string dim; std::getline(dims, dim, 'x');) spec.shape.push_back(std::stoll(dim));
+  for (std::string dim; std::getline(dims, dim, 'x');) spec.shape.push_back(ParseInt(dim, 0, "input '" + arg + "'"));
   return spec;
+}
+
+// An output name as a file name part: path separators and other odd characters become '_'.
+std::string FileSafe(const std::string& name) {
+  std::string out(name);
+  for (char& c : out)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') c = '_';
+  return out;
 }
 
 size_t ElementSize(ONNXTensorElementDataType type) {
@@ -66,11 +89,11 @@ std::vector<char> ReadFile(const std::string& path, size_t expect) {
   return data;
 }
 
-// How often the library's kernel ran in this process (the same file ORT loaded; RTLD_NOLOAD finds it).
-long long KernelCalls(const std::string& library) {
+// A counter of the library in this process (the same file ORT loaded; RTLD_NOLOAD finds it), -1 if absent.
+long long Probe(const std::string& library, const char* symbol) {
   void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_NOLOAD);
   if (!handle) return -1;
-  auto* calls = reinterpret_cast<uint64_t (*)()>(dlsym(handle, "TardisOpsKernelCalls"));
+  auto* calls = reinterpret_cast<uint64_t (*)()>(dlsym(handle, symbol));
   const long long n = calls ? static_cast<long long>(calls()) : -1;
   dlclose(handle);
   return n;
@@ -90,7 +113,7 @@ int Run(int argc, char** argv) {
     if (arg == "--library" && i + 1 < argc) {
       library = argv[++i];
     } else if (arg == "--threads" && i + 1 < argc) {
-      threads = std::atoi(argv[++i]);
+      threads = static_cast<int>(ParseInt(argv[++i], 1, "--threads"));
     } else {
       specs.push_back(ParseInput(arg));
     }
@@ -133,15 +156,19 @@ int Run(int argc, char** argv) {
   for (size_t i = 0; i < outputs.size(); ++i) {
     const auto info = outputs[i].GetTensorTypeAndShapeInfo();
     const size_t bytes = info.GetElementCount() * ElementSize(info.GetElementType());
-    std::ofstream out(prefix + "." + out_names[i] + ".bin", std::ios::binary);
+    const std::string path = prefix + "." + FileSafe(out_names[i]) + ".bin";
+    std::ofstream out(path, std::ios::binary);
     out.write(static_cast<const char*>(outputs[i].GetTensorRawData()), static_cast<std::streamsize>(bytes));
-    if (!out) throw std::runtime_error("cannot write '" + prefix + "." + out_names[i] + ".bin'");
+    if (!out) throw std::runtime_error("cannot write '" + path + "'");
     std::cout << "output " << out_names[i] << " ";
     const auto shape = info.GetShape();
     for (size_t k = 0; k < shape.size(); ++k) std::cout << (k ? "x" : "") << shape[k];
     std::cout << "\n";
   }
-  if (!library.empty()) std::cout << "tardis kernel calls " << KernelCalls(library) << "\n";
+  if (!library.empty()) {
+    std::cout << "tardis kernel calls " << Probe(library, "TardisOpsKernelCalls") << "\n";
+    std::cout << "tardis nbits calls " << Probe(library, "TardisOpsNBitsCalls") << "\n";
+  }
   return 0;
 }
 
