@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import os
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from tardis_compile import modelio
 from tardis_compile.errors import CalibrationDataError
 from tardis_compile.gelu import gelu
 
@@ -191,13 +191,8 @@ def save(stats: dict[str, NeuronStats], path: str | Path) -> None:
     """Save per-block statistics to one ``.npz`` (reloadable, mergeable across shards); written array
     by array as :func:`numpy.savez_compressed` does, releasing each block when it is written, into a
     temporary file that replaces ``stats_path(path)`` only once complete."""
-    path = stats_path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with modelio.staged_file(stats_path(path)) as tmp:
         _write(stats, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write(stats: dict[str, NeuronStats], path: Path) -> None:

@@ -198,11 +198,19 @@ def check_destination(src: Path, dst: Path, *, reads: Mapping[str, object] | Non
         raise OutputPathError(f"{what}: directory '{dst.parent}' does not exist")
 
 
+@contextlib.contextmanager
+def staged_file(dst: Path) -> Iterator[Path]:
+    """A temporary path beside ``dst`` to write to; it replaces ``dst`` only when the block completes (an
+    error or an interrupt leaves ``dst`` as it was and removes the temporary file)."""
+    with _staging(Path(dst).parent) as tmp:
+        yield tmp / Path(dst).name
+        os.replace(tmp / Path(dst).name, dst)
+
+
 def write_text(dst: Path, text: str) -> None:
-    """Write a small text file atomically (a temporary file beside it, then ``os.replace``)."""
-    with _staging(dst.parent) as tmp:
-        (tmp / dst.name).write_text(text)
-        os.replace(tmp / dst.name, dst)
+    """Write a small text file atomically (:func:`staged_file`)."""
+    with staged_file(dst) as tmp:
+        tmp.write_text(text)
 
 
 def save(model: ir.Model, dst: str | os.PathLike, *, external_data: bool | None = None,
