@@ -140,9 +140,10 @@ struct MatMulNBitsKernel {
       ORT_CXX_API_THROW(std::string(kNBitsOp) + ": takes 5 inputs (A, B, scales, zero_points, bias; no g_idx), got " +
                             std::to_string(count),
                         ORT_INVALID_ARGUMENT);
-    if (IntAttribute(api, info, "accuracy_level", 4) != 4)
+    const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4);
+    if (accuracy_level != 4)
       ORT_CXX_API_THROW(std::string(kNBitsOp) + ": accuracy_level must be 4 (int8 activations), got " +
-                            std::to_string(IntAttribute(api, info, "accuracy_level", 4)),
+                            std::to_string(accuracy_level),
                         ORT_INVALID_ARGUMENT);
     constant_ = true;
     for (size_t index : {size_t{1}, size_t{2}, size_t{3}}) {

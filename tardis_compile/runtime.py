@@ -361,13 +361,13 @@ def describe(build: bool = False, force: bool = False) -> int:
     (:func:`library_path`). ``build``: build it into the user cache first when there is none; ``force``:
     rebuild the cache's copy (which is then used unless ``$TARDIS_OPS_LIBRARY`` or a fresh package copy comes
     first, as said on stderr). Status 1, and why, when there is none."""
-    tried = force or (build and library_path() is None)
+    lib = library_path()
+    tried = force or (build and lib is None)
     if tried:
         built = build_library(force=force)
-        used = library_path()
-        if built is not None and used is not None and used != built:
-            print(f"note: built {built}, but {used} comes first and is the one in use", file=sys.stderr)
-    lib = library_path()
+        lib = library_path()
+        if built is not None and lib is not None and lib != built:
+            print(f"note: built {built}, but {lib} comes first and is the one in use", file=sys.stderr)
     if lib is None:
         print(f"error: {LIB_NAME} is not available ({_unavailable_reason(tried)})", file=sys.stderr)
         return 1
