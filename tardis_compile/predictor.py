@@ -23,9 +23,9 @@ lowrank     ``MatMul(MatMul(x, U), V) + b1``, rank per layer by whitened    r·(
 
 ``MatMulNBits`` takes ``b1`` as its bias input (one node per predictor) and runs with ``accuracy_level=4`` (int8 activations, the fast path of ORT's CPU kernel);
 :meth:`LowBitPredictor.estimate` reproduces that rounding so the margin search sees what the runtime does.
-``int8`` is the prefill predictor: ``DynamicQuantizeMatMul`` runs on MLAS's integer GEMM (AVX-512 VNNI;
-ORT 1.32 leaves AMX unused, csrc/README.md), several times faster than ``MatMulNBits`` once there are more
-than a few tokens (README "Predictors"); :meth:`Int8Predictor.estimate` reproduces its activation rounding.
+``int8`` is the prefill predictor: ``DynamicQuantizeMatMul`` runs on MLAS's integer GEMM (AVX-512 VNNI or
+AMX where the CPU has them), several times faster than ``MatMulNBits`` once there are more than a few
+tokens (README "Predictors"); :meth:`Int8Predictor.estimate` reproduces its activation rounding.
 """
 
 from __future__ import annotations
