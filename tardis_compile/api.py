@@ -10,7 +10,7 @@ import dataclasses
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from tardis_compile import budget, error_target, fallback_op, feeds, fit, histogram, modelio, plots, resident
 from tardis_compile import predictor as predictors
-from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs
+from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs, weights_digest
 from tardis_compile.errors import AlreadyOptimizedError, CalibrationDataError, NoFoldableBlockError, TardisError
 from tardis_compile.fold import fold
 from tardis_compile.passes.ffn_match import FfnBlock, Rejection, count_rewritten, find_blocks
@@ -28,7 +28,8 @@ from tardis_compile.refit import DEFAULT_RIDGE, NormalEquations
 from tardis_compile.report import Report, block_report
 from tardis_compile.verify import Thresholds, Verification, compare
 
-DataSpec = str | os.PathLike | Callable[[], Iterable[Mapping[str, np.ndarray]]] | list
+DataSpec = (str | os.PathLike | Callable[[], Iterable[Mapping[str, np.ndarray]]] | list | tuple
+            | Mapping[str, np.ndarray])
 
 
 def version() -> str:
@@ -39,13 +40,18 @@ def version() -> str:
         return "0+unknown"
 
 
+DEFAULT_TARGET_FALLBACK = 0.1  # METHOD.md §5: the default target, a 10% fallback rate
+
+
 @dataclasses.dataclass
 class Settings:
-    """How to fit. ``coverage`` selects the paper's strategy; otherwise ``target_fallback`` drives ours."""
+    """How to fit. ``coverage`` selects the paper's strategy; otherwise ``target_fallback`` drives ours,
+    unless ``target_params`` or ``max_error`` sets the fallback rate. One target at a time: a combination
+    in which one would be ignored is refused."""
 
-    target_fallback: float = 0.1
+    target_fallback: float = DEFAULT_TARGET_FALLBACK
     coverage: float | None = None
-    strategy: str = "error"
+    strategy: str | None = None  # None: "coverage" with ``coverage``, else "error"
     refit: bool = True
     ridge: float = DEFAULT_RIDGE
     predictor: str = "auto"  # int8 for float32 blocks, else int4: README "Predictors" has the measurements
@@ -63,8 +69,9 @@ class Settings:
     flag_all: bool = False  # self-test: every neuron takes the exact fallback (output = original)
 
     def __post_init__(self) -> None:
-        if self.coverage is not None:
-            self.strategy = "coverage"
+        self._check_one_target()
+        if self.strategy is None:
+            self.strategy = "coverage" if self.coverage is not None else "error"
         if self.strategy not in fit.STRATEGIES:
             raise TardisError(f"unknown strategy {self.strategy!r}; choose one of {fit.STRATEGIES}")
         if not 0.0 <= self.target_fallback <= 1.0:
@@ -79,13 +86,27 @@ class Settings:
             raise TardisError(f"--fold-bits must be 8 (or unset: the model's dtype), got {self.fold_bits}")
         if self.fold_bits is not None and self.flag_all:
             raise TardisError("--flag-all checks exactness, which a quantized folded matrix gives up: drop --fold-bits")
-        if self.max_error is not None and (self.target_params is not None or self.coverage is not None):
-            raise TardisError("--max-error sets the fallback rate itself: drop --target-params / --coverage")
         if self.resident is not None and (self.strategy != "error" or self.flag_all):
             raise TardisError("--resident works with the error-aware strategy and without --flag-all")
         if self.predictor not in predictors.CHOICES:
             raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.CHOICES)}")
         self.predictor_options()
+
+    def _check_one_target(self) -> None:
+        """Refuse options that another one would silently override (README: an option never silently
+        does nothing)."""
+        given = [f"--{name.replace('_', '-')}" for name in ("coverage", "target_params", "max_error")
+                 if getattr(self, name) is not None]
+        if self.target_fallback != DEFAULT_TARGET_FALLBACK:
+            given.insert(0, "--target-fallback")
+        if len(given) > 1:
+            raise TardisError(f"{' and '.join(given)} each set the ranges' budget: give one of them")
+        if self.coverage is not None and self.strategy == "error":
+            raise TardisError("--coverage is the coverage strategy's target; the error-aware strategy takes "
+                              "--target-fallback, --target-params or --max-error")
+        if self.flag_all and given:
+            raise TardisError(f"--flag-all sends every neuron to the exact fallback, so {' / '.join(given)} "
+                              "would change nothing: drop it")
 
     def predictor_options(self) -> predictors.PredictorOptions:
         return predictors.PredictorOptions(recall=self.predictor_recall, quantizer=self.predictor_quantizer,
@@ -106,13 +127,29 @@ class DataOptions:
             if getattr(self, name) < 1:
                 raise CalibrationDataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
+    def tokenizer_file(self) -> Path | None:
+        """The ``tokenizer.json`` that ``tokenizer`` names (itself, or the one in that folder)."""
+        if self.tokenizer is None:
+            return None
+        tok = Path(self.tokenizer)
+        return tok / "tokenizer.json" if tok.is_dir() else tok
+
 
 def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> feeds.FeedSource:
-    """A feed source from a path (``.npz``/folder, ``.py`` with ``load_data()``, text), a callable or a list."""
+    """A feed source from a path (``.npz``/folder, ``.py`` with ``load_data()``, text), a callable, a list
+    or tuple of feed dicts, or one feed dict."""
     if callable(spec):
         return spec
-    if isinstance(spec, list):
+    if isinstance(spec, Mapping):
+        return lambda: iter([spec])
+    if isinstance(spec, (list, tuple)):
         return lambda: iter(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        kind = "a generator or iterator" if isinstance(spec, Iterator) else f"a {type(spec).__name__}"
+        raise CalibrationDataError(
+            f"calibration data: {kind} is not a data source; pass a path, a list of feed dicts (input name "
+            "→ array), or a callable returning a fresh iterable of them (the data are read more than once, "
+            "so a generator must be wrapped: lambda: my_generator())")
     path = Path(spec)
     if not path.exists():
         raise CalibrationDataError(f"calibration data '{path}': no such file or directory")
@@ -132,8 +169,7 @@ def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> f
     if options.tokenizer is None:
         raise CalibrationDataError(f"calibration data '{path}' is text: pass --tokenizer (a tokenizer.json or "
                                    "a folder holding one) to tokenize it")
-    tok = Path(options.tokenizer)
-    tok = tok / "tokenizer.json" if tok.is_dir() else tok
+    tok = options.tokenizer_file()
     if not tok.is_file():
         raise CalibrationDataError(f"tokenizer '{tok}' not found")
     return feeds.from_text(feeds.read_documents(path), tok, input_names, batch_size=options.batch_size,
@@ -373,13 +409,16 @@ def optimize(
     settings = settings or Settings()
     data = data or DataOptions()
     model_path, out_path = Path(model), Path(output)
-    reads = {"the calibration data": calib, "the evaluation data": eval_data, "the statistics input": stats_in}
+    stats_in = histogram.saved_path(stats_in) if stats_in is not None else None
+    reads = {"the calibration data": calib, "the evaluation data": eval_data, "the statistics input": stats_in,
+             "the tokenizer": data.tokenizer_file()}
     modelio.check_destination(model_path, out_path, reads=reads)
+    modelio.check_model_name(out_path)
     writes = {**reads, "the output model": out_path}
     if stats_out is not None:
         modelio.check_destination(model_path, histogram.stats_path(stats_out), reads=writes, what="statistics output")
     json_path, md_path = _report_paths(out_path, report_path)
-    for path in (json_path, md_path):
+    for path in (json_path, md_path, *plots.paths(json_path.with_suffix(""))):
         modelio.check_destination(model_path, path, reads=writes, what="report path")
     original = modelio.load(model_path)
     blocks, rejected = find_blocks(original)
@@ -401,14 +440,7 @@ def optimize(
             calib_source, held_source = source, source
             verified_on = "calibration data (too few batches to hold any out)"
     if stats_in is not None:
-        stats = histogram.load(stats_in)
-        missing = [b.name for b in blocks if b.name not in stats]
-        if missing:
-            raise CalibrationDataError(f"statistics '{stats_in}' do not cover blocks {missing}")
-        other = [f"{b.name} ({stats[b.name].moments.shape[1]} neurons, the model's {b.hidden})" for b in blocks
-                 if stats[b.name].moments.shape[1] != b.hidden]
-        if other:
-            raise CalibrationDataError(f"statistics '{stats_in}' come from another model: {', '.join(other)}")
+        stats = _saved_stats(stats_in, blocks)
     else:
         stats = collect_stats(original, blocks, calib_source, mask_input=data.mask_input, threads=threads,
                               progress_factory=progress)
@@ -473,9 +505,34 @@ def optimize(
     modelio.save(optimized, out_path, external_data=external_data, validate=validate)
     measured = {b.name: {"flagged_share": b.flagged_share(b.measured["fallback_rate"]),
                          "relative_error": b.measured["relative_error"]} for b in report.blocks if b.measured}
-    report.plots = [p.name for p in plots.write(json_path.with_suffix(""), stats, lines, measured)]
-    report.write(json_path, md_path)
+    try:
+        report.plots = [p.name for p in plots.write(json_path.with_suffix(""), stats, lines, measured)]
+        report.write(json_path, md_path)
+    except (OSError, TardisError) as err:  # checked up front, so only e.g. a full disk gets here
+        reason = f"{err.strerror}: '{err.filename}'" if isinstance(err, OSError) and err.strerror else str(err)
+        raise TardisError(f"the optimized model was written to '{out_path}', but its report was not: {reason}") from err
     return report
+
+
+def _saved_stats(path: Path, blocks: list[FfnBlock]) -> dict[str, histogram.NeuronStats]:
+    """``--stats-in``: the saved statistics, refused unless they are this model's (every block, same neuron
+    count and input width, same weights where the file records them)."""
+    stats = histogram.load(path)
+    missing = [b.name for b in blocks if b.name not in stats]
+    if missing:
+        raise CalibrationDataError(f"statistics '{path}' do not cover blocks {missing}")
+    other = []
+    for b in blocks:
+        s = stats[b.name]
+        if s.neurons != b.hidden:
+            other.append(f"{b.name} ({s.neurons} neurons, the model's {b.hidden})")
+        elif s.gram is not None and s.gram.shape[0] - 1 != b.d:
+            other.append(f"{b.name} (input width {s.gram.shape[0] - 1}, the model's {b.d})")
+        elif s.source and s.source != weights_digest(b):
+            other.append(f"{b.name} (same shapes, other weights)")
+    if other:
+        raise CalibrationDataError(f"statistics '{path}' come from another model: {', '.join(other)}")
+    return stats
 
 
 def _attach_measurements(report: Report, verification: Verification) -> None:
@@ -510,5 +567,7 @@ def verify(
         from tardis_compile.runtime import session_options
 
         options = session_options(require=True)
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 4  # fatal only: a failing run is reported as our own one-line error
     return compare(orig, opt, source, thresholds=thresholds, mask_input=data_options.mask_input,
                    threads=threads, optimized_options=options)

@@ -299,7 +299,9 @@ def prune(
         raise PruneSettingsError("precomputed norms are one-shot statistics: pass sequential=False with norms")
     data = data or api.DataOptions()
     model_path, out_path = Path(model), Path(output)
-    modelio.check_destination(model_path, out_path, reads={"the calibration data": calib})
+    modelio.check_destination(model_path, out_path, reads={"the calibration data": calib,
+                                                           "the tokenizer": data.tokenizer_file()})
+    modelio.check_model_name(out_path)
     pruned = modelio.load(model_path)
     blocks, rejected = find_blocks(pruned)
     api._require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(pruned))

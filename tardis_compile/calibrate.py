@@ -26,6 +26,7 @@ in memory. The recording goes when the source or the model object does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import tempfile
 import weakref
@@ -37,7 +38,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from tardis_compile import modelio
-from tardis_compile.errors import CalibrationDataError
+from tardis_compile.errors import CalibrationDataError, one_line
 from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
 from tardis_compile.histogram import Grid, NeuronStats
 from tardis_compile.passes.ffn_match import FfnBlock
@@ -57,7 +58,7 @@ def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0,
     if options is None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failing run is reported as our own one-line error
     try:
         with tempfile.TemporaryDirectory(prefix="tardis-capture-") as tmp:
             from tardis_compile.modelio import ort_session  # external weights are read in place
@@ -192,7 +193,7 @@ def _run_blocks(
             try:
                 outs = session.run(names, feed)
             except Exception as err:  # ORT's own message names the failing node and shapes
-                raise CalibrationDataError(f"{what}: the model failed on this data: {err}") from err
+                raise CalibrationDataError(f"{what}: the model failed on this data: {one_line(err)}") from err
             batch = {}
             for block in blocks:
                 x = outs[index[block.x.name]]
@@ -225,12 +226,24 @@ class BlockWeights:
         return h
 
 
+def weights_digest(block: FfnBlock) -> str:
+    """A short digest of the block's first layer (shape, bias, every ~64th row of W1): saved statistics
+    are checked against it, so statistics of another model with the same shapes are refused."""
+    w1 = np.asarray(block.w1())
+    digest = hashlib.sha256(repr(w1.shape).encode())
+    digest.update(np.ascontiguousarray(w1[:: max(1, w1.shape[0] // 64)], np.float32).tobytes())
+    digest.update(np.asarray(block.b1(), np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def collect_stats(
     model: ir.Model, blocks: list[FfnBlock], source: FeedSource, *, grid: Grid | None = None,
     mask_input: str | None = None, threads: int = 0, progress_factory: Callable[[str], Progress] | None = None,
 ) -> dict[str, NeuronStats]:
     """Pass 1: per-neuron histogram moments of every block's pre-activations, and input moments."""
     stats = {b.name: NeuronStats.empty(b.hidden, b.variant, grid, inputs=b.d) for b in blocks}
+    for b in blocks:
+        stats[b.name].source = weights_digest(b)
     weights = BlockWeights(blocks)
     progress = progress_factory("calibrate: ranges") if progress_factory else None
     group: list[dict[str, np.ndarray]] = []

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tardis_compile import api, modelio
+from tardis_compile import api, modelio, runtime
 from tardis_compile import predictor as predictors
 from tardis_compile.errors import AlreadyOptimizedError, TardisError
 from tardis_compile.verify import Thresholds
@@ -71,7 +71,7 @@ def _thresholds(args: argparse.Namespace) -> Thresholds:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tardis-compile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tardis-compile", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=api.version())
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -82,19 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: FEEDS.npz (or a folder of them), SCRIPT.py with load_data(), or TEXT")
     p.add_argument("--eval", dest="eval_data", help="evaluation data (default: hold out every 10th batch)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-fallback", type=float, default=0.1,
-                        help="mean share of token-neuron pairs taking the exact fallback (default 0.1)")
+    target.add_argument("--target-fallback", type=float, default=api.DEFAULT_TARGET_FALLBACK,
+                        help="mean share of token-neuron pairs taking the exact fallback "
+                             f"(default {api.DEFAULT_TARGET_FALLBACK})")
     target.add_argument("--coverage", type=float, help="paper's strategy: each neuron's range covers this share")
     target.add_argument("--max-error", type=float,
                         help="largest relative output error any block may add on its own input (e.g. 0.05); "
                              "sets the fallback rate")
-    p.add_argument("--target-params", type=float,
-                   help="share of the FFN parameters touched per token (folded matrix + predictor + fallback "
-                        "rows); sets the fallback rate")
+    target.add_argument("--target-params", type=float,
+                        help="share of the FFN parameters touched per token (folded matrix + predictor + "
+                             "fallback rows); sets the fallback rate")
     p.add_argument("--resident", type=float,
                    help="share of the FFN parameters kept in the file; neurons left out are always linear")
-    p.add_argument("--strategy", choices=["error", "coverage"], default="error",
-                   help="range strategy: error-aware under one budget (default) or shortest-interval coverage")
+    p.add_argument("--strategy", choices=["error", "coverage"],
+                   help="range strategy: error-aware under one budget (default) or shortest-interval coverage "
+                        "(the default with --coverage)")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the folded matrix")
     p.add_argument("--predictor", choices=list(predictors.CHOICES), default=api.Settings.predictor,
                    help=f"online predictor of out-of-range neurons (default: {api.Settings.predictor} = int8 "
@@ -185,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
-    p.add_argument("--target-fallback", type=float, default=0.1,
-                   help="mean share of token-neuron pairs taking the exact fallback (default 0.1)")
+    p.add_argument("--target-fallback", type=float, default=api.DEFAULT_TARGET_FALLBACK,
+                   help=f"mean share of token-neuron pairs taking the exact fallback (default {api.DEFAULT_TARGET_FALLBACK})")
     return parser
 
 
@@ -282,22 +284,30 @@ def _bench(args: argparse.Namespace) -> int:
     if not threads or min(threads) < 1 or max(threads) > MAX_THREADS:
         raise TardisError(f"--threads: '{args.thread_list}' is not a list of integers in [1, {MAX_THREADS}] "
                           "(e.g. 1,2)")
+    data_options = _data_options(args)
     if args.json_out:
         modelio.check_destination(args.original, Path(args.json_out), what="--json path",
-                                  reads={"the optimized model": args.optimized, "the benchmark data": args.data})
+                                  reads={"the optimized model": args.optimized, "the benchmark data": args.data,
+                                         "the tokenizer": data_options.tokenizer_file()})
         modelio.check_destination(args.optimized, Path(args.json_out), what="--json path")
     modelio.check(args.original)
     if not api.rewritten(args.optimized):
         _note_not_optimized(args.optimized)
-    sets = benchmark.load_feed_sets(args.original, data=args.data, data_options=_data_options(args),
+    sets = benchmark.load_feed_sets(args.original, data=args.data, data_options=data_options,
                                     shapes=args.shape, max_batches=args.max_batches, int_high=args.int_high)
-    print(benchmark.TABLE_HEADER)
+    started = []
+
+    def progress(row: str) -> None:  # each case's row on stderr as it finishes, under the header
+        if not started:
+            print(benchmark.TABLE_HEADER, file=sys.stderr)
+            started.append(True)
+        print(row, file=sys.stderr, flush=True)
+
     result = benchmark.bench(args.original, args.optimized, sets, threads=threads, warmup=args.warmup,
                              rounds=args.rounds, min_seconds=args.min_seconds, opt_level=args.opt_level,
                              library=not args.no_library,
-                             profile_runs=10 if args.profile else 0)
-    print()
-    print(result.markdown())
+                             profile_runs=10 if args.profile else 0, log=progress)
+    print(result.markdown())  # the whole table once on stdout
     if args.json_out:
         modelio.write_text(Path(args.json_out), json.dumps(result.to_json(), indent=1))
     return 0
@@ -312,8 +322,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _library(args: argparse.Namespace) -> int:
     import logging
-
-    from tardis_compile import runtime
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return runtime.describe(build=args.build, force=args.force)
@@ -334,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyOptimizedError as err:  # running the pass on its own output is not a mistake
         print(f"note: {err}", file=sys.stderr)
         return 0
-    except TardisError as err:
+    except (TardisError, runtime.LibraryUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

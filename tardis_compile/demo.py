@@ -33,10 +33,10 @@ def prepare(out: Path) -> tuple[Path, Path, Path, Path]:
     return model, calib, held, hf_export.minilm_model_dir()
 
 
-def run_demo(out: Path, target_fallback: float = 0.1) -> Report:
+def run_demo(out: Path, target_fallback: float = api.DEFAULT_TARGET_FALLBACK) -> Report:
+    settings = api.Settings(target_fallback=target_fallback)  # a bad value is refused before the export
     model, calib, held, tokenizer = prepare(out)
-    report = api.optimize(model, out / "minilm.tardis.onnx", calib, eval_data=held,
-                          settings=api.Settings(target_fallback=target_fallback),
+    report = api.optimize(model, out / "minilm.tardis.onnx", calib, eval_data=held, settings=settings,
                           data=api.DataOptions(tokenizer=tokenizer, batch_size=16, max_length=128))
     print(report.markdown())
     print(f"[tardis] wrote {out / 'minilm.tardis.onnx'} and {out / 'minilm.tardis.report.md'}")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (ONNX Runtime's span several)."""
+    return " ".join(str(err).split())
+
+
 class TardisError(Exception):
     """Base class: the message names the problem and, where possible, what to do."""
 

@@ -72,11 +72,26 @@ def validate(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: str)
             raise CalibrationDataError(f"{where}: input '{spec.name}' holds {bad} NaN or infinite value(s) of "
                                        f"{arr.size}")
         out[spec.name] = arr
+    _check_symbolic_dims(out, specs, where)
     # An input may be empty along a dynamic axis (a KV-cache model's past at prefill), not the whole feed.
     if all(arr.size == 0 for arr in out.values()):
         shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in out.items())
         raise CalibrationDataError(f"{where}: every input is empty ({shapes})")
     return out
+
+
+def _check_symbolic_dims(feed: Feed, specs: list[InputSpec], where: str) -> None:
+    """Axes that the model names with the same symbol (e.g. ``batch``) must have one size across inputs."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    for spec in specs:
+        for axis, (size, symbol) in enumerate(zip(feed[spec.name].shape, spec.shape)):
+            if not isinstance(symbol, str) or not symbol:
+                continue
+            first = seen.setdefault(symbol, (spec.name, axis, size))
+            if first[2] != size:
+                raise CalibrationDataError(
+                    f"{where}: input '{spec.name}' axis {axis} has size {size}, but input '{first[0]}' axis "
+                    f"{first[1]} has size {first[2]}; the model names both '{symbol}', so they must agree")
 
 
 def validated(source: FeedSource, specs: list[InputSpec], what: str) -> FeedSource:

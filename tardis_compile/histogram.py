@@ -101,6 +101,7 @@ class NeuronStats:
     grid: Grid
     moments: np.ndarray  # (6, D, bins) float64
     gram: np.ndarray | None = None  # (d+1, d+1) Σ[x,1]ᵀ[x,1] of the block inputs, when collected
+    source: str = ""  # digest of the block's first layer (calibrate.weights_digest): whose statistics these are
 
     def __post_init__(self) -> None:
         if self.moments.nbytes > SPILL_BYTES and not self.spilled:
@@ -161,6 +162,8 @@ class NeuronStats:
         """Add another shard's statistics (same block, same grid)."""
         if other.grid != self.grid or other.moments.shape != self.moments.shape or other.variant != self.variant:
             raise ValueError("cannot merge statistics with a different grid, variant or neuron count")
+        if self.source and other.source and self.source != other.source:
+            raise ValueError("cannot merge statistics of different models (their blocks' weights differ)")
         self.moments += other.moments
         if self.gram is not None and other.gram is not None:
             self.gram += other.gram
@@ -202,15 +205,25 @@ def _write(stats: dict[str, NeuronStats], path: Path) -> None:
                       "variant": np.array(s.variant)}
             if s.gram is not None:
                 arrays["gram"] = s.gram
+            if s.source:
+                arrays["source"] = np.array(s.source)
             for key, array in arrays.items():
                 with archive.open(f"{name}/{key}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(array).view(np.ndarray), allow_pickle=False)
             s.release()
 
 
+def saved_path(path: str | Path) -> Path:
+    """The file :func:`load` reads for ``path``: ``path`` itself, or :func:`stats_path` when only that
+    exists (``--stats-out st`` wrote ``st.npz``, so ``--stats-in st`` finds it)."""
+    path = Path(path)
+    return stats_path(path) if not path.is_file() and stats_path(path).is_file() else path
+
+
 def load(path: str | Path) -> dict[str, NeuronStats]:
     """Inverse of :func:`save`; a missing or foreign file is a :class:`CalibrationDataError`."""
-    if not Path(path).is_file():
+    path = saved_path(path)
+    if not path.is_file():
         raise CalibrationDataError(f"statistics '{path}': no such file")
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -219,8 +232,9 @@ def load(path: str | Path) -> dict[str, NeuronStats]:
             for name in names:
                 bins, scale, limit = data[f"{name}/grid"]
                 gram = data[f"{name}/gram"] if f"{name}/gram" in data.files else None
+                source = str(data[f"{name}/source"]) if f"{name}/source" in data.files else ""
                 out[name] = NeuronStats(str(data[f"{name}/variant"]), Grid(int(bins), float(scale), float(limit)),
-                                        data[f"{name}/moments"], gram)
+                                        data[f"{name}/moments"], gram, source)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise CalibrationDataError(f"statistics '{path}': not a file written by --stats-out "
                                    f"({type(err).__name__}: {str(err)[:120]})") from err

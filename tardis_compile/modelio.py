@@ -155,7 +155,7 @@ def ort_session(model: ir.Model, options: "ort.SessionOptions", scratch: Path) -
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
         return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
     path = scratch / "session.onnx"
-    ir.save(model, path, external_data="session.onnx.data")
+    ir.save(model, path, format="protobuf", external_data="session.onnx.data")
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -181,7 +181,8 @@ def check_destination(src: Path, dst: Path, *, reads: Mapping[str, object] | Non
                       what: str = "output path") -> None:
     """Refuse to write ``dst`` (or its ``<dst>.data``) over the input model, a file the input depends on
     (its external data), or another file the run reads (``reads``: description → path; data given as
-    arrays or callables is skipped). Also refuses a directory or a missing folder as ``dst``."""
+    arrays or callables is skipped). Also refuses a directory as ``dst``, and a folder that is missing or
+    that this user cannot write to."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
     protected = {src: "the input model"}
     protected.update({f: "the input model's external data" for f in (_external_files(src) if src.is_file() else ())})
@@ -196,6 +197,17 @@ def check_destination(src: Path, dst: Path, *, reads: Mapping[str, object] | Non
         raise OutputPathError(f"{what} '{dst}' is a directory")
     if not dst.parent.is_dir():
         raise OutputPathError(f"{what}: directory '{dst.parent}' does not exist")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} '{dst}': cannot write to directory '{dst.parent}' (permission denied)")
+
+
+def check_model_name(dst: Path, what: str = "output path") -> None:
+    """Refuse a model file name that onnx reads as one of its text formats (``.json``, ``.textproto``,
+    ``.onnxtxt``, ...): the model is written as binary protobuf, which ``onnx.load`` would then misread."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(Path(dst).suffix)
+    if fmt not in (None, "protobuf"):
+        raise OutputPathError(f"{what} '{dst}': onnx reads a '{Path(dst).suffix}' file as its {fmt} text format, "
+                              "but the model is written as binary protobuf; name it .onnx")
 
 
 @contextlib.contextmanager
@@ -226,17 +238,20 @@ def save(model: ir.Model, dst: str | os.PathLike, *, external_data: bool | None 
     with _staging(dst.parent) as tmp:
         tmp_model = tmp / dst.name
         data_name = dst.name + ".data"
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
-        else:
-            ir.save(model, tmp_model)
+        # binary protobuf whatever the suffix (onnx would pick a text format for .json / .textproto / .onnxtxt)
+        ir.save(model, tmp_model, format="protobuf", external_data=data_name if external_data else None)
         onnx.checker.check_model(str(tmp_model), full_check=True)
         if validate is not None:
             with _read_back(model, tmp_model) if external_data else contextlib.nullcontext():
                 validate(tmp_model)
+        old_data = dst.parent / data_name
+        # a self-contained model replacing one that kept its weights in <dst>.data: that file goes too
+        stale = not external_data and dst.is_file() and old_data.resolve() in _external_files(dst)
         if (tmp / data_name).exists():
-            os.replace(tmp / data_name, dst.parent / data_name)
+            os.replace(tmp / data_name, old_data)
         os.replace(tmp_model, dst)
+        if stale:
+            old_data.unlink(missing_ok=True)
     return dst
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tardis_compile import modelio
 from tardis_compile.fit import Lines
 from tardis_compile.gelu import gelu
 from tardis_compile.histogram import NeuronStats
@@ -65,8 +66,19 @@ def _gelu_panel(ax, stats: NeuronStats, lines: Lines, j: int, title: str) -> Non
     ax.tick_params(labelsize=7)
 
 
+def paths(stem: Path) -> list[Path]:
+    """The files :func:`write` writes for ``stem`` (checked as destinations before any work)."""
+    return [Path(f"{stem}.gelu.png"), Path(f"{stem}.layers.png")]
+
+
+def _save(fig, path: Path) -> None:
+    with modelio.staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
 def write(stem: Path, stats: dict[str, NeuronStats], lines: dict[str, Lines], measured: dict[str, dict]) -> list[Path]:
-    """Write the report's plots next to ``stem``; return the files written (none without matplotlib)."""
+    """Write the report's plots next to ``stem``, each atomically; return the files written (none without
+    matplotlib)."""
     plt = _pyplot()
     if plt is None:
         return []
@@ -77,8 +89,8 @@ def write(stem: Path, stats: dict[str, NeuronStats], lines: dict[str, Lines], me
             _gelu_panel(ax, stats[name], lines[name], j, f"{name} neuron {j}")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    gelu_png = Path(f"{stem}.gelu.png")
-    fig.savefig(gelu_png, dpi=110)
+    gelu_png, layers_png = paths(stem)
+    _save(fig, gelu_png)
     plt.close(fig)
 
     blocks = list(lines)
@@ -99,7 +111,6 @@ def write(stem: Path, stats: dict[str, NeuronStats], lines: dict[str, Lines], me
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     fig.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower center", ncol=3)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    layers_png = Path(f"{stem}.layers.png")
-    fig.savefig(layers_png, dpi=110)
+    _save(fig, layers_png)
     plt.close(fig)
     return [gelu_png, layers_png]

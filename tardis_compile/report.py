@@ -9,7 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from tardis_compile import fallback_op
+from tardis_compile import fallback_op, modelio
 from tardis_compile.passes.ffn_match import FfnBlock, Rejection
 from tardis_compile.verify import Verification
 
@@ -130,7 +130,7 @@ class Report:
             if own:
                 out["max_own_error"] = max(own)
         out["params_resident_ratio"] = sum(b.resident for b in self.blocks) / original
-        return out
+        return {k: v.item() if hasattr(v, "item") else v for k, v in out.items()}  # plain floats, not numpy
 
     def table(self) -> str:
         """The per-block table (Markdown, also readable in a terminal)."""
@@ -186,6 +186,6 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write(self, json_path: Path, md_path: Path) -> None:
-        """Write ``to_dict()`` as JSON and ``markdown()`` to the two paths."""
-        json_path.write_text(json.dumps(self.to_dict(), indent=2, default=float))
-        md_path.write_text(self.markdown())
+        """Write ``to_dict()`` as JSON and ``markdown()`` to the two paths, each atomically."""
+        modelio.write_text(json_path, json.dumps(self.to_dict(), indent=2, default=float))
+        modelio.write_text(md_path, self.markdown())

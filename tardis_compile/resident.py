@@ -22,7 +22,7 @@ from tardis_compile.histogram import NeuronStats
 
 def subset(stats: NeuronStats, neurons: np.ndarray) -> NeuronStats:
     """The statistics of some of a block's neurons."""
-    return NeuronStats(stats.variant, stats.grid, stats.moments[:, neurons, :], stats.gram)
+    return NeuronStats(stats.variant, stats.grid, stats.moments[:, neurons, :], stats.gram, stats.source)
 
 
 def select(stats: dict[str, NeuronStats], ranged: dict[str, fit.Lines], full: dict[str, fit.Lines],

@@ -72,7 +72,7 @@ _warned_missing = False
 
 
 class LibraryUnavailableError(RuntimeError):
-    """The compiled op library is required but could not be found or built."""
+    """The compiled op library is required but could not be found or built, or ONNX Runtime refuses it."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,8 +311,18 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
             log.warning("tardis-compile: %s", msg)
             _warned_missing = True
         return so
-    so.register_custom_ops_library(str(lib))
+    _register(so, lib)
     return so
+
+
+def _register(so: ort.SessionOptions, lib: Path) -> None:
+    """Register ``lib`` on ``so``; a file ONNX Runtime cannot load (not a library, another architecture,
+    missing ``RegisterCustomOps``, an onnxruntime older than 1.21) is a :class:`LibraryUnavailableError`."""
+    try:
+        so.register_custom_ops_library(str(lib))
+    except Exception as err:  # onnxruntime raises its own Fail / RuntimeError types
+        reason = " ".join(str(err).split())  # ORT's message may span lines (runtime imports no package module)
+        raise LibraryUnavailableError(f"ONNX Runtime cannot load '{lib}' as {LIB_NAME}: {reason}") from err
 
 
 def _cdll(lib: Path | None = None) -> ctypes.CDLL | None:
@@ -360,7 +370,7 @@ def describe(build: bool = False, force: bool = False) -> int:
     """``tardis-compile library [--build] [--force]``: print the path of the library sessions will register
     (:func:`library_path`). ``build``: build it into the user cache first when there is none; ``force``:
     rebuild the cache's copy (which is then used unless ``$TARDIS_OPS_LIBRARY`` or a fresh package copy comes
-    first, as said on stderr). Status 1, and why, when there is none."""
+    first, as said on stderr). Status 1, and why, when there is none or ONNX Runtime cannot load it."""
     lib = library_path()
     tried = force or (build and lib is None)
     if tried:
@@ -370,6 +380,13 @@ def describe(build: bool = False, force: bool = False) -> int:
             print(f"note: built {built}, but {lib} comes first and is the one in use", file=sys.stderr)
     if lib is None:
         print(f"error: {LIB_NAME} is not available ({_unavailable_reason(tried)})", file=sys.stderr)
+        return 1
+    import onnxruntime as ort
+
+    try:
+        _register(ort.SessionOptions(), lib)
+    except LibraryUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     print(lib)
     return 0

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from tardis_compile import fallback_op, modelio
 from tardis_compile.calibrate import BlockWeights, capture_session
-from tardis_compile.errors import CalibrationDataError, TardisError
+from tardis_compile.errors import CalibrationDataError, TardisError, one_line
 from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
 from tardis_compile.gelu import gelu
 from tardis_compile.passes.ffn_match import find_blocks
@@ -211,14 +211,14 @@ def compare(
             specs = input_specs(s_orig)
             orig_names = [o.name for o in s_orig.get_outputs()]
             for feed in validated(source, specs, "evaluation data")():
-                spill.put(feed, dict(zip(orig_names, _run(s_orig, orig_names, feed))))
+                spill.put(feed, dict(zip(orig_names, _run(s_orig, orig_names, feed, "the original model"))))
         del s_orig  # the session (and its mapping of the weights) goes before the optimized one comes
         if spill.batches == 0:
             raise CalibrationDataError("evaluation data: no data")
         with capture_session(optimized, opt_values, threads, options=optimized_options) as s_opt:
             opt_names = [o.name for o in s_opt.get_outputs()]
             for feed, ref in spill:
-                got = dict(zip(opt_names, _run(s_opt, opt_names, feed)))
+                got = dict(zip(opt_names, _run(s_opt, opt_names, feed, "the optimized model")))
                 for name in out_names:
                     outputs[name].add(ref[name], got[name], thresholds.atol, thresholds.rtol)
                 for site in sites:
@@ -257,11 +257,11 @@ def compare(
     return Verification(out_metrics, blocks, batches, _failures(out_metrics, thresholds))
 
 
-def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray], which: str) -> list[np.ndarray]:
     try:
         return session.run(names, feed)
     except Exception as err:  # ORT's own message names the failing node and shapes
-        raise CalibrationDataError(f"evaluation data: a model failed on this data: {err}") from err
+        raise CalibrationDataError(f"evaluation data: {which} failed on this data: {one_line(err)}") from err
 
 
 class _Spill:
@@ -297,7 +297,8 @@ def _relative(acc: _Accumulator) -> float:
 
 
 def _require_same_interface(original: ir.Model, optimized: ir.Model) -> None:
-    """The two models must take the same inputs and give the same outputs (names and element types)."""
+    """The two models must take the same inputs and give the same outputs (names, element types, and the
+    sizes both fix)."""
     for what, a, b in (("inputs", original.graph.inputs, optimized.graph.inputs),
                        ("outputs", original.graph.outputs, optimized.graph.outputs)):
         sig_a = {v.name: str(v.dtype) for v in a}
@@ -305,6 +306,16 @@ def _require_same_interface(original: ir.Model, optimized: ir.Model) -> None:
         if sig_a != sig_b:
             raise TardisError(f"the two models' {what} differ (original: {sig_a}; optimized: {sig_b}): compare a "
                               "model with its own optimized version")
+        shapes_b = {v.name: v.shape for v in b}
+        for v in a:
+            sa, sb = v.shape, shapes_b[v.name]
+            if sa is None or sb is None:
+                continue
+            fixed = [(x, y) for x, y in zip(sa, sb) if isinstance(x, int) and isinstance(y, int)]
+            if len(sa) != len(sb) or any(x != y for x, y in fixed):
+                raise TardisError(f"the two models' {what} differ: '{v.name}' is {list(sa)} in the original and "
+                                  f"{list(sb)} in the optimized model: compare a model with its own optimized "
+                                  "version")
 
 
 def _output_metrics(name: str, acc: _Accumulator) -> OutputMetrics:

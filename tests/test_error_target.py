@@ -58,5 +58,5 @@ def test_own_error_of_the_first_block_is_its_error_in_the_model(tmp_path):
 
 
 def test_max_error_with_another_rate_target_is_refused():
-    with pytest.raises(tc.TardisError, match="--max-error sets the fallback rate itself"):
+    with pytest.raises(tc.TardisError, match="--target-params and --max-error each set the ranges. budget"):
         tc.Settings(max_error=0.1, target_params=0.5)
