@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the bundled default: all-MiniLM-L6-v2 on BBC News text")
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--target-fallback", type=float, default=api.DEFAULT_TARGET_FALLBACK,
-                   help=f"mean share of token-neuron pairs taking the exact fallback (default {api.DEFAULT_TARGET_FALLBACK})")
+                   help="mean share of token-neuron pairs taking the exact fallback "
+                        f"(default {api.DEFAULT_TARGET_FALLBACK})")
     return parser
 
 
@@ -295,12 +296,13 @@ def _bench(args: argparse.Namespace) -> int:
         _note_not_optimized(args.optimized)
     sets = benchmark.load_feed_sets(args.original, data=args.data, data_options=data_options,
                                     shapes=args.shape, max_batches=args.max_batches, int_high=args.int_high)
-    started = []
+    header_shown = False
 
     def progress(row: str) -> None:  # each case's row on stderr as it finishes, under the header
-        if not started:
+        nonlocal header_shown
+        if not header_shown:
             print(benchmark.TABLE_HEADER, file=sys.stderr)
-            started.append(True)
+            header_shown = True
         print(row, file=sys.stderr, flush=True)
 
     result = benchmark.bench(args.original, args.optimized, sets, threads=threads, warmup=args.warmup,
