@@ -39,12 +39,18 @@ KINDS = (("exact", "gptq"), ("int8", "rtn"), ("int4", "gptq"), ("int4", "rtn"), 
 TOKENS = (1, 8, 128)
 
 
+def _quantizer(kind: str, label: str) -> str | None:
+    """The quantizer option for a KINDS row: int4/int2 take one; for the others the label only names
+    their rounding (int8 is round-to-nearest per neuron) and the option must stay unset."""
+    return label if kind in ("int4", "int2") else None
+
+
 def _quality_rows(name: str, model: Path, calib, held, data: api.DataOptions, out: Path, target: float,
                   recall: float, kinds: list[tuple[str, str]]) -> list[dict]:
     stats = out / f"{name}.predictor-stats.npz"
     rows = []
     for kind, quantizer in kinds:
-        settings = api.Settings(target_fallback=target, predictor=kind, predictor_quantizer=quantizer,
+        settings = api.Settings(target_fallback=target, predictor=kind, predictor_quantizer=_quantizer(kind, quantizer),
                                 predictor_recall=recall)
         kw = {"stats_in": stats} if stats.exists() else {"stats_out": stats}
         t0 = time.time()
@@ -91,7 +97,8 @@ def _cost_rows(d: int, hidden: int, gelu: str, reps: int) -> list[dict]:
     dense = _session(dense_proto)
     sessions = {}
     for kind, quantizer in KINDS:
-        built = predictors.build(kind, blocks[0], gram, predictors.PredictorOptions(quantizer=quantizer))
+        options = predictors.PredictorOptions(quantizer=_quantizer(kind, quantizer))
+        built = predictors.build(kind, blocks[0], gram, options)
         sessions.setdefault(kind, _session(ir.to_proto(predictors.standalone_model(built.predictor, d))))
     rows = []
     for tokens in TOKENS:

@@ -4,7 +4,8 @@ Emitted graph (the block's output keeps its original tensor name, so consumers a
 
     x ─┬─► MatMul(W_f) ─► Add(b_f) ───────────────────────────► y_lin ─┐
        ├─► predictor (e.g. com.microsoft::MatMulNBits with bias b1) ─► ĥ ──┤
-       │   range_lo ─► Add(margin) ─► lo      range_hi ─► Sub(margin) ─► hi ┤ (constant-folded by ORT)
+       │   range_lo ─► Add(margin) ─► lo      range_hi ─► Sub(margin) ─► hi ┤ (constant-folded by ORT;
+       │                                         float16 models: in float32, then Cast)      │
        └───────────────────────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
 
 The folded part is plain ``MatMul``/``Add`` (any runtime optimises it); ``GuardedFallback`` is our
@@ -124,15 +125,24 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
 
 
 def _guards(folded: FoldedBlock, add, prefix: str, dtype: np.dtype) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value]]:
-    """``lo``/``hi`` operands: the range itself, or ``range_lo + margin`` / ``range_hi − margin``."""
-    lo = add(f"{prefix}/range_lo", folded.resident(folded.lines.lo).astype(dtype))
-    hi = add(f"{prefix}/range_hi", folded.resident(folded.lines.hi).astype(dtype))
+    """``lo``/``hi`` operands: the range itself, or ``range_lo + margin`` / ``range_hi − margin``. For a
+    float16 model those sums are float32 and then ``Cast``: ONNX Runtime's CPU provider has no float16
+    ``Sub`` to constant-fold (it would warn and compute them on every run)."""
     if not np.any(folded.margin > 0):
-        return [], (lo, hi)
-    margin = add(f"{prefix}/margin", folded.margin.astype(dtype))
-    lo_node = _node("Add", [lo, margin], f"{prefix}/guard_lo", f"{prefix}/lo")
-    hi_node = _node("Sub", [hi, margin], f"{prefix}/guard_hi", f"{prefix}/hi")
-    return [lo_node, hi_node], (lo_node.outputs[0], hi_node.outputs[0])
+        return [], tuple(add(f"{prefix}/range_{side}", folded.resident(getattr(folded.lines, side)).astype(dtype))
+                         for side in ("lo", "hi"))
+    half = np.dtype(dtype) == np.float16
+    store = np.float32 if half else dtype
+    lo = add(f"{prefix}/range_lo", folded.resident(folded.lines.lo).astype(store))
+    hi = add(f"{prefix}/range_hi", folded.resident(folded.lines.hi).astype(store))
+    margin = add(f"{prefix}/margin", folded.margin.astype(store))
+    sums = [_node("Add", [lo, margin], f"{prefix}/guard_lo", f"{prefix}/lo" + ("32" if half else "")),
+            _node("Sub", [hi, margin], f"{prefix}/guard_hi", f"{prefix}/hi" + ("32" if half else ""))]
+    if not half:
+        return sums, (sums[0].outputs[0], sums[1].outputs[0])
+    casts = [_node("Cast", [n.outputs[0]], f"{n.name}_cast", f"{prefix}/{side}", to=ir.DataType.FLOAT16)
+             for n, side in zip(sums, ("lo", "hi"))]
+    return [*sums, *casts], (casts[0].outputs[0], casts[1].outputs[0])
 
 
 def _reroute_shape_reads(graph: ir.Graph, block: FfnBlock, h_hat: ir.Value, prefix: str, after: ir.Node) -> None:

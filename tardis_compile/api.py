@@ -21,7 +21,7 @@ from tardis_compile import predictor as predictors
 from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs, weights_digest
 from tardis_compile.errors import AlreadyOptimizedError, CalibrationDataError, NoFoldableBlockError, TardisError
 from tardis_compile.fold import fold
-from tardis_compile.passes.ffn_match import FfnBlock, Rejection, count_rewritten, find_blocks
+from tardis_compile.passes.ffn_match import FfnBlock, Rejection, count_rewritten, describe, find_blocks
 from tardis_compile.passes.ffn_rewrite import FoldedBlock, rewrite
 from tardis_compile.progress import Progress
 from tardis_compile.refit import DEFAULT_RIDGE, NormalEquations
@@ -59,7 +59,7 @@ class Settings:
     # just outside its range, where the line is nearly right, while every extra flag spends fallback
     # budget (MiniLM, int4, 10% flagged: cosine 0.9784 at 0.995, 0.9790 at 0.99, 0.9797 at 0.98, 0.9804 at 0.95)
     predictor_recall: float = 0.95
-    predictor_quantizer: str = "gptq"  # int4/int2: gptq or rtn
+    predictor_quantizer: str | None = None  # int4/int2: gptq (None means it) or rtn
     predictor_rank: int | None = None  # lowrank: fixed rank (default: chosen per layer)
     predictor_block: int | None = None  # int4/int2: weights per block along d (None: 32, halved below d)
     target_params: float | None = None  # share of the FFN parameters touched per token (sets the fallback rate)
@@ -183,7 +183,33 @@ def _input_names(model: ir.Model) -> list[str]:
 
 def inspect(model_path: str | os.PathLike) -> tuple[list[FfnBlock], list[Rejection]]:
     """Blocks the pass would rewrite, and every rejected candidate with its reason."""
-    return find_blocks(modelio.load(model_path))
+    return find_foldable(modelio.load(model_path))
+
+
+def _kind_name(kind: tuple[str, ir.DataType]) -> str:
+    return f"{'erf' if kind[0] == 'none' else kind[0]} GELU in {kind[1].numpy().name}"
+
+
+def find_foldable(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
+    """:func:`find_blocks`, less the blocks whose GELU variant or dtype differs from the model's most common
+    one (the first block's on a tie): a rewritten model carries one ``GuardedFallback`` function, and an ONNX
+    function body cannot branch on the variant. The others are rejected with that reason."""
+    blocks, rejected = find_blocks(model)
+    kinds = [(b.variant, b.dtype) for b in blocks]
+    if len(set(kinds)) <= 1:
+        return blocks, rejected
+    keep = max(kinds, key=lambda k: (kinds.count(k), -kinds.index(k)))
+    kept = []
+    for block, kind in zip(blocks, kinds):
+        if kind == keep:
+            kept.append(block)
+            continue
+        seed = block.activation.nodes[0]
+        rejected.append(Rejection(
+            describe(seed), seed.op_type, "rewrite",
+            f"mixed GELU variants or dtypes: this block is {_kind_name(kind)}, {kinds.count(keep)} other(s) "
+            f"{_kind_name(keep)}; one rewrite handles one variant and dtype per model"))
+    return kept, rejected
 
 
 def rewritten(model_path: str | os.PathLike) -> list[tuple[str, dict[str, str]]]:
@@ -421,7 +447,7 @@ def optimize(
     for path in (json_path, md_path, *plots.paths(json_path.with_suffix(""))):
         modelio.check_destination(model_path, path, reads=writes, what="report path")
     original = modelio.load(model_path)
-    blocks, rejected = find_blocks(original)
+    blocks, rejected = find_foldable(original)
     _require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(original))
     predictors.check_options(settings.predictor, [b.dtype.numpy() for b in blocks], settings.predictor_options())
     input_names = _input_names(original)
@@ -485,7 +511,7 @@ def optimize(
                     reports, rejected,
                     verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
     optimized = modelio.load(model_path)  # a second, untouched copy stays as the reference
-    opt_blocks, _ = find_blocks(optimized)
+    opt_blocks, _ = find_foldable(optimized)
     for f, b in zip(folded, opt_blocks):
         f.block = b
     rewrite(optimized, folded)

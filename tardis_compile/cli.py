@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-recall", type=float, default=api.Settings.predictor_recall,
                    help="calibrated share of out-of-range pairs the predictor must flag; sets its safety "
                         f"margins (default {api.Settings.predictor_recall})")
-    p.add_argument("--predictor-quantizer", choices=["gptq", "rtn"], default=api.Settings.predictor_quantizer,
+    p.add_argument("--predictor-quantizer", choices=["gptq", "rtn"],
                    help="int4/int2 predictors: GPTQ with the calibration inputs (default) or round-to-nearest")
     p.add_argument("--predictor-rank", type=_int_in(1), help="lowrank predictor: fixed rank (default: per layer)")
     p.add_argument("--predictor-block", type=int, choices=[16, 32, 64, 128], default=api.Settings.predictor_block,

@@ -63,7 +63,7 @@ class PredictorOptions:
     """How predictors are built. ``recall`` is the calibrated target that sets the margins."""
 
     recall: float = 0.99
-    quantizer: str = "gptq"  # int4/int2: "gptq" (needs calibration inputs) or "rtn"
+    quantizer: str | None = None  # int4/int2: "gptq" (needs calibration inputs; None means it) or "rtn"
     block_size: int | None = None  # int4/int2 weights per quantization block; None: DEFAULT_BLOCK
     rank: int | None = None  # lowrank: fixed rank; None chooses per layer by ``energy``
     energy: float = 0.99  # lowrank: share of the whitened spectrum kept
@@ -71,17 +71,15 @@ class PredictorOptions:
     def __post_init__(self) -> None:
         if not 0.0 < self.recall <= 1.0:
             raise TardisError(f"--predictor-recall must be within (0, 1], got {self.recall}")
-        if self.quantizer not in ("gptq", "rtn"):
+        if self.quantizer not in (None, "gptq", "rtn"):
             raise TardisError(f"unknown quantizer {self.quantizer!r}; choose gptq or rtn")
         if self.block_size not in (None, 16, 32, 64, 128):
             raise TardisError(f"predictor block size must be 16, 32, 64 or 128, got {self.block_size}")
 
     def block_for(self, d: int) -> int:
         """The quantization block of an int4/int2 predictor of a d-row W1: the explicit one, else the
-        default, halved while it exceeds d (a padded block would store and read zeros)."""
-        if self.block_size:
-            return self.block_size
-        block = DEFAULT_BLOCK
+        default, either halved while it exceeds d (a padded block would store and read zeros)."""
+        block = self.block_size or DEFAULT_BLOCK
         while block > 16 and block > d:
             block //= 2
         return block
@@ -287,11 +285,16 @@ class Int8Predictor:
         return self.q.size / 4.0 + self.scales.size + self.b1.size
 
 
-def int8_columns(w1: np.ndarray, b1: np.ndarray, dtype: np.dtype) -> Int8Predictor:
-    """Round-to-nearest int8 per neuron (column): at 8 bits GPTQ's gain is below the activation rounding."""
+def _int8_dtype(dtype: np.dtype) -> None:
+    """The int8 predictor serves float32 blocks only."""
     if np.dtype(dtype) != np.float32:
         raise PredictorError(f"the int8 predictor runs ONNX Runtime's DynamicQuantizeMatMul, which takes float32 "
                              f"activations; this model is {np.dtype(dtype).name}: use --predictor int4")
+
+
+def int8_columns(w1: np.ndarray, b1: np.ndarray, dtype: np.dtype) -> Int8Predictor:
+    """Round-to-nearest int8 per neuron (column): at 8 bits GPTQ's gain is below the activation rounding."""
+    _int8_dtype(dtype)
     return Int8Predictor(*quantize.int8_columns(w1), b1, np.dtype(dtype))
 
 
@@ -408,7 +411,9 @@ def neuron_parameters(kind: str, d: int, dtype: np.dtype, options: PredictorOpti
         return quantize.stored_bits(d, 1, 4 if kind == "int4" else 2, options.block_for(d), scale_bits) / scale_bits + 1
     if kind == "int8":
         return d / 4.0 + 2.0
-    raise PredictorError(f"the {kind} predictor's size depends on its per-layer rank; choose exact, int8, int4 or int2")
+    raise PredictorError(f"--target-params and --resident budget the predictor neuron by neuron, and the {kind} "
+                         "predictor's first factor is shared by all neurons of a layer: choose exact, int8, int4 "
+                         "or int2 with them")
 
 
 def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: PredictorOptions | None = None,
@@ -432,7 +437,7 @@ def build(kind: str, block: FfnBlock, gram: np.ndarray | None, options: Predicto
     if kind in ("int4", "int2"):
         bits = 4 if kind == "int4" else 2
         _require_kernel(bits)
-        if options.quantizer == "gptq":
+        if options.quantizer in (None, "gptq"):
             quant = quantize.gptq(w1, gram[:-1, :-1], bits, options.block_for(w1.shape[0]))
         else:
             quant = quantize.rtn(w1, bits, options.block_for(w1.shape[0]))
@@ -460,8 +465,9 @@ def resolve(kind: str, dtype: np.dtype) -> str:
 
 
 def check_options(kind: str, dtypes: Iterable[np.dtype], options: PredictorOptions) -> None:
-    """Refuse an option the predictor the blocks get would ignore (``--predictor-block`` applies to int4 and
-    int2, ``--predictor-rank`` to lowrank), so a setting never silently has no effect."""
+    """Refuse an option the predictor the blocks get would ignore (``--predictor-block`` and
+    ``--predictor-quantizer`` apply to int4 and int2, ``--predictor-rank`` to lowrank), so a setting never
+    silently has no effect; and int8 for blocks that are not float32. Runs before calibration."""
     kinds = sorted({resolve(kind, dtype) for dtype in dtypes})
     named = f"--predictor {kind}" if kind != "auto" else f"--predictor auto ({' / '.join(kinds)} for these blocks)"
     if options.block_size is not None and not set(kinds) & {"int4", "int2"}:
@@ -470,6 +476,12 @@ def check_options(kind: str, dtypes: Iterable[np.dtype], options: PredictorOptio
     if options.rank is not None and "lowrank" not in kinds:
         raise TardisError(f"--predictor-rank applies to the lowrank predictor, not {named}: choose --predictor "
                           "lowrank, or drop --predictor-rank")
+    if options.quantizer is not None and not set(kinds) & {"int4", "int2"}:
+        raise TardisError(f"--predictor-quantizer applies to the int4 and int2 predictors, not {named}: choose "
+                          "--predictor int4 (or int2), or drop --predictor-quantizer")
+    for dtype in dtypes:
+        if resolve(kind, dtype) == "int8":
+            _int8_dtype(dtype)
 
 
 class MarginSearch:

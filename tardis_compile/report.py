@@ -52,6 +52,11 @@ class BlockReport:
         """Share of *all* the block's token-neuron pairs flagged, from the op's rate over resident neurons."""
         return resident_rate * self.resident_share
 
+    def coverage(self, resident_coverage: float) -> float:
+        """Share of *all* the block's token-neuron pairs in range, from the op's share over resident neurons
+        (a neuron without resident weights is always linear: always in range)."""
+        return 1.0 - (1.0 - resident_coverage) * self.resident_share
+
     @property
     def calibrated_rate(self) -> float:
         """The calibrated out-of-range share, over the resident neurons (the op's view)."""
@@ -140,11 +145,13 @@ class Report:
         measured = {fallback_op.block_name(m.name): m for m in (self.verification.blocks if self.verification else [])}
         for b in self.blocks:
             m = measured.get(b.name)
-            cov = f"{m.coverage:.1%}" if m else f"{b.calibrated_coverage:.1%} (calib)"
+            cov = f"{b.coverage(m.coverage):.1%}" if m else f"{b.calibrated_coverage:.1%} (calib)"
             kept = b.resident_share
             rate = m.fallback_rate if m else b.calibrated_rate
             z = b.predictor.get("margin_z")
             pred = b.predictor.get("kind", "?") + (f" (z={z:.2f})" if z else "")
+            if b.resident_neurons == 0:
+                pred = "none (always linear)"
             rows.append(
                 f"| {b.name} | {b.spelling} | {b.d}×{b.hidden} | {pred} | {kept:.0%} | {cov} | {b.flagged_share(rate):.1%} | "
                 f"{(f'{m.recall:.3f}' if m else '-')} | {(f'{m.precision:.3f}' if m else '-')} | "
@@ -160,7 +167,9 @@ class Report:
                  f"- calibration tokens: {self.calibration_tokens:,}",
                  f"- blocks rewritten: {len(self.blocks)}, candidates rejected: {len(self.rejected)}",
                  f"- FFN parameter reduction (paper's accounting, incl. predictor): "
-                 f"{s.get('ffn_param_reduction', 0):.1%}"]
+                 f"{s.get('ffn_param_reduction', 0):.1%}; stored (resident): {s.get('params_resident_ratio', 1):.1%}"
+                 + (f"; touched per token: {s['params_touched_per_token_ratio']:.1%}"
+                    if "params_touched_per_token_ratio" in s else "") + " of the original FFN parameters"]
         if self.verification is not None:
             v = self.verification
             lines += [f"- verification ({self.verified_on}, {v.batches} batches): max abs error "
@@ -170,10 +179,11 @@ class Report:
                       "|---|---|---|---|---|---|"]
             lines += [f"| {o.name} | {o.max_abs_error:.3g} | {o.mean_cosine:.5f} | {o.min_cosine:.5f} | "
                       f"{o.relative_error:.3g} | {o.share_over_bound:.2%} |" for o in v.outputs]
-        if self.settings.get("max_error") is not None:
-            worst = s.get("max_own_error")
-            lines += [f"- --max-error {self.settings['max_error']:g}: solved fallback rate "
-                      f"{self.settings.get('solved_fallback_rate', float('nan')):.2%}"
+        budget = next((f"--{k.replace('_', '-')} {self.settings[k]:g}" for k in ("max_error", "target_params")
+                       if self.settings.get(k) is not None), None)
+        if budget:
+            worst = s.get("max_own_error") if self.settings.get("max_error") is not None else None
+            lines += [f"- {budget}: solved fallback rate {self.settings.get('solved_fallback_rate', float('nan')):.2%}"
                       + (f", worst block's own error {worst:.4g} on the verification data" if worst else "")]
         lines += ["", "## Blocks", "", self.table()]
         if self.plots:

@@ -129,16 +129,21 @@ class _FallbackSite:
 
 def _bound_and_guard(value: ir.Value) -> tuple[np.ndarray, np.ndarray]:
     """(fitted range bound, guard) behind a ``lo``/``hi`` operand: a constant (no margin), or
-    ``range ± margin`` evaluated in the model's dtype as the runtime does."""
+    ``range ± margin`` evaluated in the stored dtype as the runtime does (float16 models: in float32,
+    then cast)."""
     const = ir.convenience.get_const_tensor(value)
     if const is not None:
         return np.asarray(const.numpy(), np.float64), np.asarray(const.numpy(), np.float64)
     producer = value.producer()
+    if producer is not None and producer.op_type == "Cast":
+        bound, guard = _bound_and_guard(producer.inputs[0])
+        to = ir.DataType(producer.attributes["to"].as_int()).numpy()
+        return bound, np.asarray(np.asarray(guard, np.float32).astype(to), np.float64)
     operands = [ir.convenience.get_const_tensor(v) for v in producer.inputs] if producer is not None else [None]
     if producer is None or producer.op_type not in ("Add", "Sub") or any(o is None for o in operands):
         raise ValueError(f"guard '{value.name}' is neither a constant nor range ± margin")
     bound, margin = (o.numpy() for o in operands)
-    guard = bound + margin if producer.op_type == "Add" else bound - margin
+    guard = bound + margin if producer.op_type == "Add" else bound - margin  # in their stored dtype
     return np.asarray(bound, np.float64), np.asarray(guard, np.float64)
 
 
@@ -164,15 +169,18 @@ class _Accumulator:
         self.over = self.count = 0
 
     def add(self, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> None:
-        """Add one batch. A value that is finite on one side only (NaN or ±inf where the other is finite)
-        is an infinite error, and its row's cosine 0: a broken output can never pass."""
+        """Add one batch. Cosines are per row of the last axis, except when that axis has size 1 (a score
+        per row, whose one-element "cosine" would only compare signs): then one per batch, over the whole
+        tensor. A value that is finite on one side only (NaN or ±inf where the other is finite) is an
+        infinite error, and its row's cosine 0: a broken output can never pass."""
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
         ok_r, ok_g = np.isfinite(ref64), np.isfinite(got64)
         with np.errstate(invalid="ignore"):
             diff = np.where(ok_r & ok_g, got64 - ref64, np.where(ok_r != ok_g, np.inf, 0.0))
         ref64, got64 = np.where(ok_r, ref64, 0.0), np.where(ok_g, got64, 0.0)
         self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))) if diff.size else 0.0)
-        r = ref64.reshape(-1, ref64.shape[-1]) if ref64.ndim else ref64.reshape(1, 1)
+        width = ref64.shape[-1] if ref64.ndim else 1
+        r = ref64.reshape(-1, width) if width > 1 else ref64.reshape(1, -1)
         g = got64.reshape(r.shape)
         broken = (ok_r != ok_g).reshape(r.shape).any(axis=1)
         denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)

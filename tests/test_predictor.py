@@ -113,10 +113,12 @@ def test_auto_is_int8_for_float32_and_int4_for_float16():
 
 
 def test_default_quantization_blocks_per_width():
-    """int4 and int2 default to blocks of 32, halved while wider than d (no padded block); explicit wins."""
+    """int4 and int2 default to blocks of 32; the default or an explicit block is halved while wider than d
+    (a padded block would store and read zeros)."""
     default = predictors.PredictorOptions()
     assert [default.block_for(d) for d in (4544, 384, 32, 20, 8)] == [32, 32, 32, 16, 16]
     assert predictors.PredictorOptions(block_size=128).block_for(384) == 128
+    assert [predictors.PredictorOptions(block_size=128).block_for(d) for d in (100, 40, 16)] == [64, 32, 16]
     built = predictors.build("int4", _block(16, 64), _gram(_correlated_inputs(16, 512)))
     assert built.predictor.quant.block_size == 16
     # 4-bit weights plus a float32 scale and a 4-bit zero point per block of 128, bias included
