@@ -218,7 +218,7 @@ def _run_tardis(ctx: Context, strategy: str, config: Config) -> dict:
                    recall=_mean_recall(report))
         return out
 
-    return _cached(ctx, key, {"settings": dataclasses.asdict(settings)}, compute)
+    return _cached(ctx, key, {"settings": settings.effective()}, compute)
 
 
 def _run_prune(ctx: Context, method: str, sparsity: float, pattern: str) -> dict:

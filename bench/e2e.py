@@ -78,13 +78,13 @@ def code_hash() -> str:
 def optimized_model(src: Path, dst: Path, calib, settings: api.Settings, **kw) -> dict:
     """Optimize once (cached by settings and the tool's code); return the report summary."""
     report_json, stamp = dst.with_suffix(".report.json"), dst.with_suffix(".code")
-    want = dataclasses.asdict(settings)
+    want = settings.effective()
     if dst.exists() and report_json.exists() and stamp.exists() and stamp.read_text() == code_hash():
         rep = json.loads(report_json.read_text())
         if {k: rep.get("settings", {}).get(k) for k in want} == want:  # the report adds the solved rates
             log(f"reusing {dst}")
             return {"settings": rep["settings"], "summary": rep.get("summary"), "optimize_seconds": None}
-    log(f"optimizing {src.name} -> {dst.name} ({settings.predictor}, target fallback {settings.target_fallback})")
+    log(f"optimizing {src.name} -> {dst.name} ({settings.predictor}, target fallback {settings.fallback_target})")
     t0 = time.time()
     report = api.optimize(src, dst, calib, settings=settings, show_progress=False, **kw)
     stamp.write_text(code_hash())
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out)
     results = {"machine": benchmark.machine_info(), "load_start": [round(x, 2) for x in os.getloadavg()],
-               "settings_default": dataclasses.asdict(api.Settings()), "threads": args.threads,
+               "settings_default": api.Settings().effective(), "threads": args.threads,
                "rounds": args.rounds, "min_seconds": args.min_seconds, "models": {}}
     names = {"minilm": "all-MiniLM-L6-v2 (real weights) — sentence embeddings",
              "gpt2": "GPT-2-small-shaped (random weights)", "bloom": "BLOOM-560m-shaped (random weights)",

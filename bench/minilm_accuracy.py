@@ -39,8 +39,8 @@ def main() -> None:
         report = api.optimize(model, out / f"bench-{name}.onnx", calib, eval_data=held, settings=settings,
                               data=data, show_progress=False, **kw)
         s = report.summary()
-        row = {"run": name, "strategy": settings.strategy, "refit": settings.refit,
-               "target_fallback": settings.target_fallback, "flag_all": settings.flag_all,
+        row = {"run": name, "strategy": settings.fit_strategy, "refit": settings.refit,
+               "target_fallback": settings.fallback_target, "flag_all": settings.flag_all,
                "mean_cosine": s["mean_cosine"], "min_cosine": report.verification.outputs[0].min_cosine,
                "max_abs_error": s["max_abs_error"], "fallback_rate": s["fallback_rate"],
                "seconds": time.time() - t0}

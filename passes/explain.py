@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from tardis_compile.errors import TardisError
 from tardis_compile.passes import activation as act
-from tardis_compile.passes.ffn_match import FfnBlock, Rejection, describe, match_block
+from tardis_compile.passes.ffn_match import FfnBlock, Rejection, describe, find_foldable, match_block
 
 
 @dataclasses.dataclass
@@ -101,4 +101,7 @@ def explain(model: ir.Model, name: str) -> Explanation:
                           f"from activation ops ({', '.join(sorted(act.SEED_OPS))})")
     trace: list[str] = []
     result = match_block(seeds[0], graph, trace)
+    if isinstance(result, FfnBlock):  # matched, but the rewrite may still leave it (mixed GELU variants)
+        anchor = describe(seeds[0])
+        result = next((r for r in find_foldable(model)[1] if r.stage == "rewrite" and r.anchor == anchor), result)
     return Explanation(name, describe(seeds[0]), trace, result)

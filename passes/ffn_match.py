@@ -218,12 +218,14 @@ def find_blocks(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
     blocks: list[FfnBlock] = []
     rejections: list[Rejection] = []
     claimed: set[ir.Node] = set()
+    taken = {fallback_op.block_name(n.name) for n in fallback_op.fallback_nodes(graph)}  # a rewritten model's
+    names = (name for name in (f"ffn{i}" for i in range(len(graph) + len(taken) + 1)) if name not in taken)
     for node in list(graph):
         if node.op_type not in act.SEED_OPS or node in claimed:
             continue
         result = match_block(node, graph)
         if isinstance(result, FfnBlock):
-            result.name = f"ffn{len(blocks)}"
+            result.name = next(names)
             blocks.append(result)
             claimed.update(result.nodes)
         else:
@@ -241,3 +243,43 @@ def _region_of(seed: ir.Node, graph: ir.Graph) -> list[ir.Node]:
         return [seed]
     nodes, _ = act.collect(h, graph)
     return nodes or [seed]
+
+
+def find_foldable(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
+    """:func:`find_blocks`, less the blocks the rewrite cannot give this model: a rewritten model carries
+    one ``GuardedFallback`` function, and an ONNX function body cannot branch on the GELU variant, so every
+    block must share one variant and dtype: those of the blocks already rewritten, else the most common
+    (the first block's on a tie). The others are rejected with that reason."""
+    blocks, rejected = find_blocks(model)
+    kinds = [(b.variant, b.dtype) for b in blocks]
+    done = [_rewritten_kind(n) for n in fallback_op.fallback_nodes(model.graph)]
+    if done:
+        keep, whose = done[0], f"the {len(done)} already rewritten are"
+    elif len(set(kinds)) > 1:
+        keep = max(kinds, key=lambda k: (kinds.count(k), -kinds.index(k)))
+        whose = f"{kinds.count(keep)} other(s) are"
+    else:
+        return blocks, rejected
+    kept = []
+    for block, kind in zip(blocks, kinds):
+        if kind == keep:
+            kept.append(block)
+            continue
+        seed = next((n for n in block.activation.nodes if n.op_type in act.SEED_OPS), block.activation.nodes[0])
+        rejected.append(Rejection(
+            describe(seed), seed.op_type, "rewrite",
+            f"mixed GELU variants or dtypes: this block is {_kind_name(kind)}, {whose} {_kind_name(keep)}; "
+            "one rewrite handles one variant and dtype per model"))
+    return kept, rejected
+
+
+def _rewritten_kind(node: ir.Node) -> tuple[str, ir.DataType]:
+    """GELU variant and element type of a ``GuardedFallback`` node (from its attribute and its weights)."""
+    attr = node.attributes.get("approximate")
+    w1t = node.inputs[fallback_op.INPUT_NAMES.index("w1t")]
+    dtype = w1t.dtype if w1t.dtype is not None else w1t.const_value.dtype
+    return (attr.as_string() if attr is not None else "none"), dtype
+
+
+def _kind_name(kind: tuple[str, ir.DataType]) -> str:
+    return f"{'erf' if kind[0] == 'none' else kind[0]} GELU in {kind[1].numpy().name}"

@@ -21,7 +21,7 @@ from tardis_compile import predictor as predictors
 from tardis_compile.calibrate import BlockWeights, collect_stats, stream_block_inputs, weights_digest
 from tardis_compile.errors import AlreadyOptimizedError, CalibrationDataError, NoFoldableBlockError, TardisError
 from tardis_compile.fold import fold
-from tardis_compile.passes.ffn_match import FfnBlock, Rejection, count_rewritten, describe, find_blocks
+from tardis_compile.passes.ffn_match import FfnBlock, Rejection, count_rewritten, find_foldable
 from tardis_compile.passes.ffn_rewrite import FoldedBlock, rewrite
 from tardis_compile.progress import Progress
 from tardis_compile.refit import DEFAULT_RIDGE, NormalEquations
@@ -45,11 +45,13 @@ DEFAULT_TARGET_FALLBACK = 0.1  # METHOD.md §5: the default target, a 10% fallba
 
 @dataclasses.dataclass
 class Settings:
-    """How to fit. ``coverage`` selects the paper's strategy; otherwise ``target_fallback`` drives ours,
-    unless ``target_params`` or ``max_error`` sets the fallback rate. One target at a time: a combination
-    in which one would be ignored is refused."""
+    """How to fit. ``coverage`` selects the paper's strategy; otherwise ``target_fallback`` (default 0.1)
+    drives ours, unless ``target_params`` or ``max_error`` sets the fallback rate. One budget at a time: a
+    combination in which one would be ignored is refused. Fields hold what was asked (None: the default);
+    :attr:`fit_strategy`, :attr:`fallback_target` and :meth:`effective` resolve the defaults, so
+    ``dataclasses.replace`` sees the request, not a resolved default."""
 
-    target_fallback: float = DEFAULT_TARGET_FALLBACK
+    target_fallback: float | None = None  # None: DEFAULT_TARGET_FALLBACK unless another budget is given
     coverage: float | None = None
     strategy: str | None = None  # None: "coverage" with ``coverage``, else "error"
     refit: bool = True
@@ -70,11 +72,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         self._check_one_target()
-        if self.strategy is None:
-            self.strategy = "coverage" if self.coverage is not None else "error"
-        if self.strategy not in fit.STRATEGIES:
+        if self.strategy is not None and self.strategy not in fit.STRATEGIES:
             raise TardisError(f"unknown strategy {self.strategy!r}; choose one of {fit.STRATEGIES}")
-        if not 0.0 <= self.target_fallback <= 1.0:
+        if self.target_fallback is not None and not 0.0 <= self.target_fallback <= 1.0:
             raise TardisError(f"--target-fallback must be within [0, 1], got {self.target_fallback}")
         if self.coverage is not None and not 0.0 <= self.coverage <= 1.0:
             raise TardisError(f"--coverage must be within [0, 1], got {self.coverage}")
@@ -86,19 +86,36 @@ class Settings:
             raise TardisError(f"--fold-bits must be 8 (or unset: the model's dtype), got {self.fold_bits}")
         if self.fold_bits is not None and self.flag_all:
             raise TardisError("--flag-all checks exactness, which a quantized folded matrix gives up: drop --fold-bits")
-        if self.resident is not None and (self.strategy != "error" or self.flag_all):
+        if self.resident is not None and (self.fit_strategy != "error" or self.flag_all):
             raise TardisError("--resident works with the error-aware strategy and without --flag-all")
         if self.predictor not in predictors.CHOICES:
             raise TardisError(f"unknown predictor {self.predictor!r}; available: {', '.join(predictors.CHOICES)}")
+        if self.predictor == "lowrank" and (self.target_params is not None or self.resident is not None):
+            raise TardisError("--target-params and --resident budget the predictor neuron by neuron, and the "
+                              "lowrank predictor's first factor is shared by all neurons of a layer: choose "
+                              "exact, int8, int4 or int2 with them")
         self.predictor_options()
+
+    @property
+    def fit_strategy(self) -> str:
+        """The range strategy that runs: the one asked for, else coverage with ``coverage``, else error."""
+        return self.strategy or ("coverage" if self.coverage is not None else "error")
+
+    @property
+    def fallback_target(self) -> float:
+        """The fallback-rate target (``target_fallback``, or the default 0.1)."""
+        return DEFAULT_TARGET_FALLBACK if self.target_fallback is None else self.target_fallback
+
+    def effective(self) -> dict:
+        """The settings with their defaults resolved (what the report and the model's metadata record)."""
+        return {**dataclasses.asdict(self), "strategy": self.fit_strategy, "target_fallback": self.fallback_target,
+                "predictor_quantizer": self.predictor_quantizer or "gptq"}
 
     def _check_one_target(self) -> None:
         """Refuse options that another one would silently override (README: an option never silently
         does nothing)."""
-        given = [f"--{name.replace('_', '-')}" for name in ("coverage", "target_params", "max_error")
-                 if getattr(self, name) is not None]
-        if self.target_fallback != DEFAULT_TARGET_FALLBACK:
-            given.insert(0, "--target-fallback")
+        given = [f"--{name.replace('_', '-')}" for name in ("target_fallback", "coverage", "target_params",
+                                                            "max_error") if getattr(self, name) is not None]
         if len(given) > 1:
             raise TardisError(f"{' and '.join(given)} each set the ranges' budget: give one of them")
         if self.coverage is not None and self.strategy == "error":
@@ -186,32 +203,6 @@ def inspect(model_path: str | os.PathLike) -> tuple[list[FfnBlock], list[Rejecti
     return find_foldable(modelio.load(model_path))
 
 
-def _kind_name(kind: tuple[str, ir.DataType]) -> str:
-    return f"{'erf' if kind[0] == 'none' else kind[0]} GELU in {kind[1].numpy().name}"
-
-
-def find_foldable(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
-    """:func:`find_blocks`, less the blocks whose GELU variant or dtype differs from the model's most common
-    one (the first block's on a tie): a rewritten model carries one ``GuardedFallback`` function, and an ONNX
-    function body cannot branch on the variant. The others are rejected with that reason."""
-    blocks, rejected = find_blocks(model)
-    kinds = [(b.variant, b.dtype) for b in blocks]
-    if len(set(kinds)) <= 1:
-        return blocks, rejected
-    keep = max(kinds, key=lambda k: (kinds.count(k), -kinds.index(k)))
-    kept = []
-    for block, kind in zip(blocks, kinds):
-        if kind == keep:
-            kept.append(block)
-            continue
-        seed = block.activation.nodes[0]
-        rejected.append(Rejection(
-            describe(seed), seed.op_type, "rewrite",
-            f"mixed GELU variants or dtypes: this block is {_kind_name(kind)}, {kinds.count(keep)} other(s) "
-            f"{_kind_name(keep)}; one rewrite handles one variant and dtype per model"))
-    return kept, rejected
-
-
 def rewritten(model_path: str | os.PathLike) -> list[tuple[str, dict[str, str]]]:
     """Blocks a previous run rewrote: each ``GuardedFallback`` node's name and provenance metadata
     (predictor, margins, calibrated recall and flagged share, coverage, resident neurons)."""
@@ -240,7 +231,7 @@ def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rej
 def _fit_lines(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], w2n: dict[str, np.ndarray],
                settings: Settings, rate: float) -> dict[str, fit.Lines]:
     """Ranges and lines for fallback rate ``rate`` (``w2n``: squared norms of each block's W2 rows)."""
-    if settings.strategy == "coverage":
+    if settings.fit_strategy == "coverage":
         coverage = settings.coverage if settings.coverage is not None else 1.0 - rate
         lines = {b.name: fit.coverage_lines(stats[b.name], coverage) for b in blocks}
     else:
@@ -341,7 +332,7 @@ def _plan(stats: dict[str, histogram.NeuronStats], blocks: list[FfnBlock], setti
     """Lines, resident neurons and fallback rate from the user's target: a fallback rate, parameters
     touched per token, or a maximum block error (``probe`` measures the error curve of a plan); ``scale``
     as in :func:`_plan_at`."""
-    rate = settings.target_fallback
+    rate = settings.fallback_target
     if settings.target_params is not None:
         rate = budget.fallback_for_params(blocks, settings.target_params, settings.predictor,
                                           settings.predictor_options(), fold_bits=settings.fold_bits)
@@ -391,7 +382,7 @@ def _block_metadata(tool: str, settings: Settings, block: FfnBlock, lines: fit.L
                     margin: predictors.Margin) -> dict[str, str]:
     """Provenance for the fallback node's ``metadata_props`` (shown by Netron)."""
     coverage = float(np.mean(lines.coverage))
-    meta = {"tardis.version": tool, "tardis.strategy": "flag-all" if settings.flag_all else settings.strategy,
+    meta = {"tardis.version": tool, "tardis.strategy": "flag-all" if settings.flag_all else settings.fit_strategy,
             "tardis.predictor": built.predictor.kind, "tardis.variant": block.variant,
             "tardis.calibrated_coverage": f"{coverage:.6f}",
             "tardis.calibrated_fallback_rate": f"{1.0 - coverage:.6f}",
@@ -507,7 +498,7 @@ def optimize(
                for b in blocks]
     solved = {"solved_fallback_rate": rate, "out_of_range_rate": rate * scale,
               **({"error_curve": curve.to_dict()} if curve is not None else {})}
-    report = Report(str(model_path), str(out_path), {**dataclasses.asdict(settings), **solved},
+    report = Report(str(model_path), str(out_path), {**settings.effective(), **solved},
                     reports, rejected,
                     verified_on=verified_on, calibration_tokens=min(s.tokens for s in stats.values()))
     optimized = modelio.load(model_path)  # a second, untouched copy stays as the reference
@@ -516,7 +507,7 @@ def optimize(
         f.block = b
     rewrite(optimized, folded)
     optimized.metadata_props.update({"tardis.version": tool, "tardis.blocks": str(len(blocks)),
-                                     "tardis.settings": str(dataclasses.asdict(settings))})
+                                     "tardis.settings": str(settings.effective())})
 
     def validate(tmp_path: Path) -> None:
         ort.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])

@@ -175,8 +175,8 @@ def make_session(model: str | os.PathLike, threads: int, *, library: bool = Fals
         try:
             runtime.session_options(so, require=require_library)
         except runtime.LibraryUnavailableError as err:
-            raise TardisError(f"{err} — build it (tardis-compile library --build) or time the "
-                              "optimized model without it (--no-library)") from err
+            raise TardisError(f"{err} — `tardis-compile library [--build]` shows which library is used and builds "
+                              "one; or time the optimized model without it (--no-library)") from err
     modelio.require_file(model)
     try:
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])

@@ -227,7 +227,7 @@ class BlockWeights:
 
 
 def weights_digest(block: FfnBlock) -> str:
-    """A short digest of the block's first layer (shape, bias, every ~64th row of W1): saved statistics
+    """A short digest of the block's first layer (shape, bias, about 64 evenly spaced rows of W1): saved statistics
     are checked against it, so statistics of another model with the same shapes are refused."""
     w1 = np.asarray(block.w1())
     digest = hashlib.sha256(repr(w1.shape).encode())

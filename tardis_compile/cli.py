@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: FEEDS.npz (or a folder of them), SCRIPT.py with load_data(), or TEXT")
     p.add_argument("--eval", dest="eval_data", help="evaluation data (default: hold out every 10th batch)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-fallback", type=float, default=api.DEFAULT_TARGET_FALLBACK,
+    target.add_argument("--target-fallback", type=float,
                         help="mean share of token-neuron pairs taking the exact fallback "
                              f"(default {api.DEFAULT_TARGET_FALLBACK})")
     target.add_argument("--coverage", type=float, help="paper's strategy: each neuron's range covers this share")

@@ -81,11 +81,13 @@ def validate(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: str)
 
 
 def _check_symbolic_dims(feed: Feed, specs: list[InputSpec], where: str) -> None:
-    """Axes that the model names with the same symbol (e.g. ``batch``) must have one size across inputs."""
+    """Axes that the model names with the same symbol (e.g. ``batch``) must have one size across inputs.
+    Only plain names count: exporters write expressions such as ``past_sequence + sequence`` on axes whose
+    sizes differ (a KV cache and its attention mask)."""
     seen: dict[str, tuple[str, int, int]] = {}
     for spec in specs:
         for axis, (size, symbol) in enumerate(zip(feed[spec.name].shape, spec.shape)):
-            if not isinstance(symbol, str) or not symbol:
+            if not isinstance(symbol, str) or not symbol.isidentifier():
                 continue
             first = seen.setdefault(symbol, (spec.name, axis, size))
             if first[2] != size:

@@ -292,7 +292,8 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
     ``so``: options to extend (a new ``SessionOptions`` when ``None``); register the library only once
     per options object. ``require``: raise :class:`LibraryUnavailableError` when the library is not
     available instead of returning options without it (models then run through their ONNX function
-    body). ``build``: build the library into the user cache on first use when none is found.
+    body). ``build``: build the library into the user cache on first use when none is found. A library
+    that is found but that ONNX Runtime cannot load is always a :class:`LibraryUnavailableError`.
     """
     import onnxruntime as ort
 

@@ -321,8 +321,9 @@ def _require_same_interface(original: ir.Model, optimized: ir.Model) -> None:
                 continue
             fixed = [(x, y) for x, y in zip(sa, sb) if isinstance(x, int) and isinstance(y, int)]
             if len(sa) != len(sb) or any(x != y for x, y in fixed):
-                raise TardisError(f"the two models' {what} differ: '{v.name}' is {list(sa)} in the original and "
-                                  f"{list(sb)} in the optimized model: compare a model with its own optimized "
+                dims = lambda shape: "[" + ", ".join(str(x) for x in shape) + "]"  # noqa: E731
+                raise TardisError(f"the two models' {what} differ: '{v.name}' is {dims(sa)} in the original and "
+                                  f"{dims(sb)} in the optimized model: compare a model with its own optimized "
                                   "version")
 
 

@@ -85,6 +85,7 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, mo
 
 @pytest.mark.parametrize("settings, needle", [
     (dict(coverage=0.9, target_params=0.5), "--coverage and --target-params"),
+    (dict(target_fallback=0.1, max_error=0.05), "--target-fallback and --max-error"),
     (dict(target_fallback=0.2, target_params=0.5), "--target-fallback and --target-params"),
     (dict(target_fallback=0.2, max_error=0.05), "--target-fallback and --max-error"),
     (dict(coverage=0.9, strategy="error"), "coverage strategy's target"),
@@ -96,11 +97,25 @@ def test_one_budget_at_a_time(settings, needle):
 
 
 def test_budgets_that_work_alone_still_do():
-    assert tc.Settings(coverage=0.9).strategy == "coverage"
-    assert tc.Settings(coverage=0.9, strategy="coverage").strategy == "coverage"
-    assert tc.Settings(target_params=0.5).strategy == "error"
-    assert tc.Settings(strategy="coverage", target_fallback=0.2).strategy == "coverage"
-    assert tc.Settings(flag_all=True).strategy == "error"
+    assert tc.Settings(coverage=0.9).fit_strategy == "coverage"
+    assert tc.Settings(coverage=0.9, strategy="coverage").fit_strategy == "coverage"
+    assert tc.Settings(target_params=0.5).fit_strategy == "error"
+    assert tc.Settings(strategy="coverage", target_fallback=0.2).fit_strategy == "coverage"
+    assert tc.Settings(flag_all=True).fit_strategy == "error"
+    assert tc.Settings().fallback_target == 0.1 and tc.Settings().effective()["strategy"] == "error"
+
+
+def test_settings_hold_the_request_so_replace_works():
+    """``dataclasses.replace`` re-runs the checks on what was asked, not on resolved defaults; an explicit
+    target_fallback equal to the default still counts as given."""
+    import dataclasses
+
+    assert dataclasses.replace(tc.Settings(), coverage=0.9).fit_strategy == "coverage"
+    assert dataclasses.replace(tc.Settings(coverage=0.9), coverage=None).fit_strategy == "error"
+    with pytest.raises(tc.TardisError, match="--target-fallback and --coverage"):
+        tc.Settings(target_fallback=0.1, coverage=0.9)
+    with pytest.raises(tc.TardisError, match="first factor is shared"):
+        tc.Settings(predictor="lowrank", target_params=0.5)
 
 
 def test_cli_budget_options_exclude_each_other(tmp_path, model):
@@ -152,6 +167,11 @@ def test_verify_names_models_of_another_width_and_disagreeing_symbolic_dims(tmp_
         validate(feed, specs, "data")
     feed["mask"] = np.zeros((2, 8), np.int64)
     assert validate(feed, specs, "data")["mask"].shape == (2, 8)
+    # an expression is not a name: the old transformers.onnx KV export puts "past_sequence + sequence" on
+    # the cache's axis (past length) and on the mask's (past + new): they differ, and ORT accepts them
+    kv = [InputSpec("past", np.float32, ["batch", 2, "past_sequence + sequence", 4]),
+          InputSpec("mask", np.int64, ["batch", "past_sequence + sequence"])]
+    assert validate({"past": np.zeros((1, 2, 0, 4), np.float32), "mask": np.ones((1, 5), np.int64)}, kv, "data")
 
 
 def test_data_given_as_python_objects():
