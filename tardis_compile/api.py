@@ -107,8 +107,11 @@ class Settings:
         return DEFAULT_TARGET_FALLBACK if self.target_fallback is None else self.target_fallback
 
     def effective(self) -> dict:
-        """The settings with their defaults resolved (what the report and the model's metadata record)."""
-        return {**dataclasses.asdict(self), "strategy": self.fit_strategy, "target_fallback": self.fallback_target,
+        """The settings with their defaults resolved (what the report and the model's metadata record):
+        ``target_fallback`` is None when another budget sets the rate (the report adds the solved rate)."""
+        other = any(getattr(self, k) is not None for k in ("coverage", "target_params", "max_error"))
+        return {**dataclasses.asdict(self), "strategy": self.fit_strategy,
+                "target_fallback": None if other else self.fallback_target,
                 "predictor_quantizer": self.predictor_quantizer or "gptq"}
 
     def _check_one_target(self) -> None:
