@@ -99,9 +99,22 @@ def explain(model: ir.Model, name: str) -> Explanation:
     if not seeds:
         raise TardisError(f"'{name}' ({node.op_type}) is not part of any candidate block: candidates are found "
                           f"from activation ops ({', '.join(sorted(act.SEED_OPS))})")
-    trace: list[str] = []
-    result = match_block(seeds[0], graph, trace)
+    # The candidate whose matched block holds the node; else the first that was rejected (the node may be
+    # part of what failed to match); a block that matched without it is a neighbour, not this node's.
+    chosen: tuple[ir.Node, list[str], FfnBlock | Rejection] | None = None
+    for seed in seeds:
+        trace: list[str] = []
+        result = match_block(seed, graph, trace)
+        if isinstance(result, FfnBlock) and node in result.nodes:
+            chosen = (seed, trace, result)
+            break
+        if isinstance(result, Rejection) and chosen is None:
+            chosen = (seed, trace, result)
+    if chosen is None:
+        raise TardisError(f"'{name}' ({node.op_type}) lies outside the blocks around it: it is not part of any "
+                          "candidate block")
+    seed, trace, result = chosen
     if isinstance(result, FfnBlock):  # matched, but the rewrite may still leave it (mixed GELU variants)
-        anchor = describe(seeds[0])
+        anchor = describe(seed)
         result = next((r for r in find_foldable(model)[1] if r.stage == "rewrite" and r.anchor == anchor), result)
-    return Explanation(name, describe(seeds[0]), trace, result)
+    return Explanation(name, describe(seed), trace, result)

@@ -157,7 +157,11 @@ class DataOptions:
 
 def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> feeds.FeedSource:
     """A feed source from a path (``.npz``/folder, ``.py`` with ``load_data()``, text), a callable, a list
-    or tuple of feed dicts, or one feed dict."""
+    or tuple of feed dicts, or one feed dict. A ``mask_input`` that is not an input is refused here (every
+    command opens its data through this)."""
+    if options.mask_input is not None and options.mask_input not in input_names:
+        raise CalibrationDataError(f"--mask-input '{options.mask_input}' is not an input of the model (inputs: "
+                                   f"{input_names})")
     if callable(spec):
         return spec
     if isinstance(spec, Mapping):
@@ -193,7 +197,7 @@ def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> f
     if not tok.is_file():
         raise CalibrationDataError(f"tokenizer '{tok}' not found")
     return feeds.from_text(feeds.read_documents(path), tok, input_names, batch_size=options.batch_size,
-                           max_length=options.max_length)
+                           max_length=options.max_length, mask_input=options.mask_input)
 
 
 def _input_names(model: ir.Model) -> list[str]:
@@ -445,9 +449,6 @@ def optimize(
     _require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(original))
     predictors.check_options(settings.predictor, [b.dtype.numpy() for b in blocks], settings.predictor_options())
     input_names = _input_names(original)
-    if data.mask_input is not None and data.mask_input not in input_names:
-        raise CalibrationDataError(f"--mask-input '{data.mask_input}' is not an input of the model (inputs: "
-                                   f"{input_names})")
     progress = lambda label: Progress(label, enabled=show_progress)  # noqa: E731
     source = open_data(calib, input_names, data)
     if eval_data is not None:

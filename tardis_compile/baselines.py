@@ -37,7 +37,7 @@ import onnxruntime as ort
 
 from tardis_compile import api, modelio
 from tardis_compile.calibrate import BlockWeights, stream_block_inputs
-from tardis_compile.errors import CalibrationDataError, TardisError
+from tardis_compile.errors import CalibrationDataError, NoFoldableBlockError, TardisError
 from tardis_compile.feeds import FeedSource
 from tardis_compile.gelu import gelu
 from tardis_compile.passes.ffn_match import FfnBlock, count_rewritten, find_blocks
@@ -304,7 +304,10 @@ def prune(
     modelio.check_model_name(out_path)
     pruned = modelio.load(model_path)
     blocks, rejected = find_blocks(pruned)
-    api._require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(pruned))
+    if not blocks and count_rewritten(pruned):  # unlike optimize run twice, an output was asked for: an error
+        raise NoFoldableBlockError(f"nothing to prune: '{model_path}' is a tardis-compile output (its FFN blocks "
+                                   "are rewritten); prune the original model")
+    api._require_blocks(model_path, blocks, rejected)
     if pattern == "2:4":
         bad = [f"{b.name} ({'d' if b.d % 4 else 'D'}={b.d if b.d % 4 else b.hidden})" for b in blocks
                if b.d % 4 or b.hidden % 4]

@@ -210,7 +210,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    if args.explain:
+    if args.explain is not None:
         from tardis_compile import modelio
         from tardis_compile.passes.explain import explain
 
@@ -239,6 +239,9 @@ def _note_not_optimized(path: str) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if api.rewritten(args.original) and not api.rewritten(args.optimized):
+        print(f"note: the arguments look swapped: '{args.original}' has rewritten blocks and '{args.optimized}' "
+              "none (verify ORIGINAL OPTIMIZED)", file=sys.stderr)
     result = api.verify(args.original, args.optimized, args.data, data_options=_data_options(args),
                         thresholds=_thresholds(args), threads=args.threads, use_library=args.use_library)
     print("| output | max abs error | mean cosine | min cosine | rel. error |")
@@ -250,11 +253,11 @@ def _verify(args: argparse.Namespace) -> int:
     for b in result.blocks:
         print(f"| {b.name} | {b.coverage:.1%} | {b.fallback_rate:.1%} | {b.recall:.3f} | {b.precision:.3f} | "
               f"{b.relative_error:.2e} |")
+    if not result.blocks and not api.rewritten(args.original):
+        _note_not_optimized(args.optimized)
     if not result.passed:
         print("error: verification failed: " + "; ".join(result.failures), file=sys.stderr)
         return 1
-    if not result.blocks:
-        _note_not_optimized(args.optimized)
     return 0
 
 

@@ -177,12 +177,17 @@ def read_documents(path: Path) -> list[str]:
 
 def from_text(
     docs: list[str], tokenizer_json: Path, input_names: list[str], *, batch_size: int = 8,
-    max_length: int = 128,
+    max_length: int = 128, mask_input: str | None = None,
 ) -> FeedSource:
     """Tokenize documents with a Hugging Face ``tokenizer.json`` into padded batches.
 
-    Produces ``input_ids``, ``attention_mask`` and ``token_type_ids`` — whichever of them the model takes.
+    Produces ``input_ids``, the attention mask and ``token_type_ids`` — whichever of them the model takes.
+    The mask goes to ``mask_input``, else to ``attention_mask``, else to the one input whose name holds
+    ``attention_mask`` (e.g. ``encoder_attention_mask``).
     """
+    masks = [n for n in input_names if "attention_mask" in n]
+    mask_name = mask_input or ("attention_mask" if "attention_mask" in input_names
+                               else masks[0] if len(masks) == 1 else "attention_mask")
     if not docs:
         raise CalibrationDataError("calibration text holds no documents")
     from tokenizers import Tokenizer
@@ -201,7 +206,7 @@ def from_text(
             enc = tok.encode_batch(batch)
             arrays = {
                 "input_ids": np.array([e.ids for e in enc], np.int64),
-                "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+                mask_name: np.array([e.attention_mask for e in enc], np.int64),
                 "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
             }
             yield {k: v for k, v in arrays.items() if k in input_names}

@@ -228,7 +228,8 @@ def compare(
             for feed, ref in spill:
                 got = dict(zip(opt_names, _run(s_opt, opt_names, feed, "the optimized model")))
                 for name in out_names:
-                    outputs[name].add(ref[name], got[name], thresholds.atol, thresholds.rtol)
+                    outputs[name].add(*_unpadded(ref[name], got[name], feed, mask_input), thresholds.atol,
+                                      thresholds.rtol)
                 for site in sites:
                     x = got[site.x.name]
                     rows = x.reshape(-1, x.shape[-1])
@@ -263,6 +264,20 @@ def compare(
             int(total // max(site.lo.size, 1)),
             _relative(own_err[site.name]) if site.name in own_err else float("nan")))
     return Verification(out_metrics, blocks, batches, _failures(out_metrics, thresholds))
+
+
+def _unpadded(ref: np.ndarray, got: np.ndarray, feed: dict[str, np.ndarray],
+              mask_input: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """An output's rows at non-padding positions, when its leading axes are the attention mask's (a
+    per-token output); any other output whole. Padding rows would otherwise count (a zeroed row as a
+    cosine of 1)."""
+    if ref.ndim < 2:
+        return ref, got
+    rows = ref.reshape(-1, ref.shape[-1])
+    keep = mask_rows(feed, rows.shape[0], mask_input)
+    if keep is None:
+        return ref, got
+    return rows[keep], got.reshape(rows.shape)[keep]
 
 
 def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray], which: str) -> list[np.ndarray]:

