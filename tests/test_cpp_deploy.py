@@ -104,8 +104,9 @@ def test_cpp_deployment_runs_the_int4_predictor_op(tmp_path, deploy):
 
 
 def test_cpp_deployment_names_bad_input(tmp_path, deploy):
-    """A wrong-sized input file, ORT refusing an input's shape, a malformed dimension and a malformed thread
-    count each end in an 'error:' message naming the problem (exit status 1, no crash)."""
+    """A wrong-sized input file, ORT refusing an input's shape, a malformed dimension (also a trailing 'x'),
+    a malformed thread count, an unknown option, an option without its value and a name the model does not
+    take each end in an 'error:' message naming the problem (exit status 1, no crash)."""
     exe, lib = deploy
     src, _ = save_tiny(tmp_path)
     (tmp_path / "short.bin").write_bytes(b"\0" * 12)
@@ -124,3 +125,11 @@ def test_cpp_deployment_names_bad_input(tmp_path, deploy):
     proc = subprocess.run([str(exe), str(src), str(tmp_path / "o"), "--threads", "abc"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 1 and "error: --threads: 'abc'" in proc.stderr
+    x_file = f"x={tmp_path / 'narrow.bin'}:1x8x5"
+    for args, needle in (([f"x={tmp_path / 'narrow.bin'}:1x8x"], "is not a whole number >= 0"),
+                         ([x_file, "--thread", "2"], "unknown option '--thread'"),
+                         ([x_file, "--library"], "--library needs a value"),
+                         ([x_file, f"z={tmp_path / 'narrow.bin'}:1x8x5"], "'z' is not an input of the model")):
+        proc = subprocess.run([str(exe), str(src), str(tmp_path / "o"), *args], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr

@@ -5,18 +5,20 @@
 //
 // Each input is read from FILE with the shape given and the element type the model declares (float32,
 // float16, int64, int32); each output is written to OUT_PREFIX.<output name>.bin (characters other than
-// letters, digits, '.', '_' and '-' replaced by '_') and listed on stdout as "output <name> <d0>x<d1>...".
+// letters, digits, '.', '_' and '-' replaced by '_'; two names that map to one file get the output's index
+// too) and listed on stdout as "output <name> <d0>x<d1>...". Unknown options, names the model does not take,
+// and output types the example cannot write are refused before the run.
 // Without --library the model still runs: ORT inlines the ONNX function bodies of the ai.tardis ops. With it,
 // "tardis kernel calls <n>" and "tardis nbits calls <n>" report how often the compiled GuardedFallback and
 // MatMulNBits kernels ran in this process (the library's TardisOpsKernelCalls / TardisOpsNBitsCalls probes).
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -49,8 +51,9 @@ InputSpec ParseInput(const std::string& arg) {
   if (eq == std::string::npos || colon == std::string::npos || colon < eq)
     throw std::runtime_error("input '" + arg + "' is not NAME=FILE:D0xD1x...");
   InputSpec spec{arg.substr(0, eq), arg.substr(eq + 1, colon - eq - 1), {}};
-  std::stringstream dims(arg.substr(colon + 1));
-  for (std::string dim; std::getline(dims, dim, 'x');) spec.shape.push_back(ParseInt(dim, 0, "input '" + arg + "'"));
+  const std::string dims = arg.substr(colon + 1) + "x";  // every dimension ends with 'x': "2x3x" has an empty one
+  for (size_t start = 0, end; (end = dims.find('x', start)) != std::string::npos; start = end + 1)
+    spec.shape.push_back(ParseInt(dims.substr(start, end - start), 0, "input '" + arg + "'"));
   return spec;
 }
 
@@ -78,8 +81,9 @@ size_t ElementSize(ONNXTensorElementDataType type) {
 
 std::vector<char> ReadFile(const std::string& path, size_t expect) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw std::runtime_error("cannot read '" + path + "'");
-  const size_t size = static_cast<size_t>(in.tellg());
+  const std::streamoff end = in ? static_cast<std::streamoff>(in.tellg()) : -1;
+  if (end < 0) throw std::runtime_error("cannot read '" + path + "'");  // missing, or not a regular file
+  const size_t size = static_cast<size_t>(end);
   if (size != expect)
     throw std::runtime_error("'" + path + "' holds " + std::to_string(size) + " bytes, the shape needs " +
                              std::to_string(expect));
@@ -110,10 +114,14 @@ int Run(int argc, char** argv) {
   std::vector<InputSpec> specs;
   for (int i = 3; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--library" && i + 1 < argc) {
+    if ((arg == "--library" || arg == "--threads") && i + 1 >= argc) {
+      throw std::runtime_error(arg + " needs a value");
+    } else if (arg == "--library") {
       library = argv[++i];
-    } else if (arg == "--threads" && i + 1 < argc) {
+    } else if (arg == "--threads") {
       threads = static_cast<int>(ParseInt(argv[++i], 1, "--threads"));
+    } else if (arg.rfind("--", 0) == 0) {
+      throw std::runtime_error("unknown option '" + arg + "' (options: --library LIB, --threads N)");
     } else {
       specs.push_back(ParseInput(arg));
     }
@@ -144,9 +152,17 @@ int Run(int argc, char** argv) {
                                                  spec->shape.data(), spec->shape.size(), type));
     in_names.push_back(name);
   }
-  std::vector<std::string> out_names;
-  for (size_t i = 0; i < session.GetOutputCount(); ++i)
+  for (const auto& s : specs)
+    if (std::find(in_names.begin(), in_names.end(), s.name) == in_names.end())
+      throw std::runtime_error("'" + s.name + "' is not an input of the model");
+  std::vector<std::string> out_names, files;
+  for (size_t i = 0; i < session.GetOutputCount(); ++i) {
     out_names.push_back(session.GetOutputNameAllocated(i, allocator).get());
+    ElementSize(session.GetOutputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType());  // before the run
+    files.push_back(prefix + "." + FileSafe(out_names.back()) + ".bin");
+    if (std::count(files.begin(), files.end(), files.back()) > 1)  // e.g. "a/b" and "a:b"
+      files.back() = prefix + "." + FileSafe(out_names.back()) + "." + std::to_string(i) + ".bin";
+  }
   std::vector<const char*> in_ptrs, out_ptrs;
   for (const auto& n : in_names) in_ptrs.push_back(n.c_str());
   for (const auto& n : out_names) out_ptrs.push_back(n.c_str());
@@ -156,7 +172,7 @@ int Run(int argc, char** argv) {
   for (size_t i = 0; i < outputs.size(); ++i) {
     const auto info = outputs[i].GetTensorTypeAndShapeInfo();
     const size_t bytes = info.GetElementCount() * ElementSize(info.GetElementType());
-    const std::string path = prefix + "." + FileSafe(out_names[i]) + ".bin";
+    const std::string& path = files[i];
     std::ofstream out(path, std::ios::binary);
     out.write(static_cast<const char*>(outputs[i].GetTensorRawData()), static_cast<std::streamsize>(bytes));
     if (!out) throw std::runtime_error("cannot write '" + path + "'");
