@@ -14,6 +14,7 @@ consumer outside the block.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import onnx_ir as ir
@@ -219,7 +220,7 @@ def find_blocks(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
     rejections: list[Rejection] = []
     claimed: set[ir.Node] = set()
     taken = {fallback_op.block_name(n.name) for n in fallback_op.fallback_nodes(graph)}  # a rewritten model's
-    names = (name for name in (f"ffn{i}" for i in range(len(graph) + len(taken) + 1)) if name not in taken)
+    names = (f"ffn{i}" for i in itertools.count() if f"ffn{i}" not in taken)
     for node in list(graph):
         if node.op_type not in act.SEED_OPS or node in claimed:
             continue

@@ -41,6 +41,7 @@ def version() -> str:
 
 
 DEFAULT_TARGET_FALLBACK = 0.1  # METHOD.md §5: the default target, a 10% fallback rate
+RATE_SETTERS = ("coverage", "target_params", "max_error")  # budgets that replace the fallback-rate target
 
 
 @dataclasses.dataclass
@@ -109,16 +110,19 @@ class Settings:
     def effective(self) -> dict:
         """The settings with their defaults resolved (what the report and the model's metadata record):
         ``target_fallback`` is None when another budget sets the rate (the report adds the solved rate)."""
-        other = any(getattr(self, k) is not None for k in ("coverage", "target_params", "max_error"))
         return {**dataclasses.asdict(self), "strategy": self.fit_strategy,
-                "target_fallback": None if other else self.fallback_target,
+                "target_fallback": None if self._rate_setters() else self.fallback_target,
                 "predictor_quantizer": self.predictor_quantizer or "gptq"}
+
+    def _rate_setters(self) -> list[str]:
+        """The budgets given that replace the fallback-rate target."""
+        return [name for name in RATE_SETTERS if getattr(self, name) is not None]
 
     def _check_one_target(self) -> None:
         """Refuse options that another one would silently override (README: an option never silently
         does nothing)."""
-        given = [f"--{name.replace('_', '-')}" for name in ("target_fallback", "coverage", "target_params",
-                                                            "max_error") if getattr(self, name) is not None]
+        names = (["target_fallback"] if self.target_fallback is not None else []) + self._rate_setters()
+        given = [f"--{name.replace('_', '-')}" for name in names]
         if len(given) > 1:
             raise TardisError(f"{' and '.join(given)} each set the ranges' budget: give one of them")
         if self.coverage is not None and self.strategy == "error":
@@ -588,7 +592,5 @@ def verify(
         from tardis_compile.runtime import session_options
 
         options = session_options(require=True)
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 4  # fatal only: a failing run is reported as our own one-line error
     return compare(orig, opt, source, thresholds=thresholds, mask_input=data_options.mask_input,
                    threads=threads, optimized_options=options)

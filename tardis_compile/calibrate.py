@@ -51,14 +51,15 @@ GROUP_BYTES = 256 * 2**20
 def capture_session(model: ir.Model, values: list[ir.Value], threads: int = 0,
                     options: ort.SessionOptions | None = None) -> Iterator[ort.InferenceSession]:
     """An ORT session over ``model`` whose outputs are exactly ``values`` (the model is restored after);
-    ``options`` replaces the default session options (``threads`` then does not apply)."""
+    ``options`` (e.g. with the op library registered) replaces fresh session options. Either way the
+    session gets ``threads`` and logs only fatal errors: a failing run is reported as our own one-line
+    error."""
     original = list(model.graph.outputs)
     model.graph.outputs.clear()
     model.graph.outputs.extend(dict.fromkeys(values))
-    if options is None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 4  # fatal only: a failing run is reported as our own one-line error
+    options = options or ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4
     try:
         with tempfile.TemporaryDirectory(prefix="tardis-capture-") as tmp:
             from tardis_compile.modelio import ort_session  # external weights are read in place

@@ -239,9 +239,6 @@ def _note_not_optimized(path: str) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    if api.rewritten(args.original) and not api.rewritten(args.optimized):
-        print(f"note: the arguments look swapped: '{args.original}' has rewritten blocks and '{args.optimized}' "
-              "none (verify ORIGINAL OPTIMIZED)", file=sys.stderr)
     result = api.verify(args.original, args.optimized, args.data, data_options=_data_options(args),
                         thresholds=_thresholds(args), threads=args.threads, use_library=args.use_library)
     print("| output | max abs error | mean cosine | min cosine | rel. error |")
@@ -253,8 +250,12 @@ def _verify(args: argparse.Namespace) -> int:
     for b in result.blocks:
         print(f"| {b.name} | {b.coverage:.1%} | {b.fallback_rate:.1%} | {b.recall:.3f} | {b.precision:.3f} | "
               f"{b.relative_error:.2e} |")
-    if not result.blocks and not api.rewritten(args.original):
-        _note_not_optimized(args.optimized)
+    if not result.blocks:  # the second model has no rewritten block: swapped arguments, or not optimized
+        if api.rewritten(args.original):
+            print(f"note: the arguments look swapped: '{args.original}' has rewritten blocks and "
+                  f"'{args.optimized}' none (verify ORIGINAL OPTIMIZED)", file=sys.stderr)
+        else:
+            _note_not_optimized(args.optimized)
     if not result.passed:
         print("error: verification failed: " + "; ".join(result.failures), file=sys.stderr)
         return 1

@@ -186,8 +186,7 @@ def from_text(
     ``attention_mask`` (e.g. ``encoder_attention_mask``).
     """
     masks = [n for n in input_names if "attention_mask" in n]
-    mask_name = mask_input or ("attention_mask" if "attention_mask" in input_names
-                               else masks[0] if len(masks) == 1 else "attention_mask")
+    mask_name = mask_input or (masks[0] if len(masks) == 1 else "attention_mask")
     if not docs:
         raise CalibrationDataError("calibration text holds no documents")
     from tokenizers import Tokenizer
