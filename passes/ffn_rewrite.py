@@ -5,7 +5,8 @@ Emitted graph (the block's output keeps its original tensor name, so consumers a
     x ─┬─► MatMul(W_f) ─► Add(b_f) ───────────────────────────► y_lin ─┐
        ├─► predictor (e.g. com.microsoft::MatMulNBits with bias b1) ─► ĥ ──┤
        │   range_lo ─► Add(margin) ─► lo      range_hi ─► Sub(margin) ─► hi ┤ (constant-folded by ORT;
-       │                                                                    │  float16: float32, then Cast)
+       │                                                                    │  float16: float32, then Cast;
+       │                                                                    │  no margin: ranges go straight in)
        └───────────────────────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
 
 The folded part is plain ``MatMul``/``Add`` (any runtime optimises it); ``GuardedFallback`` is our
