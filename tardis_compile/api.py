@@ -469,8 +469,6 @@ def optimize(
     else:
         stats = collect_stats(original, blocks, calib_source, mask_input=data.mask_input, threads=threads,
                               progress_factory=progress)
-    if stats_out is not None:
-        histogram.save(stats, stats_out)
     probe = lambda lines_at, rates: error_target.measure(  # noqa: E731
         original, blocks, calib_source, lines_at, rates, mask_input=data.mask_input, threads=threads,
         progress=progress(f"calibrate: block errors at {len(rates)} fallback rates"))
@@ -530,12 +528,19 @@ def optimize(
     modelio.save(optimized, out_path, external_data=external_data, validate=validate)
     measured = {b.name: {"flagged_share": b.flagged_share(b.measured["fallback_rate"]),
                          "relative_error": b.measured["relative_error"]} for b in report.blocks if b.measured}
+    # written only with the model: a run that fails or is interrupted leaves nothing behind
+    step = "its statistics"
     try:
+        if stats_out is not None:
+            histogram.save(stats, stats_out)
+        step = "its plots"
         report.plots = [p.name for p in plots.write(json_path.with_suffix(""), stats, lines, measured)]
+        step = "its report"
         report.write(json_path, md_path)
-    except (OSError, TardisError) as err:  # checked up front, so only e.g. a full disk gets here
+    except (OSError, ValueError, TardisError) as err:  # paths checked up front: e.g. a full disk gets here
         reason = f"{err.strerror}: '{err.filename}'" if isinstance(err, OSError) and err.strerror else str(err)
-        raise TardisError(f"the optimized model was written to '{out_path}', but its report was not: {reason}") from err
+        raise TardisError(f"the optimized model was written to '{out_path}', but writing {step} failed: "
+                          f"{reason}") from err
     return report
 
 

@@ -190,7 +190,7 @@ def _run_blocks(
         specs = input_specs(session)
         names = [o.name for o in session.get_outputs()]
         index = {v.name: i for i, v in enumerate(dict.fromkeys(xs))}
-        for feed in validated(source, specs, what)():
+        for i, feed in enumerate(validated(source, specs, what)()):
             try:
                 outs = session.run(names, feed)
             except Exception as err:  # ORT's own message names the failing node and shapes
@@ -201,9 +201,22 @@ def _run_blocks(
                 rows = x.reshape(-1, x.shape[-1])
                 keep = mask_rows(feed, rows.shape[0], mask_input)
                 batch[block.name] = rows[keep] if keep is not None else rows
+                _require_finite(batch[block.name], f"{what}, batch {i}: the input of block {block.name}")
             if progress is not None:
                 progress.step(next(iter(batch.values())).shape[0])
             yield batch
+
+
+def _require_finite(values: np.ndarray, what: str, dtype: np.dtype | None = None) -> None:
+    """Finite data can still overflow inside the model (float16 above 65504, float32 near 3e38); statistics
+    or a fit over such values would make a model that outputs NaN, so the run stops here. ``dtype``: the
+    model's type when ``values`` were computed in a wider one (a float16 block's pre-activations)."""
+    dtype = np.dtype(dtype or values.dtype)
+    with np.errstate(invalid="ignore"):
+        ok = bool(np.all(np.abs(values) <= np.finfo(dtype).max))  # False for NaN and inf too
+    if not ok:
+        raise CalibrationDataError(f"{what} has NaN or infinite values in {dtype} (the data overflow the "
+                                   "model's arithmetic); check the data's scale")
 
 
 class BlockWeights:
@@ -222,7 +235,8 @@ class BlockWeights:
             # no copy when the weights already are float32 (in memory or memory-mapped external data)
             self._cache[name] = (np.asarray(block.w1(), np.float32), block.b1().astype(np.float32))
         w1, b1 = self._cache[name]
-        h = x.astype(np.float32, copy=False) @ w1 + b1
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the caller's check
+            h = x.astype(np.float32, copy=False) @ w1 + b1
         modelio.drop_pages(w1)
         return h
 
@@ -246,13 +260,16 @@ def collect_stats(
     for b in blocks:
         stats[b.name].source = weights_digest(b)
     weights = BlockWeights(blocks)
+    dtypes = {b.name: b.dtype.numpy() for b in blocks}
     progress = progress_factory("calibrate: ranges") if progress_factory else None
     group: list[dict[str, np.ndarray]] = []
 
     def reduce() -> None:
         for name, s in stats.items():  # block by block, each batch in order
             for batch in group:
-                s.add(weights.pre_activation(name, batch[name]))
+                h = weights.pre_activation(name, batch[name])
+                _require_finite(h, f"calibration data: the pre-activation of block {name}", dtypes[name])
+                s.add(h)
                 s.add_inputs(batch[name])
             s.release()
         group.clear()

@@ -183,18 +183,30 @@ def check_destination(src: Path, dst: Path, *, reads: Mapping[str, object] | Non
     (its external data), or another file the run reads (``reads``: description → path; data given as
     arrays or callables is skipped). Also refuses a directory as ``dst``, and a folder that is missing or
     that this user cannot write to."""
-    src, dst = Path(src).resolve(), Path(dst).resolve()
+    given, dst = Path(src), Path(dst).resolve()
+    src = given.resolve()
     protected = {src: "the input model"}
-    protected.update({f: "the input model's external data" for f in (_external_files(src) if src.is_file() else ())})
+    # external data sits beside the path as given (onnx reads it there), which for a symlinked model is not
+    # beside the file the link resolves to: protect both
+    for model_path in {given, src}:
+        if model_path.is_file():
+            protected.update({f: "the input model's external data" for f in _external_files(model_path)})
     for label, path in (reads or {}).items():
         if isinstance(path, (str, os.PathLike)) and str(path):
-            protected.setdefault(Path(path).resolve(), label)
-    for path in (dst, dst.with_name(dst.name + ".data")):
+            path = Path(path)
+            protected.setdefault(path.resolve(), label)
+            if path.is_dir():  # a folder of data files: every file in it is read
+                for f in path.iterdir():
+                    if f.is_file():
+                        protected.setdefault(f.resolve(), f"{label} ('{f.name}' in '{path}')")
+    data = dst.with_name(dst.name + ".data")
+    for path in (dst, data):
         if path in protected:
             raise OutputPathError(f"{what} '{path}' is {protected[path]}; choose another path (inputs are "
                                   "never overwritten)")
-    if dst.is_dir():
-        raise OutputPathError(f"{what} '{dst}' is a directory")
+    for path in (dst, data):
+        if path.is_dir():
+            raise OutputPathError(f"{what} '{path}' is a directory")
     if not dst.parent.is_dir():
         raise OutputPathError(f"{what}: directory '{dst.parent}' does not exist")
     if not os.access(dst.parent, os.W_OK | os.X_OK):
@@ -247,12 +259,38 @@ def save(model: ir.Model, dst: str | os.PathLike, *, external_data: bool | None 
         old_data = dst.parent / data_name
         # a self-contained model replacing one that kept its weights in <dst>.data: that file goes too
         stale = not external_data and dst.is_file() and old_data.resolve() in _external_files(dst)
-        if (tmp / data_name).exists():
-            os.replace(tmp / data_name, old_data)
-        os.replace(tmp_model, dst)
+        _replace_pair(tmp, tmp_model, dst, data_name if (tmp / data_name).exists() else None)
         if stale:
             old_data.unlink(missing_ok=True)
     return dst
+
+
+def _replace_pair(tmp: Path, tmp_model: Path, dst: Path, data_name: str | None) -> None:
+    """Move the staged model (and its data file) over ``dst`` (and ``<dst>.data``). Two renames cannot be
+    one atomic step, so the old data file is set aside first and put back if the model's rename fails or
+    is interrupted: ``dst`` never ends up reading another run's weights."""
+    placed = backup = None
+    try:
+        if data_name is not None:
+            old_data = dst.parent / data_name
+            if old_data.exists():
+                backup = tmp / (data_name + ".previous")
+                os.replace(old_data, backup)
+            os.replace(tmp / data_name, old_data)
+            placed = old_data
+        os.replace(tmp_model, dst)
+    except BaseException as err:
+        if placed is not None:
+            if backup is not None:
+                os.replace(backup, placed)
+            else:
+                placed.unlink(missing_ok=True)
+        elif backup is not None:
+            os.replace(backup, dst.parent / data_name)
+        if isinstance(err, OSError):
+            raise OutputPathError(f"cannot write '{dst}': {err.strerror or err}; the previous file is unchanged"
+                                  ) from err
+        raise
 
 
 @contextlib.contextmanager
