@@ -209,6 +209,14 @@ def _input_names(model: ir.Model) -> list[str]:
     return [v.name for v in model.graph.inputs if v.name not in inits]
 
 
+def _input_specs(model: ir.Model) -> list[feeds.InputSpec]:
+    """The model's inputs as :func:`feeds.input_specs` describes a session's (without building one)."""
+    names = set(_input_names(model))
+    return [feeds.InputSpec(v.name, v.dtype.numpy().type if v.dtype is not None else object,
+                            [d if isinstance(d, int) else d.value for d in (v.shape.dims if v.shape else ())])
+            for v in model.graph.inputs if v.name in names]
+
+
 def inspect(model_path: str | os.PathLike) -> tuple[list[FfnBlock], list[Rejection]]:
     """Blocks the pass would rewrite, and every rejected candidate with its reason."""
     return find_foldable(modelio.load(model_path))
@@ -452,9 +460,12 @@ def optimize(
     blocks, rejected = find_foldable(original)
     _require_blocks(model_path, blocks, rejected, rewritten=count_rewritten(original))
     predictors.check_options(settings.predictor, [b.dtype.numpy() for b in blocks], settings.predictor_options())
+    stats = _saved_stats(stats_in, blocks) if stats_in is not None else None  # refused before any data is read
     input_names = _input_names(original)
     progress = lambda label: Progress(label, enabled=show_progress)  # noqa: E731
-    source = open_data(calib, input_names, data)
+    # validated as given, so a bad batch is found in the first pass and numbered as in the data, held-out
+    # batches included
+    source = feeds.validated(open_data(calib, input_names, data), _input_specs(original), "calibration data")
     if eval_data is not None:
         calib_source, held_source = source, open_data(eval_data, input_names, data)
         verified_on = "evaluation data"
@@ -464,9 +475,7 @@ def optimize(
         if next(iter(held_source()), None) is None:  # too few batches to hold any out
             calib_source, held_source = source, source
             verified_on = "calibration data (too few batches to hold any out)"
-    if stats_in is not None:
-        stats = _saved_stats(stats_in, blocks)
-    else:
+    if stats is None:
         stats = collect_stats(original, blocks, calib_source, mask_input=data.mask_input, threads=threads,
                               progress_factory=progress)
     probe = lambda lines_at, rates: error_target.measure(  # noqa: E731

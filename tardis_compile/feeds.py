@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
+import weakref
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from tardis_compile.errors import CalibrationDataError
+from tardis_compile.errors import CalibrationDataError, one_line
 
 Feed = dict[str, np.ndarray]
 FeedSource = Callable[[], Iterable[Feed]]
@@ -121,14 +124,43 @@ def from_npz(path: Path) -> FeedSource:
 
     def run() -> Iterator[Feed]:
         for file in files:
-            try:
-                with np.load(file, allow_pickle=False) as data:
-                    yield {k: data[k] for k in data.files}
-            except (OSError, ValueError, EOFError, KeyError) as err:
-                raise CalibrationDataError(f"calibration data '{file}': not a readable .npz "
-                                           f"({type(err).__name__}: {err})") from err
+            yield read_npz(file)
 
     return run
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip's end record
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npz(file: Path) -> Feed:
+    """All arrays of one ``.npz`` file, read in full; a file that is not one, or is truncated or corrupt,
+    is a :class:`CalibrationDataError` naming the file and the problem."""
+    where = f"calibration data '{file}'"
+    try:
+        with open(file, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise CalibrationDataError(f"{where}: cannot be read ({err.strerror or err})") from err
+    if head.startswith(_NPY_MAGIC):
+        raise CalibrationDataError(f"{where}: a single .npy array, not a .npz archive of named arrays; save "
+                                   "the feeds with np.savez(path, input_name=array, ...)")
+    if not head.startswith(_ZIP_MAGIC):
+        problem = "the file is empty" if not head else "it is not a zip file"
+        raise CalibrationDataError(f"{where}: not a readable .npz archive ({problem}); a .npz is written by "
+                                   "np.savez(path, input_name=array, ...)")
+    try:
+        # Members are read (and CRC-checked, decompressed) only when indexed: do it all inside the try.
+        with np.load(file, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise CalibrationDataError(f"{where}: not a readable .npz archive (truncated or corrupt: "
+                                   f"{one_line(err)})") from err
+    except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as err:
+        # ValueError: a damaged .npy header inside, or an object array (allow_pickle=False);
+        # NotImplementedError/RuntimeError: a compression method or encryption zipfile cannot read.
+        raise CalibrationDataError(f"{where}: not a readable .npz archive ({type(err).__name__}: "
+                                   f"{one_line(err)})") from err
 
 
 def from_script(path: Path) -> FeedSource:
@@ -145,18 +177,49 @@ def from_script(path: Path) -> FeedSource:
     if not callable(load):
         raise CalibrationDataError(f"calibration script '{path}' defines no load_data() function")
 
+    where = f"calibration script '{path}': load_data()"
+    fresh = ("load_data() must return a fresh iterable on each call, a list or a new generator, because the data "
+             "are read more than once (return a list, or make load_data() itself yield the feed dicts)")
+    last: object = None  # the iterator the previous call returned (a weak reference where it allows one)
+    read_any = False  # whether some call's data yielded anything
+
     def run() -> Iterator[Feed]:
-        where = f"calibration script '{path}': load_data()"
+        nonlocal last, read_any
         try:
             items = load()
             if items is None or isinstance(items, Mapping):
                 raise CalibrationDataError(f"{where} returned {'None' if items is None else 'one dict'}; it must "
                                            "return or yield feed dicts (input name → array)")
-            yield from items
+            it = iter(items)
         except CalibrationDataError:
             raise
         except Exception as err:  # the user's code: report it, do not crash
             raise CalibrationDataError(f"{where} failed: {type(err).__name__}: {err}") from err
+        once = it is items  # an iterator (a generator object included) can be read only once
+        if once:
+            previous = last() if isinstance(last, weakref.ref) else last
+            if previous is items:
+                raise CalibrationDataError(f"{where} returned the same {type(items).__name__} object again; {fresh}")
+            try:
+                last = weakref.ref(items)
+            except TypeError:  # e.g. a list iterator: no weak references
+                last = items
+        count = 0
+        while True:
+            try:
+                feed = next(it)
+            except StopIteration:
+                break
+            except CalibrationDataError:
+                raise
+            except Exception as err:  # the user's code: report it, do not crash
+                raise CalibrationDataError(f"{where} failed: {type(err).__name__}: {err}") from err
+            count += 1
+            yield feed
+        if once and count == 0 and read_any:
+            raise CalibrationDataError(f"{where} returned an exhausted {type(items).__name__} (its data were "
+                                       f"already read); {fresh}")
+        read_any = read_any or count > 0
 
     return run
 

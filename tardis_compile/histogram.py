@@ -23,6 +23,7 @@ import dataclasses
 import mmap
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,7 @@ def load(path: str | Path) -> dict[str, NeuronStats]:
                 source = str(data[f"{name}/source"]) if f"{name}/source" in data.files else ""
                 out[name] = NeuronStats(str(data[f"{name}/variant"]), Grid(int(bins), float(scale), float(limit)),
                                         data[f"{name}/moments"], gram, source)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise CalibrationDataError(f"statistics '{path}': not a file written by --stats-out "
                                    f"({type(err).__name__}: {str(err)[:120]})") from err
     return out

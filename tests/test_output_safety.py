@@ -117,3 +117,28 @@ def test_data_that_overflow_the_model_are_refused(tmp_path, dtype, value):
     with pytest.raises(CalibrationDataError, match=r"(input|pre-activation) of block .* NaN or infinite"):
         tc.optimize(model, tmp_path / "o.onnx", data, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_damaged_statistics_are_one_error(tmp_path):
+    """A --stats-in file damaged inside its compressed data (zlib or CRC error when read) is refused."""
+    model, _ = save_tiny(tmp_path, layers=1)
+    tc.optimize(model, tmp_path / "o.onnx", batches(), stats_out=tmp_path / "st", show_progress=False)
+    raw = bytearray((tmp_path / "st.npz").read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(64)
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    with pytest.raises(CalibrationDataError, match=r"statistics '.*bad.npz': not a file written by --stats-out"):
+        tc.optimize(model, tmp_path / "o2.onnx", batches(), stats_in=tmp_path / "bad.npz", show_progress=False)
+
+
+@pytest.mark.parametrize("bad", ["nan", "float64"])
+def test_a_bad_held_out_batch_is_numbered_as_in_the_data(tmp_path, bad):
+    """Batch 9 is held out for verification (every 10th); a bad one is still found in the first pass and
+    called calibration data, batch 9 (not 'evaluation data', not renumbered among the kept batches)."""
+    model, _ = save_tiny(tmp_path, layers=1)
+    data = batches(n=12)
+    data[9] = {"x": data[9]["x"].astype(np.float64)} if bad == "float64" else data[9]
+    if bad == "nan":
+        data[9]["x"][0, 0, 0] = np.nan
+    with pytest.raises(CalibrationDataError, match=r"^calibration data, batch 9: input 'x'"):
+        tc.optimize(model, tmp_path / "o.onnx", data, show_progress=False)
