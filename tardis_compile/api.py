@@ -167,7 +167,7 @@ def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> f
         raise CalibrationDataError(f"--mask-input '{options.mask_input}' is not an input of the model (inputs: "
                                    f"{input_names})")
     if callable(spec):
-        return spec
+        return feeds.from_callable(spec, "calibration data: the callable", "the callable")
     if isinstance(spec, Mapping):
         return lambda: iter([spec])
     if isinstance(spec, (list, tuple)):

@@ -177,9 +177,15 @@ def from_script(path: Path) -> FeedSource:
     if not callable(load):
         raise CalibrationDataError(f"calibration script '{path}' defines no load_data() function")
 
-    where = f"calibration script '{path}': load_data()"
-    fresh = ("load_data() must return a fresh iterable on each call, a list or a new generator, because the data "
-             "are read more than once (return a list, or make load_data() itself yield the feed dicts)")
+    return from_callable(load, f"calibration script '{path}': load_data()", "load_data()")
+
+
+def from_callable(load: Callable[[], Iterable[Feed]], where: str, name: str) -> FeedSource:
+    """A source that calls ``load`` for every pass (a script's ``load_data()``, or a callable given to the
+    API): its failures, a return of None or of one dict, and an iterator returned twice (or already used
+    up) become one :class:`CalibrationDataError` naming ``where``."""
+    fresh = (f"{name} must return a fresh iterable on each call, a list or a new generator, because the data "
+             f"are read more than once (return a list, or make {name} itself yield the feed dicts)")
     last: object = None  # the iterator the previous call returned (a weak reference where it allows one)
     read_any = False  # whether some call's data yielded anything
 

@@ -207,6 +207,8 @@ def check_destination(src: Path, dst: Path, *, reads: Mapping[str, object] | Non
     for path in (dst, data):
         if path.is_dir():
             raise OutputPathError(f"{what} '{path}' is a directory")
+    if dst.parent.exists() and not dst.parent.is_dir():
+        raise OutputPathError(f"{what} '{dst}': '{dst.parent}' is a file, not a directory")
     if not dst.parent.is_dir():
         raise OutputPathError(f"{what}: directory '{dst.parent}' does not exist")
     if not os.access(dst.parent, os.W_OK | os.X_OK):

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tardis_compile import api, cli
-from tardis_compile.errors import CalibrationDataError
-from tests.helpers import save_tiny
+import tardis_compile as tc
+from tardis_compile import api, cli, modelio
+from tardis_compile.errors import CalibrationDataError, OutputPathError
+from tests.helpers import batches, save_tiny
 
 X_SHAPE = (4, 8, 16)  # the tiny model's input 'x'
 
@@ -263,3 +264,28 @@ def test_cli_shared_iterator_script_is_one_error_and_generator_function_optimize
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "error:" not in captured.err and out.exists() and "| ffn0 |" in captured.out
+
+
+def test_api_callables_get_the_same_checks_as_load_data(tmp_path):
+    """A callable given to the Python API that fails, returns None or one dict, or returns one shared
+    iterator is one CalibrationDataError, as a script's load_data() is."""
+    model, _ = save_tiny(tmp_path, layers=1)
+    shared = iter(batches())
+
+    def boom():
+        raise RuntimeError("no database")
+
+    cases = [(boom, "the callable failed: RuntimeError: no database"), (lambda: None, "returned None"),
+             (lambda: batches()[0], "returned one dict"), (lambda: shared, "must return a fresh iterable")]
+    for calib, needle in cases:
+        with pytest.raises(CalibrationDataError, match=needle):
+            tc.optimize(model, tmp_path / "o.onnx", calib, show_progress=False)
+    assert not (tmp_path / "o.onnx").exists()
+    tc.optimize(model, tmp_path / "o.onnx", lambda: iter(batches()), show_progress=False)
+    assert (tmp_path / "o.onnx").is_file()
+
+
+def test_an_output_folder_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "one.npz").write_bytes(b"")
+    with pytest.raises(OutputPathError, match=r"one.npz' is a file, not a directory"):
+        modelio.check_destination(tmp_path / "m.onnx", tmp_path / "one.npz" / "m.onnx")
