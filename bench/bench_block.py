@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="max rounds per measurement")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="block", help="output file stem (default: block)")
-    ap.add_argument("--append", action="store_true", help="add to the existing JSON's records (other sizes)")
+    ap.add_argument("--append", action="store_true",
+                    help="add to the existing JSON's records (the cases this run measures are replaced)")
     ap.add_argument("--blocks", type=int, default=1,
                     help="time this many blocks per model, side by side (decode-like: cold weights, run costs "
                          "shared); reports per block, without the predictor / fold cuts")
@@ -321,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     json_path = args.out / f"{args.name}.json"
     if args.append and json_path.is_file():
+        measured = set(itertools.product(sizes, tokens, threads, shares))
         records = [r for r in json.loads(json_path.read_text())["records"]
-                   if (r["d"], r["D"]) not in set(sizes)]
+                   if ((r["d"], r["D"]), r["tokens"], r["threads"], r["share"]) not in measured]
     with tempfile.TemporaryDirectory(prefix="tardis-bench-block-") as tmp:
         for d, D in sizes:
             records += run_size(d, D, tokens, shares, threads, min_time, args.reps, Path(tmp),
