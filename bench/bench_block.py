@@ -240,11 +240,17 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     return records
 
 
-def runs_note(runs: int) -> str:
-    if runs == 1:
+def runs_note(records: list[dict]) -> str:
+    """How many runs of the grid the rows come from (rows added with ``--append`` may differ)."""
+    counts = sorted({len(r.get("speedup_runs", [None])) for r in records})
+    if counts == [1]:
         return "One run of the grid."
-    return (f"The grid ran {runs} times (sessions rebuilt, other shares in between); each time is the median "
-            "over the runs' medians, and the last column gives each run's ×dense.")
+    if len(counts) == 1:
+        return (f"The grid ran {counts[0]} times (sessions rebuilt, other shares in between); each time is the "
+                "median over the runs' medians, and the last column gives each run's ×dense.")
+    return (f"Rows come from {' or '.join(map(str, counts))} runs of their grid (added with --append; sessions "
+            "rebuilt, other shares in between); each time is the median over the runs' medians, and the last "
+            "column gives each run's ×dense.")
 
 
 def blocks_note(blocks: int) -> str:
@@ -267,7 +273,7 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"whole rewritten block (fold + {meta['predictor']} predictor + kernel + residual); `predictor`, `fold` = "
         "the block cut at `h_hat`, `y_lin`; `kernel` ≈ tardis − predictor − fold. ×dense = dense / tardis. "
         "`bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy. "
-        f"{runs_note(meta.get('runs', 1))}{blocks_note(meta.get('blocks', 1))}",
+        f"{runs_note(records)}{blocks_note(meta.get('blocks', 1))}",
         "",
         "| d×D | tokens | threads | share (run) | path | dense | tardis | predictor | fold | kernel | ×dense "
         "| pred % | bound | ×dense per run |",
