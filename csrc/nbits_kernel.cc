@@ -53,7 +53,9 @@ void QuantizeRowPortable(const float* x, int64_t K, int64_t bs, int64_t kb, int8
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int32_t s = 0;
     for (int64_t k = k0; k < k0 + bs; ++k) {
-      const float r = k < k1 ? std::nearbyint(Finite0(x[k]) * inv) : 0.0f;  // |r| <= 127 (inf: clamped)
+      // |r| <= 127; an infinite x is ±127 (its block's scale is then inf, finite values 0), on every ISA
+      const float v = k < k1 ? Finite0(x[k]) : 0.0f;
+      const float r = std::isinf(v) ? std::copysign(127.0f, v) : std::nearbyint(v * inv);
       q[k] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, r)));
       s += q[k];
     }
@@ -108,8 +110,14 @@ TARDIS_NB_VNNI void QuantizeRowVnni(const float* x, int64_t K, int64_t bs, int64
     const float amax = _mm512_reduce_max_ps(mx);
     const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     __m512i acc = _mm512_setzero_si512();
+    const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
     for (int64_t k = k0; k < k0 + bs; k += 16) {
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(LoadFinite0(x + k, K - k), inv));
+      const __m512 xv = LoadFinite0(x + k, K - k);
+      // an infinite x is ±127 by its sign, as in the portable path (inf · 0 would be NaN, then INT_MIN)
+      const __mmask16 inf = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
+      const __m512 signed127 = _mm512_castsi512_ps(
+          _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(xv), sign), _mm512_castps_si512(_mm512_set1_ps(127.0f))));
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mask_mov_ps(_mm512_mul_ps(xv, inv), inf, signed127));
       const __m512i c = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), v));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(c));
       acc = _mm512_add_epi32(acc, c);

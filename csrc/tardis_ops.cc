@@ -113,6 +113,32 @@ Ort::Status Guarded(const char* op, Body&& body) {
 float ToFloat(float v) { return v; }
 float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
 
+// Every input of `names` present and non-empty, and no more: the lite custom-op API reads an omitted input
+// ("" in the node) as a tensor and would crash on it at run time, so the node is refused when the session
+// is created, naming the input.
+template <size_t N>
+void RequireInputs(const OrtApi* api, const OrtKernelInfo* info, const char* op, const char* const (&names)[N],
+                   const char* note) {
+  size_t count = 0;
+  Ort::ThrowOnError(api->KernelInfo_GetInputCount(info, &count));
+  for (size_t index = 0; index < N; ++index) {
+    size_t size = 0;
+    if (index < count) Ort::ThrowOnError(api->KernelInfo_GetInputName(info, index, nullptr, &size));
+    if (index >= count || size <= 1)
+      ORT_CXX_API_THROW(std::string(op) + ": input " + std::to_string(index) + " (" + names[index] +
+                            ") is required; the node has " + std::to_string(count) + " input(s)" +
+                            (index < count ? " and this one is empty" : ""),
+                        ORT_INVALID_ARGUMENT);
+  }
+  if (count != N) {
+    std::string list;
+    for (size_t index = 0; index < N; ++index) list += (index ? ", " : "") + std::string(names[index]);
+    ORT_CXX_API_THROW(std::string(op) + ": takes " + std::to_string(N) + " inputs (" + list + "; " + note +
+                          "), got " + std::to_string(count),
+                      ORT_INVALID_ARGUMENT);
+  }
+}
+
 // ai.tardis::MatMulNBits: com.microsoft::MatMulNBits at accuracy_level 4 for bits = 4 (the int4 predictor),
 // run by nbits_kernel. When B, scales and zero points are constant initializers (as tardis-compile emits
 // them) the weights are repacked on the first call and kept with the node; otherwise on every call.
@@ -125,21 +151,7 @@ struct MatMulNBitsKernel {
     // All five inputs must be there: the contrib op's optional zero_points / bias (and its g_idx) are not
     // (the lite API would read a missing one as a tensor), so a node without them is refused here.
     static const char* const kInputs[] = {"A", "B", "scales", "zero_points", "bias"};
-    size_t count = 0;
-    Ort::ThrowOnError(api->KernelInfo_GetInputCount(info, &count));
-    for (size_t index = 0; index < 5; ++index) {
-      size_t size = 0;
-      if (index < count) Ort::ThrowOnError(api->KernelInfo_GetInputName(info, index, nullptr, &size));
-      if (index >= count || size <= 1)
-        ORT_CXX_API_THROW(std::string(kNBitsOp) + ": input " + std::to_string(index) + " (" + kInputs[index] +
-                              ") is required; the node has " + std::to_string(count) + " input(s)" +
-                              (index < count ? " and this one is empty" : ""),
-                          ORT_INVALID_ARGUMENT);
-    }
-    if (count != 5)
-      ORT_CXX_API_THROW(std::string(kNBitsOp) + ": takes 5 inputs (A, B, scales, zero_points, bias; no g_idx), got " +
-                            std::to_string(count),
-                        ORT_INVALID_ARGUMENT);
+    RequireInputs(api, info, kNBitsOp, kInputs, "no g_idx");
     const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4);
     if (accuracy_level != 4)
       ORT_CXX_API_THROW(std::string(kNBitsOp) + ": accuracy_level must be 4 (int8 activations), got " +
@@ -226,6 +238,8 @@ struct MatMulNBitsKernel {
 template <typename T>
 struct GuardedFallbackKernel {
   GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    static const char* const kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
+    RequireInputs(api, info, "ai.tardis::GuardedFallback", kInputs, "all required");
     std::string approx = "none";
     size_t size = 0;
     // Absent attribute -> default "none" (query the size first; a missing attribute is an error status).

@@ -174,3 +174,19 @@ def test_nan_activations_count_as_zero_like_the_contrib_op(lib):
     for isa in ("avx512", "avx2", "portable"):
         ours = _session(pred, 96, True, {"TARDIS_OPS_ISA": isa}).run(None, {"x": x})[0]
         np.testing.assert_allclose(ours, contrib, rtol=1e-5, atol=1e-5)
+
+
+def test_infinite_activations_keep_their_sign_on_every_instruction_set(lib):
+    """An infinite activation is quantized to ±127 by its sign (its block's other values to 0) on every
+    instruction set: +inf and -inf in the same place give outputs of opposite sign, identical across ISAs
+    (inf · 0 used to become NaN, then the most negative level on AVX-512 and the largest on the others)."""
+    pred = _predictor(32, 16, 32, seed=11)
+    x = np.random.default_rng(12).standard_normal((2, 32)).astype(np.float32)
+    x[0, 3], x[1, 3] = np.inf, -np.inf
+    outs = {isa: _session(pred, 32, True, {"TARDIS_OPS_ISA": isa}).run(None, {"x": x})[0]
+            for isa in ("avx512", "avx2", "portable")}
+    for isa in ("avx2", "portable"):
+        np.testing.assert_array_equal(outs[isa], outs["avx512"])
+    finite = np.isfinite(outs["avx512"][0])
+    assert not finite.all()
+    np.testing.assert_array_equal(np.sign(outs["avx512"][0][~finite]), -np.sign(outs["avx512"][1][~finite]))

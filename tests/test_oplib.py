@@ -440,6 +440,20 @@ def test_unknown_approximate_attribute_is_a_clear_error(lib):
         session(model, with_lib(lib))
 
 
+@pytest.mark.parametrize("index,name", [(6, "b1"), (9, "beta")])
+def test_an_omitted_input_is_refused_when_the_session_is_created(lib, index, name):
+    """An input left empty in the node ("") would reach the kernel as a missing tensor (a crash in ORT's
+    lite custom-op API); the kernel refuses the node when the session is created, naming the input."""
+    model = fo.standalone_model(8, 16, with_function=False)
+    model.graph.node[0].input[index] = ""
+    with pytest.raises(Exception, match=rf"GuardedFallback: input {index} \({name}\) is required.*empty"):
+        session(model, with_lib(lib))
+    model = fo.standalone_model(8, 16, with_function=False)
+    del model.graph.node[0].input[9]  # nine inputs
+    with pytest.raises(Exception, match=r"input 9 \(beta\) is required; the node has 9 input"):
+        session(model, with_lib(lib))
+
+
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
 def test_shape_and_type_inference(lib, dtype):
     """The registered op infers y's element type and (symbolic) shape from y_lin."""
