@@ -99,6 +99,14 @@ def _check_symbolic_dims(feed: Feed, specs: list[InputSpec], where: str) -> None
                     f"{first[1]} has size {first[2]}; the model names both '{symbol}', so they must agree")
 
 
+class FileFeed(dict):
+    """A feed dict read from a file, which data errors name."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], path: Path) -> None:
+        super().__init__(arrays)
+        self.path = path
+
+
 def validated(source: FeedSource, specs: list[InputSpec], what: str) -> FeedSource:
     """Wrap a source so every feed is validated and an empty source is an error."""
 
@@ -109,7 +117,8 @@ def validated(source: FeedSource, specs: list[InputSpec], what: str) -> FeedSour
                 raise CalibrationDataError(f"{what}: item {i} is a {type(feed).__name__}, not a dict of "
                                            "input name → array")
             count += 1
-            yield validate(feed, specs, f"{what}, batch {i}")
+            origin = f" ('{feed.path}')" if isinstance(feed, FileFeed) else ""
+            yield validate(feed, specs, f"{what}, batch {i}{origin}")
         if count == 0:
             raise CalibrationDataError(f"{what}: no data (the source yielded no feed dicts)")
 
@@ -152,7 +161,7 @@ def read_npz(file: Path) -> Feed:
     try:
         # Members are read (and CRC-checked, decompressed) only when indexed: do it all inside the try.
         with np.load(file, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            return FileFeed({k: data[k] for k in data.files}, file)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
         raise CalibrationDataError(f"{where}: not a readable .npz archive (truncated or corrupt: "
                                    f"{one_line(err)})") from err

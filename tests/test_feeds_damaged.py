@@ -289,3 +289,14 @@ def test_an_output_folder_that_is_a_file_is_named_as_such(tmp_path):
     (tmp_path / "one.npz").write_bytes(b"")
     with pytest.raises(OutputPathError, match=r"one.npz' is a file, not a directory"):
         modelio.check_destination(tmp_path / "m.onnx", tmp_path / "one.npz" / "m.onnx")
+
+
+def test_a_bad_batch_from_a_folder_names_its_file(tmp_path):
+    model, _ = save_tiny(tmp_path, layers=1)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, feed in enumerate(batches(n=12)):
+        np.savez(folder / f"c{i:02d}.npz", x=feed["x"].astype(np.float64) if i == 11 else feed["x"])
+    with pytest.raises(CalibrationDataError, match=r"^calibration data, batch 11 \('.*c11\.npz'\): input 'x' has "
+                                                   r"dtype float64"):
+        tc.optimize(model, tmp_path / "o.onnx", folder, show_progress=False)
