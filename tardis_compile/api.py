@@ -204,17 +204,20 @@ def open_data(spec: DataSpec, input_names: list[str], options: DataOptions) -> f
                            max_length=options.max_length, mask_input=options.mask_input)
 
 
-def _input_names(model: ir.Model) -> list[str]:
+def _fed_inputs(model: ir.Model) -> list[ir.Value]:
     inits = set(model.graph.initializers)
-    return [v.name for v in model.graph.inputs if v.name not in inits]
+    return [v for v in model.graph.inputs if v.name not in inits]
+
+
+def _input_names(model: ir.Model) -> list[str]:
+    return [v.name for v in _fed_inputs(model)]
 
 
 def _input_specs(model: ir.Model) -> list[feeds.InputSpec]:
     """The model's inputs as :func:`feeds.input_specs` describes a session's (without building one)."""
-    names = set(_input_names(model))
     return [feeds.InputSpec(v.name, v.dtype.numpy().type if v.dtype is not None else object,
                             [d if isinstance(d, int) else d.value for d in (v.shape.dims if v.shape else ())])
-            for v in model.graph.inputs if v.name in names]
+            for v in _fed_inputs(model)]
 
 
 def inspect(model_path: str | os.PathLike) -> tuple[list[FfnBlock], list[Rejection]]:

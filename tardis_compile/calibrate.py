@@ -211,10 +211,12 @@ def _require_finite(values: np.ndarray, what: str, dtype: np.dtype | None = None
     """Finite data can still overflow inside the model (float16 above 65504, float32 near 3e38); statistics
     or a fit over such values would make a model that outputs NaN, so the run stops here. ``dtype``: the
     model's type when ``values`` were computed in a wider one (a float16 block's pre-activations)."""
+    if values.size == 0:
+        return
     dtype = np.dtype(dtype or values.dtype)
-    with np.errstate(invalid="ignore"):
-        ok = bool(np.all(np.abs(values) <= np.finfo(dtype).max))  # False for NaN and inf too
-    if not ok:
+    limit = np.finfo(dtype).max
+    # two reductions, no temporary of the batch's size; a NaN makes both comparisons false
+    if not (-limit <= values.min() and values.max() <= limit):
         raise CalibrationDataError(f"{what} has NaN or infinite values in {dtype} (the data overflow the "
                                    "model's arithmetic); check the data's scale")
 

@@ -108,7 +108,11 @@ class FileFeed(dict):
 
 
 def validated(source: FeedSource, specs: list[InputSpec], what: str) -> FeedSource:
-    """Wrap a source so every feed is validated and an empty source is an error."""
+    """Wrap a source so every feed is validated and an empty source is an error. A source that is already
+    validated (against the same model's inputs: every caller passes one model's data) is returned as is,
+    so later passes do not check every batch again."""
+    if getattr(source, "validated", False):
+        return source
 
     def run() -> Iterator[Feed]:
         count = 0
@@ -122,6 +126,7 @@ def validated(source: FeedSource, specs: list[InputSpec], what: str) -> FeedSour
         if count == 0:
             raise CalibrationDataError(f"{what}: no data (the source yielded no feed dicts)")
 
+    run.validated = True  # type: ignore[attr-defined]
     return run
 
 
@@ -304,6 +309,7 @@ def holdout_split(source: FeedSource, every: int) -> tuple[FeedSource, FeedSourc
             if every > 1 and i % every == every - 1:
                 yield feed
 
+    calib.validated = held.validated = getattr(source, "validated", False)  # type: ignore[attr-defined]
     return calib, held
 
 
