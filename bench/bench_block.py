@@ -56,7 +56,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tardis_compile as tc  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
-from common import (DECODE_INT4_BLOCK, QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
+from common import (DECODE_INT4_BLOCK, QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS, kernel_path,  # noqa: E402
                     int4_block, parse_sizes, session)
 from tardis_compile.models import tiny  # noqa: E402
 
@@ -179,9 +179,7 @@ def check_run(sess: dict[str, ort.InferenceSession], feeds: dict, tokens: int, D
     y_t = sess["tardis"].run(None, feeds)[0]
     s1 = runtime.kernel_stats()
     y_d = sess["dense"].run(None, feeds)[0]
-    path = ("tile" if s1["tile_calls"] > s0["tile_calls"] else
-            "neuron" if s1["neuron_calls"] > s0["neuron_calls"] else
-            "union" if s1["union_calls"] > s0["union_calls"] else "token")
+    path = kernel_path(s0, s1)
     return {"measured_share": round((s1["flagged_pairs"] - s0["flagged_pairs"]) / (tokens * D * blocks), 5),
             "path": path,
             "max_rel_diff": float(np.max(np.abs(y_t - y_d)) / max(1e-12, float(np.max(np.abs(y_d)))))}

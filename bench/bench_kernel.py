@@ -45,7 +45,7 @@ from scipy.stats import norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tardis_compile import fallback_op as fo  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
-from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
+from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS, kernel_path,  # noqa: E402
                     parse_sizes, session)
 
 QUICK_SHARES = [0.05, 0.20]
@@ -176,9 +176,7 @@ def run(sizes, tokens_list, shares, threads_list, min_time: float, log, rho: flo
                     stats1 = runtime.kernel_stats()
                     measured = (stats1["flagged_pairs"] - stats0["flagged_pairs"]) / (t * D)
                     used_union = stats1["union_calls"] > stats0["union_calls"]
-                    path = ("tile" if stats1["tile_calls"] > stats0["tile_calls"] else
-                            "neuron" if stats1["neuron_calls"] > stats0["neuron_calls"] else
-                            "union" if used_union else "token")
+                    path = kernel_path(stats0, stats1)
                     ms = {name: time_run(sess[name], feeds[name], **reps) for name in feeds}
                     ms["dense"] = dense_ms
                     rec = {"d": d, "D": D, "tokens": t, "threads": threads, "share": share, "token_correlation": rho,

@@ -40,3 +40,13 @@ def session(model: bytes | str | Path, threads: int, lib: bool) -> ort.Inference
         runtime.session_options(so, require=True)
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
                                 providers=["CPUExecutionProvider"])
+
+
+def kernel_path(before: dict[str, int], after: dict[str, int]) -> str:
+    """The GuardedFallback strategy of the call between two ``runtime.kernel_stats()`` readings: ``panel``
+    (the tile path in column-panel order), ``tile``, ``neuron``, ``union`` or ``token``."""
+    for key, name in (("panel_calls", "panel"), ("tile_calls", "tile"), ("neuron_calls", "neuron"),
+                      ("union_calls", "union")):
+        if after[key] > before[key]:
+            return name
+    return "token"

@@ -3,7 +3,8 @@
 // Four strategies (RunImpl; csrc/README.md has the measurements):
 //   tile:   (AVX-512F, d % 16 == 0; the automatic choice there) neurons in L2-sized blocks, per (token,
 //          block) the token's flagged neurons: h from the token's x chunk in registers against the W1t
-//          rows, vector corrections, y += C.W2 with the y chunk in registers (RunTile).
+//          rows, vector corrections, y += C.W2 with the y chunk in registers (RunTile). For large d x
+//          tokens the same work in column-panel order (kPanel), so x and y need not fit in L2.
 //   token: per token t, for every flagged neuron j: h = x_t . w1t[j] + b1[j], c = GELU(h) - a_j h - b_j,
 //          y_t += c * w2[j]. Work: sum_t |F(t)| * 2d, weights gathered per token.
 //   union: U = union_t F(t). H = X . W1t_U^T (tokens x |U|) as a blocked product, C = mask(corr(H)),
@@ -102,6 +103,11 @@ constexpr int kTileVecs = 16;
 // Tokens per group of the tile path: a neuron block's rows are read from memory once per group, and the
 // group's x and y rows (with the block) stay in L2.
 constexpr int64_t kTileGroup = 256;
+// Tile path order: a token group's x and y rows (float32) larger than this do not fit in L2 beside the
+// neuron block, so the block is walked in column panels instead (RunTile), with kTilePanelBytes of one
+// panel's W1t (or W2) row slices per block.
+constexpr int64_t kTileRowBytes = int64_t{1} << 20;
+constexpr int64_t kTilePanelBytes = int64_t{128} << 10;
 // Work items the tile path aims for (token groups x neuron splits), and the fewest flagged pairs per
 // token group that make a neuron split worth its partial y.
 constexpr int64_t kTileItems = 4;
@@ -1003,8 +1009,25 @@ void RunNeuron(const Problem<T>& p, const Parallel& par) {
 // the token's x chunk in registers; the corrections 16 lanes at a time (vector erf / tanh); then
 // y += C . W2 by TileAxpy with the token's y chunk in registers, stored once per chunk. Every pair costs 2d
 // FMAs with one weight load each and no store. Work items are (token group, neuron range) pairs.
+// Column-panel order (`panels`), for token groups whose x and y rows do not fit in L2 beside the block:
+// blocks of kTilePanelBytes of one panel's row slices, and per block first every token's dots panel by
+// panel (h summed over the panels in the pair buffer), then the corrections, then y += C . W2 panel by
+// panel. L2 then holds one panel of the block's rows and of the group's x (or y) rows, and each block
+// passes over x and y once instead of once per L2-sized block of whole rows.
+
+// Tokens per group of the tile path (groups of at most kTileGroup, as equal as possible).
+inline int64_t TileGroupRows(int64_t tokens) { return CeilDiv(tokens, CeilDiv(tokens, kTileGroup)); }
+
+// Whether the tile path walks its neuron blocks in column panels: when a token group's x and y rows would
+// not fit in L2 beside the block (measured: 4544 x 18176 at 64 and 128 tokens, 10% flagged, 1.20 / 1.40x
+// the dense block against 1.10 / 1.05x in row order; no gain at 1024 x 4096 or 2048 x 8192 where the rows
+// fit, and a loss at 2048 x 8192 with 32 tokens).
+inline bool TilePanels(int64_t tokens, int64_t d) {
+  return TileGroupRows(tokens) * d * 2 * static_cast<int64_t>(sizeof(float)) > kTileRowBytes;
+}
+
 template <class T>
-void RunTile(const Problem<T>& p, const TileKernels<T>& tk, const Parallel& par) {
+void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const Parallel& par) {
   const int64_t d = p.d, D = p.D, tokens = p.tokens;
   const int64_t nvec = d / 16, chunks = CeilDiv(nvec, kTileVecs);
   int64_t total = 0;
@@ -1012,51 +1035,74 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, const Parallel& par)
   // A weight row is fetched from memory once per token group that needs it, so groups are only as many
   // as L2 requires; parallel work comes from splitting the neuron range instead (each split adds into its
   // own zeroed copy of y), as long as a split keeps kTileMinPairs pairs per token group. A split is cut
-  // into equal blocks of 2/3 to 4/3 of NeuronBlock (fewer blocks, less per-(token, block) overhead).
+  // into equal blocks of 2/3 to 4/3 of the target block (fewer blocks, less per-(token, block) overhead).
   const int64_t groups = CeilDiv(tokens, kTileGroup);
   const int64_t splits = groups >= kTileItems ? 1 : std::max<int64_t>(1, std::min(kTileItems / groups,
                                                                                  total / (groups * kTileMinPairs)));
-  const int64_t target = NeuronBlock<T>(d, D);
+  const int64_t target = panels ? std::max<int64_t>(16, std::min<int64_t>(D, kTilePanelBytes / (16 * kTileVecs *
+                                                                                             static_cast<int64_t>(sizeof(T)))))
+                               : NeuronBlock<T>(d, D);
   std::vector<float> partial(static_cast<size_t>((splits - 1) * tokens * d), 0.0f);
   auto work = [&](size_t item) {
     const int64_t g = static_cast<int64_t>(item) / splits, s = static_cast<int64_t>(item) % splits;
-    const int64_t t0 = tokens * g / groups, t1 = tokens * (g + 1) / groups;
+    const int64_t t0 = tokens * g / groups, t1 = tokens * (g + 1) / groups, nt = t1 - t0;
     const int64_t js0 = D * s / splits, js1 = D * (s + 1) / splits;
     const int64_t block = CeilDiv(js1 - js0, std::max<int64_t>(1, CeilDiv(3 * (js1 - js0), 4 * target)));
     float* ybase = s == 0 ? p.y : partial.data() + (s - 1) * tokens * d;
-    std::vector<int64_t> cur(static_cast<size_t>(t1 - t0));
+    // Per token of the group: its cursor into its flag list, and for the current block the first
+    // flagged entry and the offset of its pairs in the block's pair buffers (h, c, alpha, beta).
+    std::vector<int64_t> cur(static_cast<size_t>(nt)), first(static_cast<size_t>(nt)), off(static_cast<size_t>(nt + 1));
     for (int64_t t = t0; t < t1; ++t) {
       const int32_t* list = p.flags + t * D;
       cur[t - t0] = std::lower_bound(list, list + p.counts[t], static_cast<int32_t>(js0)) - list;
     }
-    std::vector<float> buf(static_cast<size_t>(4 * block));
-    float *hb = buf.data(), *cb = hb + block, *ab = cb + block, *bb = ab + block;
+    std::vector<float> buf;
     for (int64_t j0 = js0; j0 < js1; j0 += block) {
       const int32_t j1 = static_cast<int32_t>(std::min(js1, j0 + block));
-      for (int64_t t = t0; t < t1; ++t) {
-        const int32_t* list = p.flags + t * D;
-        const int64_t q0 = cur[t - t0], cnt = p.counts[t];
+      off[0] = 0;
+      for (int64_t i = 0; i < nt; ++i) {
+        const int32_t* list = p.flags + (t0 + i) * D;
+        const int64_t q0 = cur[i], cnt = p.counts[t0 + i];
         int64_t q1 = q0;
         while (q1 < cnt && list[q1] < j1) ++q1;
-        cur[t - t0] = q1;
-        const int64_t n = q1 - q0;
-        if (n == 0) continue;
-        const int32_t* js = list + q0;
-        for (int64_t i = 0; i < n; ++i) {
-          hb[i] = Ld(p.b1, js[i]);
-          ab[i] = Ld(p.alpha, js[i]);
-          bb[i] = Ld(p.beta, js[i]);
+        first[i] = q0;
+        cur[i] = q1;
+        off[i + 1] = off[i] + (q1 - q0);
+      }
+      const int64_t np = off[nt];
+      if (np == 0) continue;
+      if (buf.size() < static_cast<size_t>(4 * np)) buf.resize(static_cast<size_t>(4 * np));
+      float *hb = buf.data(), *cb = hb + np, *ab = cb + np, *bb = ab + np;
+      for (int64_t i = 0; i < nt; ++i) {
+        const int32_t* js = p.flags + (t0 + i) * D + first[i];
+        for (int64_t q = 0; q < off[i + 1] - off[i]; ++q) {
+          hb[off[i] + q] = Ld(p.b1, js[q]);
+          ab[off[i] + q] = Ld(p.alpha, js[q]);
+          bb[off[i] + q] = Ld(p.beta, js[q]);
         }
-        const float* xt = p.x + t * d;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-          tk.dots[nv - 1](xt + 16 * v0, p.w1t + 16 * v0, d, js, n, hb);
-        }
-        p.k->corr(cb, hb, ab, bb, n, p.gelu);
-        float* yt = ybase + t * d;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-          tk.axpy[nv - 1](yt + 16 * v0, p.w2 + 16 * v0, d, js, cb, n);
+      }
+      auto dots = [&](int64_t i, int64_t c) {
+        const int64_t n = off[i + 1] - off[i], v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
+        if (n > 0)
+          tk.dots[nv - 1](p.x + (t0 + i) * d + 16 * v0, p.w1t + 16 * v0, d, p.flags + (t0 + i) * D + first[i], n, hb + off[i]);
+      };
+      auto axpy = [&](int64_t i, int64_t c) {
+        const int64_t n = off[i + 1] - off[i], v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
+        if (n > 0)
+          tk.axpy[nv - 1](ybase + (t0 + i) * d + 16 * v0, p.w2 + 16 * v0, d, p.flags + (t0 + i) * D + first[i], cb + off[i], n);
+      };
+      if (panels) {
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t i = 0; i < nt; ++i) dots(i, c);
+        p.k->corr(cb, hb, ab, bb, np, p.gelu);
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t i = 0; i < nt; ++i) axpy(i, c);
+      } else {
+        for (int64_t i = 0; i < nt; ++i) {
+          if (off[i + 1] == off[i]) continue;
+          for (int64_t c = 0; c < chunks; ++c) dots(i, c);
+          p.k->corr(cb + off[i], hb + off[i], ab + off[i], bb + off[i], off[i + 1] - off[i], p.gelu);
+          for (int64_t c = 0; c < chunks; ++c) axpy(i, c);
         }
       }
     }
@@ -1121,14 +1167,18 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
 
   TileKernels<T> tile;
   const bool tile_ok = GetTileKernels<T>(isa, d, &tile);
-  if (strategy == Strategy::kTile) strategy = tile_ok ? Strategy::kTile : Strategy::kAuto;
-  bool use_union = false, use_neuron = strategy == Strategy::kNeuron, use_tile = strategy == Strategy::kTile;
+  if ((strategy == Strategy::kTile || strategy == Strategy::kPanel) && !tile_ok) strategy = Strategy::kAuto;
+  bool use_union = false, use_neuron = strategy == Strategy::kNeuron;
+  bool use_tile = strategy == Strategy::kTile || strategy == Strategy::kPanel, use_panels = strategy == Strategy::kPanel;
   std::vector<int32_t> uni, pos;
   // Where the tile path runs (AVX-512F, d % 16 == 0) it is the automatic choice for every call: measured at
   // 1 to 1024 tokens, 5-10% flagged, independent and correlated (rho 0.9) flags, it beat the token, union
   // and neuron paths (e.g. 384x1536, 10%, rho 0.9: 8 tokens 0.07 vs 0.21 / 0.23 ms for union / neuron;
   // 1024 tokens 6.1 vs 18.3 / 13.6 ms).
-  if (strategy == Strategy::kAuto && tile_ok) use_tile = true;
+  if (strategy == Strategy::kAuto && tile_ok) {
+    use_tile = true;
+    use_panels = TilePanels(tokens, d);
+  }
   if (strategy == Strategy::kUnion || (strategy == Strategy::kAuto && !use_tile && tokens >= 2)) {
     // Union and per-group union sizes (groups of 4 tokens) for the cost model.
     std::vector<int32_t> stamp(static_cast<size_t>(D), -1);
@@ -1175,11 +1225,14 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
     }
   }
   local.used_union = use_union;
-  local.path = use_union ? Strategy::kUnion : use_neuron ? Strategy::kNeuron : use_tile ? Strategy::kTile : Strategy::kToken;
+  local.path = use_union    ? Strategy::kUnion
+               : use_neuron ? Strategy::kNeuron
+               : use_tile   ? (use_panels ? Strategy::kPanel : Strategy::kTile)
+                            : Strategy::kToken;
   if (use_union)
     RunUnion(p, uni, pos, par);
   else if (use_tile)
-    RunTile(p, tile, par);
+    RunTile(p, tile, local.path == Strategy::kPanel, par);
   else if (use_neuron)
     RunNeuron(p, par);
   else

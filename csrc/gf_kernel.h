@@ -8,7 +8,8 @@
 namespace tardis {
 
 enum class GeluKind { kErf, kTanh };
-enum class Strategy { kAuto, kToken, kUnion, kNeuron, kTile };  // all but kAuto force a path (tests, benchmarks)
+// All but kAuto force a path (tests, benchmarks). kPanel is the tile path in column-panel order.
+enum class Strategy { kAuto, kToken, kUnion, kNeuron, kTile, kPanel };
 enum class Isa { kPortable, kAvx2, kAvx512 };  // kAvx512: AVX2 set + AVX-512F block kernels
 
 // Runs fn(data, i) for every i in [0, n), possibly in parallel; returns when all are done.
@@ -36,7 +37,7 @@ struct Operands {
 };
 
 struct RunInfo {
-  Strategy path = Strategy::kToken;  // the path that ran (kToken, kUnion or kNeuron)
+  Strategy path = Strategy::kToken;  // the path that ran (kToken, kUnion, kNeuron, kTile or kPanel)
   bool used_union = false;
   int64_t flagged_pairs = 0;  // sum over tokens of |F(t)|
   int64_t union_size = 0;     // |U| = |union of F(t)|

@@ -44,6 +44,7 @@ std::atomic<uint64_t> g_calls{0};
 std::atomic<uint64_t> g_union_calls{0};
 std::atomic<uint64_t> g_neuron_calls{0};
 std::atomic<uint64_t> g_tile_calls{0};
+std::atomic<uint64_t> g_panel_calls{0};
 std::atomic<uint64_t> g_portable_calls{0};
 std::atomic<uint64_t> g_avx512_calls{0};
 std::atomic<uint64_t> g_flagged_pairs{0};
@@ -265,6 +266,7 @@ struct GuardedFallbackKernel {
     if (s != nullptr && std::strcmp(s, "union") == 0) strategy_ = tardis::Strategy::kUnion;
     if (s != nullptr && std::strcmp(s, "neuron") == 0) strategy_ = tardis::Strategy::kNeuron;
     if (s != nullptr && std::strcmp(s, "tile") == 0) strategy_ = tardis::Strategy::kTile;
+    if (s != nullptr && std::strcmp(s, "panel") == 0) strategy_ = tardis::Strategy::kPanel;
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, In<T> h_hat, In<T> lo, In<T> hi, In<T> w1t,
@@ -323,7 +325,9 @@ struct GuardedFallbackKernel {
         tardis::RunHalf(op, gelu_, strategy_, isa_, par, &info);
       if (info.used_union) g_union_calls.fetch_add(1, std::memory_order_relaxed);
       if (info.path == tardis::Strategy::kNeuron) g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
-      if (info.path == tardis::Strategy::kTile) g_tile_calls.fetch_add(1, std::memory_order_relaxed);
+      if (info.path == tardis::Strategy::kTile || info.path == tardis::Strategy::kPanel)
+        g_tile_calls.fetch_add(1, std::memory_order_relaxed);
+      if (info.path == tardis::Strategy::kPanel) g_panel_calls.fetch_add(1, std::memory_order_relaxed);
       if (isa_ == tardis::Isa::kPortable) g_portable_calls.fetch_add(1, std::memory_order_relaxed);
       if (isa_ == tardis::Isa::kAvx512) g_avx512_calls.fetch_add(1, std::memory_order_relaxed);
       g_flagged_pairs.fetch_add(static_cast<uint64_t>(info.flagged_pairs), std::memory_order_relaxed);
@@ -456,6 +460,8 @@ TARDIS_EXPORT uint64_t TardisOpsUnionCalls() { return g_union_calls.load(); }
 TARDIS_EXPORT uint64_t TardisOpsNeuronCalls() { return g_neuron_calls.load(); }
 // Invocations that took the tile strategy (AVX-512: token-major in L2-sized neuron blocks).
 TARDIS_EXPORT uint64_t TardisOpsTileCalls() { return g_tile_calls.load(); }
+// Of those, the invocations that walked the neuron blocks in column panels (large d x tokens).
+TARDIS_EXPORT uint64_t TardisOpsPanelCalls() { return g_panel_calls.load(); }
 // Invocations that ran the portable (non-AVX2) code.
 TARDIS_EXPORT uint64_t TardisOpsPortableCalls() { return g_portable_calls.load(); }
 // Invocations that ran with the AVX-512 block kernels.

@@ -181,7 +181,7 @@ def test_kernel_runs_instead_of_function_body(lib):
 def test_library_metadata(lib):
     stats = runtime.kernel_stats(lib)
     assert stats["ort_api"] == 21
-    assert set(stats) >= {"calls", "union_calls", "neuron_calls", "tile_calls", "portable_calls", "avx512_calls",
+    assert set(stats) >= {"calls", "union_calls", "neuron_calls", "tile_calls", "panel_calls", "portable_calls", "avx512_calls",
                           "flagged_pairs", "cpu_has_avx2", "cpu_has_avx512"}
 
 
@@ -213,7 +213,7 @@ def test_random_shapes_both_strategies(lib, seed, monkeypatch):
     inp = make_inputs(rng, (tokens,), d, D, flags=flags, rate=float(rng.uniform(0.01, 0.5)))
     ref = fo.reference(**inp)
     model = fo.standalone_model(d, D)
-    for strategy in ("token", "union", "neuron", "tile", "auto"):
+    for strategy in ("token", "union", "neuron", "tile", "panel", "auto"):
         monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)  # read when the session creates the kernel
         out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
         assert rel_err(out, ref) < 1e-5, strategy
@@ -256,27 +256,29 @@ def test_neuron_path_matches_reference(lib, monkeypatch, isa, dtype, flags, lead
         np.testing.assert_array_equal(out, inp["y_lin"])
 
 
+@pytest.mark.parametrize("order", ["tile", "panel"])
 @pytest.mark.parametrize("variant", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
 @pytest.mark.parametrize("flags", ["none", "all", "random", "shared", "nan"])
 @pytest.mark.parametrize("lead", [(1,), (2, 37), (3, 100)], ids=["decode", "batch-seq", "two-groups"])
-def test_tile_path_matches_reference(lib, monkeypatch, variant, dtype, flags, lead):
-    """The tile path (AVX-512: token-major in neuron blocks, vector erf / tanh), forced, vs the float64
-    reference: d = 16 (kTileVecs + 4) so a token row is a full 16-vector chunk plus a 4-vector one, every
-    flag pattern, float and float16, one token, batch x sequence (the neuron range split over work items,
-    partial sums added) and 300 tokens (two token groups). Several neuron blocks per split: the prefill
-    test below (384 x 1536)."""
+def test_tile_path_matches_reference(lib, monkeypatch, order, variant, dtype, flags, lead):
+    """The tile path (AVX-512: token-major in neuron blocks, vector erf / tanh), forced in row and in
+    column-panel order, vs the float64 reference: d = 16 (kTileVecs + 4) so a token row is a full 16-vector
+    chunk plus a 4-vector one, every flag pattern, float and float16, one token, batch x sequence (the
+    neuron range split over work items, partial sums added) and 300 tokens (two token groups). Several
+    neuron blocks per split: the prefill test below (384 x 1536)."""
     rng = np.random.default_rng(hash((variant, dtype, flags, lead)) % 2**32)
     d, D = 16 * 20, int(rng.integers(100, 400))
     npdt = NP[dtype]
     inp = make_inputs(rng, lead, d, D, dtype=npdt, flags=flags, rate=0.15)
-    monkeypatch.setenv("TARDIS_OPS_STRATEGY", "tile")
+    monkeypatch.setenv("TARDIS_OPS_STRATEGY", order)
     before = runtime.kernel_stats(lib)
     model = fo.standalone_model(d, D, variant, dtype=dtype, rank=len(lead) + 1)
     out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
     after = runtime.kernel_stats(lib)
     if after["cpu_has_avx512"] and after["flagged_pairs"] > before["flagged_pairs"]:
         assert after["tile_calls"] == before["tile_calls"] + 1
+        assert after["panel_calls"] == before["panel_calls"] + (order == "panel")
     assert out.dtype == npdt
     ref = fo.reference(**inp, variant=variant)
     assert rel_err(out, ref) < (1e-5 if dtype == TensorProto.FLOAT else 2e-3)
@@ -293,7 +295,7 @@ def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
     inp = make_inputs(rng, (128,), d, D, flags="random", rate=0.1)
     ref = fo.reference(**inp)
     model = fo.standalone_model(d, D)
-    for strategy in ("token", "union", "neuron", "tile", "auto"):
+    for strategy in ("token", "union", "neuron", "tile", "panel", "auto"):
         monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)
         for threads in (1, 2):
             before = runtime.kernel_stats(lib)
@@ -303,6 +305,31 @@ def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
             if strategy == "auto":
                 key = "tile_calls" if after["cpu_has_avx512"] and d % 16 == 0 else "neuron_calls"
                 assert after[key] == before[key] + 1
+
+
+def test_auto_walks_large_token_groups_in_column_panels(lib, monkeypatch):
+    """auto on the tile path: row order while a token group's x and y rows fit in L2 beside the neuron
+    block (64 tokens x d 1024: 0.5 MB), column panels beyond (300 tokens, groups of 150: 1.2 MB); both
+    agree with the reference, and forcing either order gives the same numbers."""
+    if not runtime.kernel_stats(lib)["cpu_has_avx512"]:
+        pytest.skip("the tile path needs AVX-512F")
+    rng = np.random.default_rng(12)
+    d, D = 1024, 320
+    model = fo.standalone_model(d, D)
+    for tokens, panels in ((64, 0), (300, 1)):
+        inp = make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1)
+        ref = fo.reference(**inp)
+        outs = {}
+        for strategy in ("auto", "tile", "panel"):
+            monkeypatch.setenv("TARDIS_OPS_STRATEGY", strategy)
+            before = runtime.kernel_stats(lib)
+            outs[strategy] = session(model, with_lib(lib), threads=2).run(None, inp)[0]
+            after = runtime.kernel_stats(lib)
+            assert after["tile_calls"] == before["tile_calls"] + 1
+            if strategy == "auto":
+                assert after["panel_calls"] == before["panel_calls"] + panels, tokens
+            assert rel_err(outs[strategy], ref) < 1e-5, (tokens, strategy)
+        assert rel_err(outs["panel"], outs["tile"]) < 1e-6
 
 
 def test_cost_model_choices(lib, monkeypatch):
