@@ -104,8 +104,8 @@ constexpr int kTileVecs = 16;
 // group's x and y rows (with the block) stay in L2.
 constexpr int64_t kTileGroup = 256;
 // Tile path order: a token group's x and y rows (float32) larger than this do not fit in L2 beside the
-// neuron block, so the block is walked in column panels instead (RunTile), with kTilePanelBytes of one
-// panel's W1t (or W2) row slices per block.
+// neuron block; there, for d > 1024, blocks are walked in column panels instead (TilePanels, RunTile),
+// with kTilePanelBytes of one panel's W1t (or W2) row slices per block.
 constexpr int64_t kTileRowBytes = int64_t{1} << 20;
 constexpr int64_t kTilePanelBytes = int64_t{128} << 10;
 // Work items the tile path aims for (token groups x neuron splits), and the fewest flagged pairs per
@@ -1018,12 +1018,24 @@ void RunNeuron(const Problem<T>& p, const Parallel& par) {
 // Tokens per group of the tile path (groups of at most kTileGroup, as equal as possible).
 inline int64_t TileGroupRows(int64_t tokens) { return CeilDiv(tokens, CeilDiv(tokens, kTileGroup)); }
 
+// Neurons per block of the tile path in column-panel order: kTilePanelBytes of one panel's row slices.
+template <class T>
+int64_t PanelBlock(int64_t D) {
+  const int64_t slice = 16 * kTileVecs * static_cast<int64_t>(sizeof(T));
+  return std::max<int64_t>(16, std::min<int64_t>(D, kTilePanelBytes / slice));
+}
+
 // Whether the tile path walks its neuron blocks in column panels: when a token group's x and y rows would
-// not fit in L2 beside the block (measured: 4544 x 18176 at 64 and 128 tokens, 10% flagged, 1.20 / 1.40x
-// the dense block against 1.10 / 1.05x in row order; no gain at 1024 x 4096 or 2048 x 8192 where the rows
-// fit, and a loss at 2048 x 8192 with 32 tokens).
-inline bool TilePanels(int64_t tokens, int64_t d) {
-  return TileGroupRows(tokens) * d * 2 * static_cast<int64_t>(sizeof(float)) > kTileRowBytes;
+// not fit in L2 beside a block, and panel blocks hold more neurons than row-order ones (d > 1024 for
+// float32 weights), so x and y are passed over fewer times. Whole block vs dense, int8 predictor, 10%
+// flagged, 1 thread, panels vs rows: 4544 x 18176 at 128 / 64 / 32 tokens 1.40 / 1.20 / 1.09x against
+// 1.05 / 1.10 / 1.07x; 3072 x 12288 at 128 tokens 1.30 vs 1.27x; 2048 x 8192 at 256 / 128 / 32 tokens
+// 1.51 vs 1.44x, a tie, 1.01 vs 1.15x; 1024 x 4096 at 128 and 256 tokens (same blocks, rows in L2 or
+// nearly) 4-8% slower in panels.
+template <class T>
+bool TilePanels(int64_t tokens, int64_t d, int64_t D) {
+  return TileGroupRows(tokens) * d * 2 * static_cast<int64_t>(sizeof(float)) > kTileRowBytes &&
+         NeuronBlock<T>(d, D) < PanelBlock<T>(D);
 }
 
 template <class T>
@@ -1039,9 +1051,7 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
   const int64_t groups = CeilDiv(tokens, kTileGroup);
   const int64_t splits = groups >= kTileItems ? 1 : std::max<int64_t>(1, std::min(kTileItems / groups,
                                                                                  total / (groups * kTileMinPairs)));
-  const int64_t target = panels ? std::max<int64_t>(16, std::min<int64_t>(D, kTilePanelBytes / (16 * kTileVecs *
-                                                                                             static_cast<int64_t>(sizeof(T)))))
-                               : NeuronBlock<T>(d, D);
+  const int64_t target = panels ? PanelBlock<T>(D) : NeuronBlock<T>(d, D);
   std::vector<float> partial(static_cast<size_t>((splits - 1) * tokens * d), 0.0f);
   auto work = [&](size_t item) {
     const int64_t g = static_cast<int64_t>(item) / splits, s = static_cast<int64_t>(item) % splits;
@@ -1051,7 +1061,8 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
     float* ybase = s == 0 ? p.y : partial.data() + (s - 1) * tokens * d;
     // Per token of the group: its cursor into its flag list, and for the current block the first
     // flagged entry and the offset of its pairs in the block's pair buffers (h, c, alpha, beta).
-    std::vector<int64_t> cur(static_cast<size_t>(nt)), first(static_cast<size_t>(nt)), off(static_cast<size_t>(nt + 1));
+    const size_t n_tok = static_cast<size_t>(nt);
+    std::vector<int64_t> cur(n_tok), first(n_tok), off(n_tok + 1);
     for (int64_t t = t0; t < t1; ++t) {
       const int32_t* list = p.flags + t * D;
       cur[t - t0] = std::lower_bound(list, list + p.counts[t], static_cast<int32_t>(js0)) - list;
@@ -1083,13 +1094,13 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
       }
       auto dots = [&](int64_t i, int64_t c) {
         const int64_t n = off[i + 1] - off[i], v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-        if (n > 0)
-          tk.dots[nv - 1](p.x + (t0 + i) * d + 16 * v0, p.w1t + 16 * v0, d, p.flags + (t0 + i) * D + first[i], n, hb + off[i]);
+        const int32_t* js = p.flags + (t0 + i) * D + first[i];
+        if (n > 0) tk.dots[nv - 1](p.x + (t0 + i) * d + 16 * v0, p.w1t + 16 * v0, d, js, n, hb + off[i]);
       };
       auto axpy = [&](int64_t i, int64_t c) {
         const int64_t n = off[i + 1] - off[i], v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-        if (n > 0)
-          tk.axpy[nv - 1](ybase + (t0 + i) * d + 16 * v0, p.w2 + 16 * v0, d, p.flags + (t0 + i) * D + first[i], cb + off[i], n);
+        const int32_t* js = p.flags + (t0 + i) * D + first[i];
+        if (n > 0) tk.axpy[nv - 1](ybase + (t0 + i) * d + 16 * v0, p.w2 + 16 * v0, d, js, cb + off[i], n);
       };
       if (panels) {
         for (int64_t c = 0; c < chunks; ++c)
@@ -1177,7 +1188,7 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
   // 1024 tokens 6.1 vs 18.3 / 13.6 ms).
   if (strategy == Strategy::kAuto && tile_ok) {
     use_tile = true;
-    use_panels = TilePanels(tokens, d);
+    use_panels = TilePanels<T>(tokens, d, D);
   }
   if (strategy == Strategy::kUnion || (strategy == Strategy::kAuto && !use_tile && tokens >= 2)) {
     // Union and per-group union sizes (groups of 4 tokens) for the cost model.

@@ -308,13 +308,13 @@ def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
 
 
 def test_auto_walks_large_token_groups_in_column_panels(lib, monkeypatch):
-    """auto on the tile path: row order while a token group's x and y rows fit in L2 beside the neuron
-    block (64 tokens x d 1024: 0.5 MB), column panels beyond (300 tokens, groups of 150: 1.2 MB); both
-    agree with the reference, and forcing either order gives the same numbers."""
+    """auto on the tile path, d = 2048: row order while a token group's x and y rows fit in L2 beside the
+    neuron block (64 tokens: 1 MB), column panels beyond (300 tokens, groups of 150: 2.4 MB); both agree
+    with the reference, and forcing either order gives the same numbers."""
     if not runtime.kernel_stats(lib)["cpu_has_avx512"]:
         pytest.skip("the tile path needs AVX-512F")
     rng = np.random.default_rng(12)
-    d, D = 1024, 320
+    d, D = 2048, 320
     model = fo.standalone_model(d, D)
     for tokens, panels in ((64, 0), (300, 1)):
         inp = make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1)
