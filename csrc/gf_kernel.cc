@@ -1059,15 +1059,32 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
     const int64_t js0 = D * s / splits, js1 = D * (s + 1) / splits;
     const int64_t block = CeilDiv(js1 - js0, std::max<int64_t>(1, CeilDiv(3 * (js1 - js0), 4 * target)));
     float* ybase = s == 0 ? p.y : partial.data() + (s - 1) * tokens * d;
-    // Per token of the group: its cursor into its flag list, and for the current block the first
-    // flagged entry and the offset of its pairs in the block's pair buffers (h, c, alpha, beta).
+    // Per token of the group: its cursor into its flag list, and for the current block its first flagged
+    // entry and (column panels) the offset of its pairs in the block's pair buffers.
     const size_t n_tok = static_cast<size_t>(nt);
     std::vector<int64_t> cur(n_tok), first(n_tok), off(n_tok + 1);
     for (int64_t t = t0; t < t1; ++t) {
       const int32_t* list = p.flags + t * D;
       cur[t - t0] = std::lower_bound(list, list + p.counts[t], static_cast<int32_t>(js0)) - list;
     }
-    std::vector<float> buf;
+    // h, c, alpha, beta of the pairs: one token's (rows) or the whole group's (panels: blocks of at most
+    // 4/3 PanelBlock neurons, so at most ~1.4 MB).
+    std::vector<float> buf(static_cast<size_t>(4 * block));
+    auto gather = [&](const int32_t* js, int64_t n, float* h, float* a, float* b) {
+      for (int64_t q = 0; q < n; ++q) {
+        h[q] = Ld(p.b1, js[q]);
+        a[q] = Ld(p.alpha, js[q]);
+        b[q] = Ld(p.beta, js[q]);
+      }
+    };
+    auto dots = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, float* h) {
+      const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
+      tk.dots[nv - 1](p.x + t * d + 16 * v0, p.w1t + 16 * v0, d, js, n, h);
+    };
+    auto axpy = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, const float* corr) {
+      const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
+      tk.axpy[nv - 1](ybase + t * d + 16 * v0, p.w2 + 16 * v0, d, js, corr, n);
+    };
     for (int64_t j0 = js0; j0 < js1; j0 += block) {
       const int32_t j1 = static_cast<int32_t>(std::min(js1, j0 + block));
       off[0] = 0;
@@ -1080,42 +1097,31 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
         cur[i] = q1;
         off[i + 1] = off[i] + (q1 - q0);
       }
+      auto js_of = [&](int64_t i) { return p.flags + (t0 + i) * D + first[i]; };
+      if (!panels) {
+        float *hb = buf.data(), *cb = hb + block, *ab = cb + block, *bb = ab + block;
+        for (int64_t i = 0; i < nt; ++i) {
+          const int64_t n = off[i + 1] - off[i];
+          if (n == 0) continue;
+          gather(js_of(i), n, hb, ab, bb);
+          for (int64_t c = 0; c < chunks; ++c) dots(t0 + i, c, js_of(i), n, hb);
+          p.k->corr(cb, hb, ab, bb, n, p.gelu);
+          for (int64_t c = 0; c < chunks; ++c) axpy(t0 + i, c, js_of(i), n, cb);
+        }
+        continue;
+      }
       const int64_t np = off[nt];
       if (np == 0) continue;
       if (buf.size() < static_cast<size_t>(4 * np)) buf.resize(static_cast<size_t>(4 * np));
       float *hb = buf.data(), *cb = hb + np, *ab = cb + np, *bb = ab + np;
-      for (int64_t i = 0; i < nt; ++i) {
-        const int32_t* js = p.flags + (t0 + i) * D + first[i];
-        for (int64_t q = 0; q < off[i + 1] - off[i]; ++q) {
-          hb[off[i] + q] = Ld(p.b1, js[q]);
-          ab[off[i] + q] = Ld(p.alpha, js[q]);
-          bb[off[i] + q] = Ld(p.beta, js[q]);
-        }
-      }
-      auto dots = [&](int64_t i, int64_t c) {
-        const int64_t n = off[i + 1] - off[i], v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-        const int32_t* js = p.flags + (t0 + i) * D + first[i];
-        if (n > 0) tk.dots[nv - 1](p.x + (t0 + i) * d + 16 * v0, p.w1t + 16 * v0, d, js, n, hb + off[i]);
-      };
-      auto axpy = [&](int64_t i, int64_t c) {
-        const int64_t n = off[i + 1] - off[i], v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-        const int32_t* js = p.flags + (t0 + i) * D + first[i];
-        if (n > 0) tk.axpy[nv - 1](ybase + (t0 + i) * d + 16 * v0, p.w2 + 16 * v0, d, js, cb + off[i], n);
-      };
-      if (panels) {
-        for (int64_t c = 0; c < chunks; ++c)
-          for (int64_t i = 0; i < nt; ++i) dots(i, c);
-        p.k->corr(cb, hb, ab, bb, np, p.gelu);
-        for (int64_t c = 0; c < chunks; ++c)
-          for (int64_t i = 0; i < nt; ++i) axpy(i, c);
-      } else {
-        for (int64_t i = 0; i < nt; ++i) {
-          if (off[i + 1] == off[i]) continue;
-          for (int64_t c = 0; c < chunks; ++c) dots(i, c);
-          p.k->corr(cb + off[i], hb + off[i], ab + off[i], bb + off[i], off[i + 1] - off[i], p.gelu);
-          for (int64_t c = 0; c < chunks; ++c) axpy(i, c);
-        }
-      }
+      for (int64_t i = 0; i < nt; ++i) gather(js_of(i), off[i + 1] - off[i], hb + off[i], ab + off[i], bb + off[i]);
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t i = 0; i < nt; ++i)
+          if (off[i + 1] > off[i]) dots(t0 + i, c, js_of(i), off[i + 1] - off[i], hb + off[i]);
+      p.k->corr(cb, hb, ab, bb, np, p.gelu);
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t i = 0; i < nt; ++i)
+          if (off[i + 1] > off[i]) axpy(t0 + i, c, js_of(i), off[i + 1] - off[i], cb + off[i]);
     }
   };
   ParallelFor(par, static_cast<size_t>(groups * splits), work);
