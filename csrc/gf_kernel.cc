@@ -1003,18 +1003,6 @@ void RunNeuron(const Problem<T>& p, const Parallel& par) {
   ParallelFor(par, static_cast<size_t>(items), work);
 }
 
-// Tile path (AVX-512F, d a multiple of 16): tokens in groups, neurons in blocks whose W1t and W2 rows fill
-// about 1 MB, so a block stays in L2 while the group's tokens pass over it. Per (token, block): the token's
-// flagged neurons in the block (a slice of its sorted flag list); h by TileDots over 256-column chunks with
-// the token's x chunk in registers; the corrections 16 lanes at a time (vector erf / tanh); then
-// y += C . W2 by TileAxpy with the token's y chunk in registers, stored once per chunk. Every pair costs 2d
-// FMAs with one weight load each and no store. Work items are (token group, neuron range) pairs.
-// Column-panel order (`panels`), for token groups whose x and y rows do not fit in L2 beside the block:
-// blocks of kTilePanelBytes of one panel's row slices, and per block first every token's dots panel by
-// panel (h summed over the panels in the pair buffer), then the corrections, then y += C . W2 panel by
-// panel. L2 then holds one panel of the block's rows and of the group's x (or y) rows, and each block
-// passes over x and y once instead of once per L2-sized block of whole rows.
-
 // Tokens per group of the tile path (groups of at most kTileGroup, as equal as possible).
 inline int64_t TileGroupRows(int64_t tokens) { return CeilDiv(tokens, CeilDiv(tokens, kTileGroup)); }
 
@@ -1038,6 +1026,17 @@ bool TilePanels(int64_t tokens, int64_t d, int64_t D) {
          NeuronBlock<T>(d, D) < PanelBlock<T>(D);
 }
 
+// Tile path (AVX-512F, d a multiple of 16): tokens in groups, neurons in blocks whose W1t and W2 rows fill
+// about 1 MB, so a block stays in L2 while the group's tokens pass over it. Per (token, block): the token's
+// flagged neurons in the block (a slice of its sorted flag list); h by TileDots over 256-column chunks with
+// the token's x chunk in registers; the corrections 16 lanes at a time (vector erf / tanh); then
+// y += C . W2 by TileAxpy with the token's y chunk in registers, stored once per chunk. Every pair costs 2d
+// FMAs with one weight load each and no store. Work items are (token group, neuron range) pairs.
+// Column-panel order (`panels`), for token groups whose x and y rows do not fit in L2 beside the block:
+// blocks of kTilePanelBytes of one panel's row slices, and per block first every token's dots panel by
+// panel (h summed over the panels in the pair buffer), then the corrections, then y += C . W2 panel by
+// panel. L2 then holds one panel of the block's rows and of the group's x (or y) rows, and each block
+// passes over x and y once instead of once per L2-sized block of whole rows.
 template <class T>
 void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const Parallel& par) {
   const int64_t d = p.d, D = p.D, tokens = p.tokens;
@@ -1114,7 +1113,8 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
       if (np == 0) continue;
       if (buf.size() < static_cast<size_t>(4 * np)) buf.resize(static_cast<size_t>(4 * np));
       float *hb = buf.data(), *cb = hb + np, *ab = cb + np, *bb = ab + np;
-      for (int64_t i = 0; i < nt; ++i) gather(js_of(i), off[i + 1] - off[i], hb + off[i], ab + off[i], bb + off[i]);
+      for (int64_t i = 0; i < nt; ++i)
+        gather(js_of(i), off[i + 1] - off[i], hb + off[i], ab + off[i], bb + off[i]);
       for (int64_t c = 0; c < chunks; ++c)
         for (int64_t i = 0; i < nt; ++i)
           if (off[i + 1] > off[i]) dots(t0 + i, c, js_of(i), off[i + 1] - off[i], hb + off[i]);
@@ -1186,7 +1186,8 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
   const bool tile_ok = GetTileKernels<T>(isa, d, &tile);
   if ((strategy == Strategy::kTile || strategy == Strategy::kPanel) && !tile_ok) strategy = Strategy::kAuto;
   bool use_union = false, use_neuron = strategy == Strategy::kNeuron;
-  bool use_tile = strategy == Strategy::kTile || strategy == Strategy::kPanel, use_panels = strategy == Strategy::kPanel;
+  bool use_tile = strategy == Strategy::kTile || strategy == Strategy::kPanel;
+  bool use_panels = strategy == Strategy::kPanel;
   std::vector<int32_t> uni, pos;
   // Where the tile path runs (AVX-512F, d % 16 == 0) it is the automatic choice for every call: measured at
   // 1 to 1024 tokens, 5-10% flagged, independent and correlated (rho 0.9) flags, it beat the token, union
