@@ -1,10 +1,11 @@
 // Compute core of ai.tardis::GuardedFallback.
 //
 // Four strategies (RunImpl; csrc/README.md has the measurements):
-//   tile:   (AVX-512F, d % 16 == 0; the automatic choice there) neurons in L2-sized blocks, per (token,
-//          block) the token's flagged neurons: h from the token's x chunk in registers against the W1t
-//          rows, vector corrections, y += C.W2 with the y chunk in registers (RunTile). For large d x
-//          tokens the same work in column-panel order (kPanel), so x and y need not fit in L2.
+//   tile:   (AVX-512F with d % 16 == 0, or AVX2 with d % 8 == 0; the automatic choice there) neurons in
+//          L2-sized blocks, per (token, block) the token's flagged neurons: h from the token's x chunk in
+//          registers against the W1t rows, vector corrections, y += C.W2 with the y chunk in registers
+//          (RunTile). For large d x tokens the same work in column-panel order (kPanel), so x and y need
+//          not fit in L2.
 //   token: per token t, for every flagged neuron j: h = x_t . w1t[j] + b1[j], c = GELU(h) - a_j h - b_j,
 //          y_t += c * w2[j]. Work: sum_t |F(t)| * 2d, weights gathered per token.
 //   union: U = union_t F(t). H = X . W1t_U^T (tokens x |U|) as a blocked product, C = mask(corr(H)),
@@ -12,10 +13,12 @@
 //          of tokens instead of once per token. Wins when tokens share most flagged neurons (prefill).
 //   neuron: per (L2-sized neuron block, token group with L1 panels) the pairs in neuron-major order; H and
 //          Y += C.W2 with the weight row slice in registers and the tokens' x / y slices in L1 (RunNeuron).
-// Without AVX-512 a cost model picks token, union or neuron per call.
+// Where the tile path cannot run (portable code, or d not a multiple of 8) a cost model picks token, union
+// or neuron per call.
 // Instruction sets, chosen at run time: AVX2+FMA+F16C (functions compiled with
-// __attribute__((target(...))), so the library itself needs no -mavx2), plus AVX-512F for the tile path,
-// the neuron path's block kernels, the flag scan and vector GELU where the CPU has it, and portable C++.
+// __attribute__((target(...))), so the library itself needs no -mavx2; tile kernels with 8-float vectors,
+// vector GELU), plus AVX-512F for the tile path with 16-float vectors, the neuron path's block kernels and
+// the flag scan where the CPU has it, and portable C++.
 // Activations are float32 internally; float16 weights are converted on load (F16C on the AVX2 path).
 
 #include "gf_kernel.h"
@@ -98,7 +101,7 @@ inline void CorrRows(float* c, const float* h, const float* a, const float* b, i
 // tokens (128 tokens x 256 bytes = 32 KB) stay in L1 while the neurons of a chunk stream past them.
 constexpr int64_t kColBlock = 64;
 
-// Tile path (AVX-512F only): kernels per chunk width NV = 1 .. kTileVecs vectors of 16 floats.
+// Tile path with AVX-512F: kernels per chunk width NV = 1 .. kTileVecs vectors of 16 floats.
 constexpr int kTileVecs = 16;
 // Tokens per group of the tile path: a neuron block's rows are read from memory once per group, and the
 // group's x and y rows (with the block) stay in L2.
@@ -114,11 +117,16 @@ constexpr int64_t kTileItems = 4;
 constexpr int64_t kTileMinPairs = 64;
 // Work items of the neuron path (each reads every weight block once).
 constexpr int64_t kNeuronItems = 4;
+// AVX2 tile path: chunks of up to kTileVecs2 vectors of 8 floats (the x or y chunk in 8 of the 16 ymm
+// registers, 8 accumulators).
+constexpr int kTileVecs2 = 8;
 template <class W>
 struct TileKernels {
-  // h[q] += x[0 : 16 NV] . w[js[q] * d : + 16 NV]  for q < n   (x, w offset by the chunk's first column)
+  int lanes = 16;            // floats per vector: 16 (AVX-512F) or 8 (AVX2)
+  int vecs = kTileVecs;      // vectors per chunk at most
+  // h[q] += x[0 : lanes NV] . w[js[q] * d : + lanes NV]  for q < n   (x, w offset by the chunk's first column)
   void (*dots[kTileVecs])(const float* x, const W* w, int64_t d, const int32_t* js, int64_t n, float* h);
-  // y[0 : 16 NV] += sum_q c[q] * w[js[q] * d : + 16 NV]
+  // y[0 : lanes NV] += sum_q c[q] * w[js[q] * d : + lanes NV]
   void (*axpy[kTileVecs])(float* y, const W* w, int64_t d, const int32_t* js, const float* c, int64_t n);
 };
 
@@ -399,9 +407,64 @@ TARDIS_AVX2 void AxpyBlk(float* y, int64_t ld, const int32_t* tok, const float* 
   }
 }
 
+// e^x for 8 float32 lanes: the AVX-512 Exp16 (Cephes expf), 2^n built in the exponent field.
+TARDIS_AVX2 inline __m256 Exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// erf for 8 float32 lanes: Abramowitz & Stegun 7.1.26, as Erf16 (absolute error <= 1.5e-7).
+TARDIS_AVX2 inline __m256 Erf8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u))));
+  const __m256 a = _mm256_andnot_ps(sign, x);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a));
+  return _mm256_or_ps(_mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f)), sign);
+}
+
+// c[i] = GELU(h[i]) - a[i] h[i] - b[i] for i < n, 8 lanes at a time (the tail in double, as Corr).
+TARDIS_AVX2 void CorrN(float* c, const float* h, const float* a, const float* b, int64_t n, GeluKind kind) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 hv = _mm256_loadu_ps(h + i);
+    __m256 inner;  // GELU(h) = 0.5 h (1 + inner)
+    if (kind == GeluKind::kErf) {
+      inner = Erf8(_mm256_mul_ps(hv, _mm256_set1_ps(static_cast<float>(kInvSqrt2))));
+    } else {  // tanh(u) = 1 - 2 / (e^{2u} + 1)
+      const __m256 h2 = _mm256_mul_ps(hv, hv);
+      const __m256 u = _mm256_mul_ps(_mm256_mul_ps(hv, _mm256_fmadd_ps(h2, _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f))),
+                                     _mm256_set1_ps(static_cast<float>(2.0 * kSqrt2OverPi)));
+      const __m256 e = _mm256_add_ps(Exp8(u), _mm256_set1_ps(1.0f));
+      inner = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), e));
+    }
+    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(hv, _mm256_set1_ps(0.5f)), _mm256_add_ps(inner, _mm256_set1_ps(1.0f)));
+    const __m256 lin = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), hv, _mm256_loadu_ps(b + i));
+    _mm256_storeu_ps(c + i, _mm256_sub_ps(g, lin));
+  }
+  for (; i < n; ++i) c[i] = Corr(h[i], a[i], b[i], kind);
+}
+
 template <class W>
 Kernels<W> Get() {
-  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4, &DotBlk<W>, &AxpyBlk<W>, kColBlock, &CorrRows};
+  return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4, &DotBlk<W>, &AxpyBlk<W>, kColBlock, &CorrN};
 }
 
 // Flag scan of one float token row: indices j with hh[j] < lo[j] or hh[j] > hi[j] (ordered compares:
@@ -423,6 +486,84 @@ TARDIS_AVX2 int64_t FlagRowFloat(const float* hh, const float* lo, const float* 
     n += static_cast<int64_t>((hh[j] < lo[j]) | (hh[j] > hi[j]));
   }
   return n;
+}
+
+// ---- Tile path with 8-float vectors (CPUs without AVX-512F): the AVX-512 kernels' structure.
+
+// acc[q] += reg . row_q[0 : 8 NV] for q < n, row_q = base + idx[q] * stride: four rows at a time, two
+// accumulators each (8 FMA chains).
+template <class R, int NV>
+TARDIS_AVX2 inline __attribute__((always_inline)) void RegDots(const __m256 (&reg)[NV], const R* base, int64_t stride,
+                                                               const int32_t* idx, int64_t n, float* acc) {
+  int64_t q = 0;
+  for (; q + 4 <= n; q += 4) {
+    const R* r0 = base + idx[q] * stride;
+    const R* r1 = base + idx[q + 1] * stride;
+    const R* r2 = base + idx[q + 2] * stride;
+    const R* r3 = base + idx[q + 3] * stride;
+    __m256 a0 = _mm256_mul_ps(reg[0], Ld8(r0)), a1 = _mm256_mul_ps(reg[0], Ld8(r1));
+    __m256 a2 = _mm256_mul_ps(reg[0], Ld8(r2)), a3 = _mm256_mul_ps(reg[0], Ld8(r3));
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int v = 1; v < NV; v += 2) {
+      b0 = _mm256_fmadd_ps(reg[v], Ld8(r0 + 8 * v), b0);
+      b1 = _mm256_fmadd_ps(reg[v], Ld8(r1 + 8 * v), b1);
+      b2 = _mm256_fmadd_ps(reg[v], Ld8(r2 + 8 * v), b2);
+      b3 = _mm256_fmadd_ps(reg[v], Ld8(r3 + 8 * v), b3);
+      if (v + 1 < NV) {
+        a0 = _mm256_fmadd_ps(reg[v + 1], Ld8(r0 + 8 * (v + 1)), a0);
+        a1 = _mm256_fmadd_ps(reg[v + 1], Ld8(r1 + 8 * (v + 1)), a1);
+        a2 = _mm256_fmadd_ps(reg[v + 1], Ld8(r2 + 8 * (v + 1)), a2);
+        a3 = _mm256_fmadd_ps(reg[v + 1], Ld8(r3 + 8 * (v + 1)), a3);
+      }
+    }
+    const __m128 s = Hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3));
+    _mm_storeu_ps(acc + q, _mm_add_ps(_mm_loadu_ps(acc + q), s));
+  }
+  for (; q < n; ++q) {
+    const R* r0 = base + idx[q] * stride;
+    __m256 a0 = _mm256_mul_ps(reg[0], Ld8(r0)), b0 = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int v = 1; v < NV; v += 2) {
+      b0 = _mm256_fmadd_ps(reg[v], Ld8(r0 + 8 * v), b0);
+      if (v + 1 < NV) a0 = _mm256_fmadd_ps(reg[v + 1], Ld8(r0 + 8 * (v + 1)), a0);
+    }
+    acc[q] += Hsum(_mm256_add_ps(a0, b0));
+  }
+}
+
+template <class W, int NV>
+TARDIS_AVX2 void TileDots(const float* x, const W* w, int64_t d, const int32_t* js, int64_t n, float* h) {
+  __m256 xr[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) xr[v] = _mm256_loadu_ps(x + 8 * v);
+  RegDots<W, NV>(xr, w, d, js, n, h);
+}
+
+template <class W, int NV>
+TARDIS_AVX2 void TileAxpy(float* y, const W* w, int64_t d, const int32_t* js, const float* c, int64_t n) {
+  __m256 yr[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) yr[v] = _mm256_loadu_ps(y + 8 * v);
+  for (int64_t q = 0; q < n; ++q) {
+    const __m256 cv = _mm256_set1_ps(c[q]);
+    const W* r = w + js[q] * d;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) yr[v] = _mm256_fmadd_ps(cv, Ld8(r + 8 * v), yr[v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + 8 * v, yr[v]);
+}
+
+template <class W, int... I>
+TileKernels<W> MakeTile(std::integer_sequence<int, I...>) {
+  TileKernels<W> k{8, kTileVecs2, {&TileDots<W, I + 1>...}, {&TileAxpy<W, I + 1>...}};
+  return k;
+}
+
+template <class W>
+TileKernels<W> GetTile() {
+  return MakeTile<W>(std::make_integer_sequence<int, kTileVecs2>{});
 }
 
 }  // namespace avx2
@@ -639,7 +780,7 @@ TARDIS_AVX512 void TileAxpy(float* y, const W* w, int64_t d, const int32_t* js, 
 
 template <class W, int... I>
 TileKernels<W> MakeTile(std::integer_sequence<int, I...>) {
-  return TileKernels<W>{{&TileDots<W, I + 1>...}, {&TileAxpy<W, I + 1>...}};
+  return TileKernels<W>{16, kTileVecs, {&TileDots<W, I + 1>...}, {&TileAxpy<W, I + 1>...}};
 }
 
 template <class W>
@@ -670,12 +811,17 @@ Kernels<W> GetKernels(Isa isa) {
   return portable::Get<W>();
 }
 
-// The tile kernels when the tile path can run: AVX-512F allowed and present, d a multiple of 16.
+// The tile kernels when the tile path can run: AVX-512F allowed and present with d a multiple of 16, else
+// AVX2 allowed and present with d a multiple of 8.
 template <class W>
 bool GetTileKernels(Isa isa, int64_t d, TileKernels<W>* out) {
 #if TARDIS_X86
   if (isa == Isa::kAvx512 && CpuHasAvx512() && d % 16 == 0) {
     *out = avx512::GetTile<W>();
+    return true;
+  }
+  if (isa != Isa::kPortable && CpuHasAvx2() && d % 8 == 0) {
+    *out = avx2::GetTile<W>();
     return true;
   }
 #endif
@@ -1006,10 +1152,11 @@ void RunNeuron(const Problem<T>& p, const Parallel& par) {
 // Tokens per group of the tile path (groups of at most kTileGroup, as equal as possible).
 inline int64_t TileGroupRows(int64_t tokens) { return CeilDiv(tokens, CeilDiv(tokens, kTileGroup)); }
 
-// Neurons per block of the tile path in column-panel order: kTilePanelBytes of one panel's row slices.
+// Neurons per block of the tile path in column-panel order: kTilePanelBytes of one panel's row slices
+// (a panel: one chunk of `cols` columns).
 template <class T>
-int64_t PanelBlock(int64_t D) {
-  const int64_t slice = 16 * kTileVecs * static_cast<int64_t>(sizeof(T));
+int64_t PanelBlock(int64_t D, int64_t cols) {
+  const int64_t slice = cols * static_cast<int64_t>(sizeof(T));
   return std::max<int64_t>(16, std::min<int64_t>(D, kTilePanelBytes / slice));
 }
 
@@ -1023,10 +1170,11 @@ int64_t PanelBlock(int64_t D) {
 template <class T>
 bool TilePanels(int64_t tokens, int64_t d, int64_t D) {
   return TileGroupRows(tokens) * d * 2 * static_cast<int64_t>(sizeof(float)) > kTileRowBytes &&
-         NeuronBlock<T>(d, D) < PanelBlock<T>(D);
+         NeuronBlock<T>(d, D) < PanelBlock<T>(D, 16 * kTileVecs);
 }
 
-// Tile path (AVX-512F, d a multiple of 16): tokens in groups, neurons in blocks whose W1t and W2 rows fill
+// Tile path (AVX-512F with d a multiple of 16, or AVX2 with d a multiple of 8; tk.lanes floats per vector,
+// chunks of up to tk.vecs vectors): tokens in groups, neurons in blocks whose W1t and W2 rows fill
 // about 1 MB, so a block stays in L2 while the group's tokens pass over it. Per (token, block): the token's
 // flagged neurons in the block (a slice of its sorted flag list); h by TileDots over 256-column chunks with
 // the token's x chunk in registers; the corrections 16 lanes at a time (vector erf / tanh); then
@@ -1040,7 +1188,7 @@ bool TilePanels(int64_t tokens, int64_t d, int64_t D) {
 template <class T>
 void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const Parallel& par) {
   const int64_t d = p.d, D = p.D, tokens = p.tokens;
-  const int64_t nvec = d / 16, chunks = CeilDiv(nvec, kTileVecs);
+  const int64_t lanes = tk.lanes, nvec = d / lanes, chunks = CeilDiv(nvec, tk.vecs);
   int64_t total = 0;
   for (int64_t t = 0; t < tokens; ++t) total += p.counts[t];
   // A weight row is fetched from memory once per token group that needs it, so groups are only as many
@@ -1050,7 +1198,7 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
   const int64_t groups = CeilDiv(tokens, kTileGroup);
   const int64_t splits = groups >= kTileItems ? 1 : std::max<int64_t>(1, std::min(kTileItems / groups,
                                                                                  total / (groups * kTileMinPairs)));
-  const int64_t target = panels ? PanelBlock<T>(D) : NeuronBlock<T>(d, D);
+  const int64_t target = panels ? PanelBlock<T>(D, lanes * tk.vecs) : NeuronBlock<T>(d, D);
   std::vector<float> partial(static_cast<size_t>((splits - 1) * tokens * d), 0.0f);
   auto work = [&](size_t item) {
     const int64_t g = static_cast<int64_t>(item) / splits, s = static_cast<int64_t>(item) % splits;
@@ -1077,12 +1225,12 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
       }
     };
     auto dots = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, float* h) {
-      const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-      tk.dots[nv - 1](p.x + t * d + 16 * v0, p.w1t + 16 * v0, d, js, n, h);
+      const int64_t v0 = c * tk.vecs, nv = std::min<int64_t>(tk.vecs, nvec - v0);
+      tk.dots[nv - 1](p.x + t * d + lanes * v0, p.w1t + lanes * v0, d, js, n, h);
     };
     auto axpy = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, const float* corr) {
-      const int64_t v0 = c * kTileVecs, nv = std::min<int64_t>(kTileVecs, nvec - v0);
-      tk.axpy[nv - 1](ybase + t * d + 16 * v0, p.w2 + 16 * v0, d, js, corr, n);
+      const int64_t v0 = c * tk.vecs, nv = std::min<int64_t>(tk.vecs, nvec - v0);
+      tk.axpy[nv - 1](ybase + t * d + lanes * v0, p.w2 + lanes * v0, d, js, corr, n);
     };
     for (int64_t j0 = js0; j0 < js1; j0 += block) {
       const int32_t j1 = static_cast<int32_t>(std::min(js1, j0 + block));
@@ -1189,13 +1337,15 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
   bool use_tile = strategy == Strategy::kTile || strategy == Strategy::kPanel;
   bool use_panels = strategy == Strategy::kPanel;
   std::vector<int32_t> uni, pos;
-  // Where the tile path runs (AVX-512F, d % 16 == 0) it is the automatic choice for every call: measured at
+  // Where the tile path runs it is the automatic choice for every call. AVX-512F (d % 16 == 0): measured at
   // 1 to 1024 tokens, 5-10% flagged, independent and correlated (rho 0.9) flags, it beat the token, union
   // and neuron paths (e.g. 384x1536, 10%, rho 0.9: 8 tokens 0.07 vs 0.21 / 0.23 ms for union / neuron;
-  // 1024 tokens 6.1 vs 18.3 / 13.6 ms).
+  // 1024 tokens 6.1 vs 18.3 / 13.6 ms). AVX2 (d % 8 == 0; column panels not used, they were tuned for
+  // AVX-512): the whole rewritten block at 10% flagged against the cost model's choice, 768x3072: 1 token
+  // 0.32-0.33 vs 0.33-0.34 ms, 8 tokens 0.94-0.96 vs 1.59-1.72 ms, 128 tokens 7.1 vs 12.3 ms.
   if (strategy == Strategy::kAuto && tile_ok) {
     use_tile = true;
-    use_panels = TilePanels<T>(tokens, d, D);
+    use_panels = tile.lanes == 16 && TilePanels<T>(tokens, d, D);
   }
   if (strategy == Strategy::kUnion || (strategy == Strategy::kAuto && !use_tile && tokens >= 2)) {
     // Union and per-group union sizes (groups of 4 tokens) for the cost model.

@@ -256,29 +256,34 @@ def test_neuron_path_matches_reference(lib, monkeypatch, isa, dtype, flags, lead
         np.testing.assert_array_equal(out, inp["y_lin"])
 
 
+@pytest.mark.parametrize("isa", ["default", "avx2"])
 @pytest.mark.parametrize("order", ["tile", "panel"])
 @pytest.mark.parametrize("variant", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
 @pytest.mark.parametrize("flags", ["none", "all", "random", "shared", "nan"])
 @pytest.mark.parametrize("lead", [(1,), (2, 37), (3, 100)], ids=["decode", "batch-seq", "two-groups"])
-def test_tile_path_matches_reference(lib, monkeypatch, order, variant, dtype, flags, lead):
-    """The tile path (AVX-512: token-major in neuron blocks, vector erf / tanh), forced in row and in
-    column-panel order, vs the float64 reference: d = 16 (kTileVecs + 4) so a token row is a full 16-vector
-    chunk plus a 4-vector one, every flag pattern, float and float16, one token, batch x sequence (the
-    neuron range split over work items, partial sums added) and 300 tokens (two token groups). Several
-    neuron blocks per split: the prefill test below (384 x 1536)."""
+def test_tile_path_matches_reference(lib, monkeypatch, isa, order, variant, dtype, flags, lead):
+    """The tile path (token-major in neuron blocks), forced in row and in column-panel order, vs the
+    float64 reference. AVX-512 (vector erf / tanh): d = 16 (kTileVecs + 4), a full 16-vector chunk plus a
+    4-vector one. AVX2 (8-float vectors, chunks of up to 8): d = 8 * 43, five full chunks plus a 3-vector
+    one. Every flag pattern, float and float16, one token, batch x sequence (the neuron range split over
+    work items, partial sums added) and 300 tokens (two token groups). Several neuron blocks per split:
+    the prefill test below (384 x 1536)."""
     rng = np.random.default_rng(hash((variant, dtype, flags, lead)) % 2**32)
-    d, D = 16 * 20, int(rng.integers(100, 400))
+    d, D = (16 * 20 if isa == "default" else 8 * 43), int(rng.integers(100, 400))
     npdt = NP[dtype]
     inp = make_inputs(rng, lead, d, D, dtype=npdt, flags=flags, rate=0.15)
     monkeypatch.setenv("TARDIS_OPS_STRATEGY", order)
+    if isa != "default":
+        monkeypatch.setenv("TARDIS_OPS_ISA", isa)
     before = runtime.kernel_stats(lib)
     model = fo.standalone_model(d, D, variant, dtype=dtype, rank=len(lead) + 1)
     out = session(model, with_lib(lib), threads=2).run(None, inp)[0]
     after = runtime.kernel_stats(lib)
-    if after["cpu_has_avx512"] and after["flagged_pairs"] > before["flagged_pairs"]:
+    if after["cpu_has_avx2"] and after["flagged_pairs"] > before["flagged_pairs"]:
         assert after["tile_calls"] == before["tile_calls"] + 1
         assert after["panel_calls"] == before["panel_calls"] + (order == "panel")
+        assert after["avx512_calls"] == before["avx512_calls"] + (isa == "default" and after["cpu_has_avx512"])
     assert out.dtype == npdt
     ref = fo.reference(**inp, variant=variant)
     assert rel_err(out, ref) < (1e-5 if dtype == TensorProto.FLOAT else 2e-3)
@@ -286,10 +291,11 @@ def test_tile_path_matches_reference(lib, monkeypatch, order, variant, dtype, fl
         np.testing.assert_array_equal(out, inp["y_lin"])
 
 
-@pytest.mark.parametrize("d", [64, 384, 1000])
+@pytest.mark.parametrize("d", [64, 384, 1000, 1001])
 def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
     """128 tokens, independent 10% flags (the bench's prefill case): every path, 1 and 2 threads, agrees
-    with the reference; auto picks the tile path where it runs (AVX-512, d % 16 == 0), else neuron-major."""
+    with the reference; auto picks the tile path where it runs (AVX-512 with d % 16 == 0, AVX2 with
+    d % 8 == 0: 1000 takes the AVX2 tile kernels on an AVX-512 CPU), else neuron-major."""
     rng = np.random.default_rng(d)
     D = 4 * d
     inp = make_inputs(rng, (128,), d, D, flags="random", rate=0.1)
@@ -302,8 +308,8 @@ def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
             out = session(model, with_lib(lib), threads=threads).run(None, inp)[0]
             after = runtime.kernel_stats(lib)
             assert rel_err(out, ref) < 1e-5, (strategy, threads)
-            if strategy == "auto":
-                key = "tile_calls" if after["cpu_has_avx512"] and d % 16 == 0 else "neuron_calls"
+            if strategy == "auto":  # the tile path runs with AVX-512 (d % 16 == 0) or AVX2 (d % 8 == 0)
+                key = "tile_calls" if after["cpu_has_avx2"] and d % 8 == 0 else "neuron_calls"
                 assert after[key] == before[key] + 1
 
 
@@ -333,29 +339,34 @@ def test_auto_walks_large_token_groups_in_column_panels(lib, monkeypatch):
 
 
 def test_cost_model_choices(lib, monkeypatch):
-    """auto, AVX2 cost model: a blocked path (neuron-major or union-gather) for prefill with shared flags,
-    neuron-major with independent flags, per-token for one token. With AVX-512: the tile path every time."""
+    """auto where the tile path cannot run (d = 60, not a multiple of 8), AVX2 cost model: a blocked path
+    (neuron-major or union-gather) for prefill with shared flags, neuron-major with independent flags,
+    per-token for one token. With d a multiple of 8 (16 for AVX-512): the tile path every time."""
     rng = np.random.default_rng(3)
-    d, D, tokens = 64, 512, 32
-    model = fo.standalone_model(d, D)
+    D, tokens = 512, 32
     keys = ("union_calls", "neuron_calls", "tile_calls")
 
     def run(inp, threads=2):
+        d = inp["x"].shape[-1]
         before = runtime.kernel_stats(lib)
-        out = session(model, with_lib(lib), threads=threads).run(None, inp)[0]
+        out = session(fo.standalone_model(d, D), with_lib(lib), threads=threads).run(None, inp)[0]
         after = runtime.kernel_stats(lib)
         assert rel_err(out, fo.reference(**inp)) < 1e-5
         return {k: after[k] - before[k] for k in keys}
 
-    cases = [make_inputs(rng, (tokens,), d, D, flags="all"),
-             make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2),
-             make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1),
-             make_inputs(rng, (1,), d, D, flags="random", rate=0.3)]
-    if runtime.kernel_stats(lib)["cpu_has_avx512"]:
-        for inp in cases:
-            assert run(inp) == {"union_calls": 0, "neuron_calls": 0, "tile_calls": 1}
-    monkeypatch.setenv("TARDIS_OPS_ISA", "avx2")
-    full, shared, independent, one = (run(inp) for inp in cases)
+    def cases(d):
+        return [make_inputs(rng, (tokens,), d, D, flags="all"),
+                make_inputs(rng, (tokens,), d, D, flags="shared", rate=0.2),
+                make_inputs(rng, (tokens,), d, D, flags="random", rate=0.1),
+                make_inputs(rng, (1,), d, D, flags="random", rate=0.3)]
+
+    for isa in (None, "avx2"):  # the best the CPU has, then AVX2 (the cost model below runs with AVX2)
+        if isa:
+            monkeypatch.setenv("TARDIS_OPS_ISA", isa)
+        if runtime.kernel_stats(lib)["cpu_has_avx2"]:
+            for inp in cases(64):
+                assert run(inp) == {"union_calls": 0, "neuron_calls": 0, "tile_calls": 1}
+    full, shared, independent, one = (run(inp) for inp in cases(60))
     assert full["union_calls"] + full["neuron_calls"] == 1
     assert shared["union_calls"] + shared["neuron_calls"] == 1  # a blocked path, not per-token
     assert independent == {"union_calls": 0, "neuron_calls": 1, "tile_calls": 0}
