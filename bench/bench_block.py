@@ -56,8 +56,8 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tardis_compile as tc  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
-from common import (DECODE_INT4_BLOCK, QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS, kernel_path,  # noqa: E402
-                    int4_block, parse_sizes, session)
+from common import (DECODE_INT4_BLOCK, QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
+                    int4_block, isa_cap, isa_cap_note, kernel_path, parse_sizes, session)
 from tardis_compile.models import tiny  # noqa: E402
 
 QUICK_SHARES = [0.05, 0.10]
@@ -267,7 +267,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         "(ONNX Runtime, CPU)",
         "",
         f"onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs (AVX2 {bool(meta['cpu_has_avx2'])}, AVX-512 "
-        f"{bool(meta['cpu_has_avx512'])}). Medians in ms, variants interleaved round by round. `tardis` = the "
+        f"{bool(meta['cpu_has_avx512'])}).{isa_cap_note(meta.get('isa_cap'))} Medians in ms, variants interleaved "
+        "round by round. `tardis` = the "
         f"whole rewritten block (fold + {meta['predictor']} predictor + kernel + residual); `predictor`, `fold` = "
         "the block cut at `h_hat`, `y_lin`; `kernel` ≈ tardis − predictor − fold. ×dense = dense / tardis. "
         "`bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy. "
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
     stats = runtime.kernel_stats()
     meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "isa_cap": isa_cap(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
             "library": str(runtime.library_path()), "predictor": args.predictor, "refit": False,
             "int4_block": int4_block(args.predictor), "runs": args.runs, "blocks": args.blocks,

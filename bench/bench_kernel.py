@@ -45,8 +45,8 @@ from scipy.stats import norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tardis_compile import fallback_op as fo  # noqa: E402
 from tardis_compile import runtime  # noqa: E402
-from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS, kernel_path,  # noqa: E402
-                    parse_sizes, session)
+from common import (QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS, isa_cap, isa_cap_note,  # noqa: E402
+                    kernel_path, parse_sizes, session)
 
 QUICK_SHARES = [0.05, 0.20]
 VARIANT = "none"
@@ -199,7 +199,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         "# GuardedFallback kernel vs dense GELU block (ONNX Runtime, CPU)",
         "",
         f"onnxruntime {meta['onnxruntime']}, {meta['cpu']}, {meta['cpus']} CPUs, AVX2 path: "
-        f"{bool(meta['cpu_has_avx2'])}. Medians in ms; speed-up = dense / variant (>1 is faster than dense).",
+        f"{bool(meta['cpu_has_avx2'])}. Medians in ms; speed-up = dense / variant (>1 is faster than dense)."
+        f"{isa_cap_note(meta.get('isa_cap'))}",
         "`block` = folded MatMul + exact predictor (full x·W1) + kernel; `fold+kernel` = folded MatMul + kernel "
         "with h_hat given (a free predictor); `kernel` = the op alone. Token input correlation "
         f"{meta['token_correlation']} (0: flags independent per token-neuron pair).",
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                   rho=args.token_correlation)
     stats = runtime.kernel_stats()
     meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "isa_cap": isa_cap(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "library": str(lib), "quick": args.quick,
             "variant": VARIANT, "token_correlation": args.token_correlation, "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ thread counts, and ORT sessions set up identically for the dense and the rewritt
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -50,3 +51,17 @@ def kernel_path(before: dict[str, int], after: dict[str, int]) -> str:
         if after[key] > before[key]:
             return name
     return "token"
+
+
+def isa_cap() -> str | None:
+    """``TARDIS_OPS_ISA`` when set: the kernels' instruction set is capped (e.g. ``avx2`` on an AVX-512 CPU,
+    to measure the code an AVX2 machine runs); recorded in the results' metadata."""
+    return os.environ.get("TARDIS_OPS_ISA") or None
+
+
+def isa_cap_note(cap: str | None) -> str:
+    """A sentence for a results table when the kernels' instruction set was capped, else ''."""
+    if not cap:
+        return ""
+    return (f" Kernels capped to `TARDIS_OPS_ISA={cap}`; ONNX Runtime's own kernels (the dense block, the fold, "
+            "the int8 predictor) still use the best the CPU has.")
