@@ -407,60 +407,43 @@ TARDIS_AVX2 void AxpyBlk(float* y, int64_t ld, const int32_t* tok, const float* 
   }
 }
 
-// e^x for 8 float32 lanes: the AVX-512 Exp16 (Cephes expf), 2^n built in the exponent field.
-TARDIS_AVX2 inline __m256 Exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-// erf for 8 float32 lanes: Abramowitz & Stegun 7.1.26, as Erf16 (absolute error <= 1.5e-7).
-TARDIS_AVX2 inline __m256 Erf8(__m256 x) {
-  const __m256 sign = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u))));
-  const __m256 a = _mm256_andnot_ps(sign, x);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
-  __m256 p = _mm256_set1_ps(1.061405429f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-  p = _mm256_mul_ps(p, t);
-  const __m256 e = Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a));
-  return _mm256_or_ps(_mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f)), sign);
-}
-
-// c[i] = GELU(h[i]) - a[i] h[i] - b[i] for i < n, 8 lanes at a time (the tail in double, as Corr).
-TARDIS_AVX2 void CorrN(float* c, const float* h, const float* a, const float* b, int64_t n, GeluKind kind) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 hv = _mm256_loadu_ps(h + i);
-    __m256 inner;  // GELU(h) = 0.5 h (1 + inner)
-    if (kind == GeluKind::kErf) {
-      inner = Erf8(_mm256_mul_ps(hv, _mm256_set1_ps(static_cast<float>(kInvSqrt2))));
-    } else {  // tanh(u) = 1 - 2 / (e^{2u} + 1)
-      const __m256 h2 = _mm256_mul_ps(hv, hv);
-      const __m256 u = _mm256_mul_ps(_mm256_mul_ps(hv, _mm256_fmadd_ps(h2, _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f))),
-                                     _mm256_set1_ps(static_cast<float>(2.0 * kSqrt2OverPi)));
-      const __m256 e = _mm256_add_ps(Exp8(u), _mm256_set1_ps(1.0f));
-      inner = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), e));
-    }
-    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(hv, _mm256_set1_ps(0.5f)), _mm256_add_ps(inner, _mm256_set1_ps(1.0f)));
-    const __m256 lin = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), hv, _mm256_loadu_ps(b + i));
-    _mm256_storeu_ps(c + i, _mm256_sub_ps(g, lin));
+// 8-float vectors for simd_tile.h (the tile path and vector GELU with AVX2).
+struct Vec {
+  using Reg = __m256;
+  static constexpr int kLanes = 8, kTileVecs = kTileVecs2;
+  TARDIS_AVX2 static Reg Load(const float* p) { return _mm256_loadu_ps(p); }
+  TARDIS_AVX2 static Reg Load(const half* p) { return Ld8(p); }
+  TARDIS_AVX2 static void Store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+  // The first m < 8 lanes (the others read as 0, not stored).
+  TARDIS_AVX2 static __m256i FirstLanes(int m) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
-  for (; i < n; ++i) c[i] = Corr(h[i], a[i], b[i], kind);
-}
+  TARDIS_AVX2 static Reg LoadN(const float* p, int m) { return _mm256_maskload_ps(p, FirstLanes(m)); }
+  TARDIS_AVX2 static void StoreN(float* p, Reg v, int m) { _mm256_maskstore_ps(p, FirstLanes(m), v); }
+  TARDIS_AVX2 static Reg Set1(float v) { return _mm256_set1_ps(v); }
+  TARDIS_AVX2 static Reg Zero() { return _mm256_setzero_ps(); }
+  TARDIS_AVX2 static Reg Add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  TARDIS_AVX2 static Reg Sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+  TARDIS_AVX2 static Reg Mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  TARDIS_AVX2 static Reg Div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
+  TARDIS_AVX2 static Reg Fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  TARDIS_AVX2 static Reg Fnma(Reg a, Reg b, Reg c) { return _mm256_fnmadd_ps(a, b, c); }
+  TARDIS_AVX2 static Reg Min(Reg a, Reg b) { return _mm256_min_ps(a, b); }
+  TARDIS_AVX2 static Reg Max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
+  TARDIS_AVX2 static Reg Round(Reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for integral n in [-126, 127]: n built into a float's exponent field.
+  TARDIS_AVX2 static Reg Scale2(Reg p, Reg n) {
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                                     _mm256_set1_epi32(127)), 23)));
+  }
+  TARDIS_AVX2 static Reg SignBits(Reg a) { return _mm256_and_ps(a, _mm256_set1_ps(-0.0f)); }
+  TARDIS_AVX2 static Reg Xor(Reg a, Reg b) { return _mm256_xor_ps(a, b); }
+  TARDIS_AVX2 static float Sum(Reg a) { return Hsum(a); }
+  TARDIS_AVX2 static __m128 Sum4(Reg a, Reg b, Reg c, Reg d) { return Hsum4(a, b, c, d); }
+};
+#define TARDIS_SIMD TARDIS_AVX2
+#include "simd_tile.h"  // NOLINT(build/include): one copy per instruction set
+#undef TARDIS_SIMD
 
 template <class W>
 Kernels<W> Get() {
@@ -488,84 +471,6 @@ TARDIS_AVX2 int64_t FlagRowFloat(const float* hh, const float* lo, const float* 
   return n;
 }
 
-// ---- Tile path with 8-float vectors (CPUs without AVX-512F): the AVX-512 kernels' structure.
-
-// acc[q] += reg . row_q[0 : 8 NV] for q < n, row_q = base + idx[q] * stride: four rows at a time, two
-// accumulators each (8 FMA chains).
-template <class R, int NV>
-TARDIS_AVX2 inline __attribute__((always_inline)) void RegDots(const __m256 (&reg)[NV], const R* base, int64_t stride,
-                                                               const int32_t* idx, int64_t n, float* acc) {
-  int64_t q = 0;
-  for (; q + 4 <= n; q += 4) {
-    const R* r0 = base + idx[q] * stride;
-    const R* r1 = base + idx[q + 1] * stride;
-    const R* r2 = base + idx[q + 2] * stride;
-    const R* r3 = base + idx[q + 3] * stride;
-    __m256 a0 = _mm256_mul_ps(reg[0], Ld8(r0)), a1 = _mm256_mul_ps(reg[0], Ld8(r1));
-    __m256 a2 = _mm256_mul_ps(reg[0], Ld8(r2)), a3 = _mm256_mul_ps(reg[0], Ld8(r3));
-    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-#pragma GCC unroll 8
-    for (int v = 1; v < NV; v += 2) {
-      b0 = _mm256_fmadd_ps(reg[v], Ld8(r0 + 8 * v), b0);
-      b1 = _mm256_fmadd_ps(reg[v], Ld8(r1 + 8 * v), b1);
-      b2 = _mm256_fmadd_ps(reg[v], Ld8(r2 + 8 * v), b2);
-      b3 = _mm256_fmadd_ps(reg[v], Ld8(r3 + 8 * v), b3);
-      if (v + 1 < NV) {
-        a0 = _mm256_fmadd_ps(reg[v + 1], Ld8(r0 + 8 * (v + 1)), a0);
-        a1 = _mm256_fmadd_ps(reg[v + 1], Ld8(r1 + 8 * (v + 1)), a1);
-        a2 = _mm256_fmadd_ps(reg[v + 1], Ld8(r2 + 8 * (v + 1)), a2);
-        a3 = _mm256_fmadd_ps(reg[v + 1], Ld8(r3 + 8 * (v + 1)), a3);
-      }
-    }
-    const __m128 s = Hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3));
-    _mm_storeu_ps(acc + q, _mm_add_ps(_mm_loadu_ps(acc + q), s));
-  }
-  for (; q < n; ++q) {
-    const R* r0 = base + idx[q] * stride;
-    __m256 a0 = _mm256_mul_ps(reg[0], Ld8(r0)), b0 = _mm256_setzero_ps();
-#pragma GCC unroll 8
-    for (int v = 1; v < NV; v += 2) {
-      b0 = _mm256_fmadd_ps(reg[v], Ld8(r0 + 8 * v), b0);
-      if (v + 1 < NV) a0 = _mm256_fmadd_ps(reg[v + 1], Ld8(r0 + 8 * (v + 1)), a0);
-    }
-    acc[q] += Hsum(_mm256_add_ps(a0, b0));
-  }
-}
-
-template <class W, int NV>
-TARDIS_AVX2 void TileDots(const float* x, const W* w, int64_t d, const int32_t* js, int64_t n, float* h) {
-  __m256 xr[NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) xr[v] = _mm256_loadu_ps(x + 8 * v);
-  RegDots<W, NV>(xr, w, d, js, n, h);
-}
-
-template <class W, int NV>
-TARDIS_AVX2 void TileAxpy(float* y, const W* w, int64_t d, const int32_t* js, const float* c, int64_t n) {
-  __m256 yr[NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) yr[v] = _mm256_loadu_ps(y + 8 * v);
-  for (int64_t q = 0; q < n; ++q) {
-    const __m256 cv = _mm256_set1_ps(c[q]);
-    const W* r = w + js[q] * d;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) yr[v] = _mm256_fmadd_ps(cv, Ld8(r + 8 * v), yr[v]);
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + 8 * v, yr[v]);
-}
-
-template <class W, int... I>
-TileKernels<W> MakeTile(std::integer_sequence<int, I...>) {
-  TileKernels<W> k{8, kTileVecs2, {&TileDots<W, I + 1>...}, {&TileAxpy<W, I + 1>...}};
-  return k;
-}
-
-template <class W>
-TileKernels<W> GetTile() {
-  return MakeTile<W>(std::make_integer_sequence<int, kTileVecs2>{});
-}
-
 }  // namespace avx2
 
 // AVX-512F block kernels of the neuron path (the rest of the AVX2 set is reused): one 64-float column
@@ -581,50 +486,47 @@ TARDIS_AVX512 inline __m256 Fold(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-// acc[q] += reg . row_q[0 : 16 NV] for q < n, row_q = base + idx[q] * stride: one operand held in NV
-// registers, the rows streamed past it four at a time with two accumulators each (8 FMA chains).
-template <class R, int NV>
-TARDIS_AVX512 inline __attribute__((always_inline)) void RegDots(const __m512 (&reg)[NV], const R* base,
-                                                                 int64_t stride, const int32_t* idx, int64_t n,
-                                                                 float* acc) {
-  int64_t q = 0;
-  for (; q + 4 <= n; q += 4) {
-    const R* r0 = base + idx[q] * stride;
-    const R* r1 = base + idx[q + 1] * stride;
-    const R* r2 = base + idx[q + 2] * stride;
-    const R* r3 = base + idx[q + 3] * stride;
-    __m512 a0 = _mm512_mul_ps(reg[0], Ld16(r0)), a1 = _mm512_mul_ps(reg[0], Ld16(r1));
-    __m512 a2 = _mm512_mul_ps(reg[0], Ld16(r2)), a3 = _mm512_mul_ps(reg[0], Ld16(r3));
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-    // Fully unrolled (constant NV), so reg[v] stays in registers instead of being reloaded from the stack.
-#pragma GCC unroll 16
-    for (int v = 1; v < NV; v += 2) {
-      b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
-      b1 = _mm512_fmadd_ps(reg[v], Ld16(r1 + 16 * v), b1);
-      b2 = _mm512_fmadd_ps(reg[v], Ld16(r2 + 16 * v), b2);
-      b3 = _mm512_fmadd_ps(reg[v], Ld16(r3 + 16 * v), b3);
-      if (v + 1 < NV) {
-        a0 = _mm512_fmadd_ps(reg[v + 1], Ld16(r0 + 16 * (v + 1)), a0);
-        a1 = _mm512_fmadd_ps(reg[v + 1], Ld16(r1 + 16 * (v + 1)), a1);
-        a2 = _mm512_fmadd_ps(reg[v + 1], Ld16(r2 + 16 * (v + 1)), a2);
-        a3 = _mm512_fmadd_ps(reg[v + 1], Ld16(r3 + 16 * (v + 1)), a3);
-      }
-    }
-    const __m128 s = avx2::Hsum4(Fold(_mm512_add_ps(a0, b0)), Fold(_mm512_add_ps(a1, b1)),
-                                 Fold(_mm512_add_ps(a2, b2)), Fold(_mm512_add_ps(a3, b3)));
-    _mm_storeu_ps(acc + q, _mm_add_ps(_mm_loadu_ps(acc + q), s));
+// 16-float vectors for simd_tile.h (the tile path, the neuron path's block dots and vector GELU).
+struct Vec {
+  using Reg = __m512;
+  static constexpr int kLanes = 16, kTileVecs = tardis::kTileVecs;
+  TARDIS_AVX512 static Reg Load(const float* p) { return _mm512_loadu_ps(p); }
+  TARDIS_AVX512 static Reg Load(const half* p) { return Ld16(p); }
+  TARDIS_AVX512 static void Store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+  // The first m < 16 lanes (the others read as 0, not stored).
+  TARDIS_AVX512 static Reg LoadN(const float* p, int m) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m) - 1u), p);
   }
-  for (; q < n; ++q) {
-    const R* r0 = base + idx[q] * stride;
-    __m512 a0 = _mm512_mul_ps(reg[0], Ld16(r0)), b0 = _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int v = 1; v < NV; v += 2) {
-      b0 = _mm512_fmadd_ps(reg[v], Ld16(r0 + 16 * v), b0);
-      if (v + 1 < NV) a0 = _mm512_fmadd_ps(reg[v + 1], Ld16(r0 + 16 * (v + 1)), a0);
-    }
-    acc[q] += _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+  TARDIS_AVX512 static void StoreN(float* p, Reg v, int m) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << m) - 1u), v);
   }
-}
+  TARDIS_AVX512 static Reg Set1(float v) { return _mm512_set1_ps(v); }
+  TARDIS_AVX512 static Reg Zero() { return _mm512_setzero_ps(); }
+  TARDIS_AVX512 static Reg Add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  TARDIS_AVX512 static Reg Sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  TARDIS_AVX512 static Reg Mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  TARDIS_AVX512 static Reg Div(Reg a, Reg b) { return _mm512_div_ps(a, b); }
+  TARDIS_AVX512 static Reg Fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  TARDIS_AVX512 static Reg Fnma(Reg a, Reg b, Reg c) { return _mm512_fnmadd_ps(a, b, c); }
+  TARDIS_AVX512 static Reg Min(Reg a, Reg b) { return _mm512_min_ps(a, b); }
+  TARDIS_AVX512 static Reg Max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
+  TARDIS_AVX512 static Reg Round(Reg a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  TARDIS_AVX512 static Reg Scale2(Reg p, Reg n) { return _mm512_scalef_ps(p, n); }
+  // Bitwise operations on the integer view (the float forms need AVX-512DQ).
+  TARDIS_AVX512 static Reg SignBits(Reg a) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+  }
+  TARDIS_AVX512 static Reg Xor(Reg a, Reg b) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
+  TARDIS_AVX512 static float Sum(Reg a) { return _mm512_reduce_add_ps(a); }
+  TARDIS_AVX512 static __m128 Sum4(Reg a, Reg b, Reg c, Reg d) { return avx2::Hsum4(Fold(a), Fold(b), Fold(c), Fold(d)); }
+};
+#define TARDIS_SIMD TARDIS_AVX512
+#include "simd_tile.h"  // NOLINT(build/include): one copy per instruction set
+#undef TARDIS_SIMD
 
 // Neuron path blocks of NV vectors (16 NV columns): the weight row slice in NV registers, the tokens' x
 // slices (an L1-resident panel) streamed past it.
@@ -693,99 +595,6 @@ TARDIS_AVX512 int64_t FlagRowFloat(const float* hh, const float* lo, const float
     n += static_cast<int64_t>((hh[j] < lo[j]) | (hh[j] > hi[j]));
   }
   return n;
-}
-
-// ---- Tile path (AVX-512F): token-major inside L2-sized neuron blocks, a token's row chunk in registers.
-
-// e^x for float32 lanes (Cephes expf: x = n ln2 + r, degree-6 polynomial in r, times 2^n; rel. err ~1e-7).
-TARDIS_AVX512 inline __m512 Exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// erf for float32 lanes: Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7).
-TARDIS_AVX512 inline __m512 Erf16(__m512 x) {
-  const __m512 a = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  p = _mm512_mul_ps(p, t);
-  const __m512 e = Exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a));
-  const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));
-  // copy the sign of x onto y (erf is odd)
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
-}
-
-// c[i] = GELU(h[i]) - a[i] h[i] - b[i] for i < n, 16 lanes at a time (masked tail).
-TARDIS_AVX512 void CorrN(float* c, const float* h, const float* a, const float* b, int64_t n, GeluKind kind) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 hv = _mm512_maskz_loadu_ps(m, h + i);
-    __m512 inner;  // GELU(h) = 0.5 h (1 + inner)
-    if (kind == GeluKind::kErf) {
-      inner = Erf16(_mm512_mul_ps(hv, _mm512_set1_ps(static_cast<float>(kInvSqrt2))));
-    } else {  // tanh(u) = 1 - 2 / (e^{2u} + 1)
-      const __m512 h2 = _mm512_mul_ps(hv, hv);
-      const __m512 u = _mm512_mul_ps(_mm512_mul_ps(hv, _mm512_fmadd_ps(h2, _mm512_set1_ps(0.044715f), _mm512_set1_ps(1.0f))),
-                                     _mm512_set1_ps(static_cast<float>(2.0 * kSqrt2OverPi)));
-      const __m512 e = _mm512_add_ps(Exp16(u), _mm512_set1_ps(1.0f));
-      inner = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), e));
-    }
-    const __m512 g = _mm512_mul_ps(_mm512_mul_ps(hv, _mm512_set1_ps(0.5f)), _mm512_add_ps(inner, _mm512_set1_ps(1.0f)));
-    const __m512 lin = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), hv, _mm512_maskz_loadu_ps(m, b + i));
-    _mm512_mask_storeu_ps(c + i, m, _mm512_sub_ps(g, lin));
-  }
-}
-
-// h[q] += x[0 : 16 NV] . w[js[q] * d : + 16 NV] for q < n (x and w already offset by the chunk's first
-// column): the x chunk in NV registers, the weight rows streamed past it.
-template <class W, int NV>
-TARDIS_AVX512 void TileDots(const float* x, const W* w, int64_t d, const int32_t* js, int64_t n, float* h) {
-  __m512 xr[NV];
-#pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) xr[v] = _mm512_loadu_ps(x + 16 * v);
-  RegDots<W, NV>(xr, w, d, js, n, h);
-}
-
-// y[0 : 16 NV] += sum_{q < n} c[q] * w[js[q] * d : + 16 NV]: the y chunk in NV registers, stored once.
-template <class W, int NV>
-TARDIS_AVX512 void TileAxpy(float* y, const W* w, int64_t d, const int32_t* js, const float* c, int64_t n) {
-  __m512 yr[NV];
-#pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) yr[v] = _mm512_loadu_ps(y + 16 * v);
-  for (int64_t q = 0; q < n; ++q) {
-    const __m512 cv = _mm512_set1_ps(c[q]);
-    const W* r = w + js[q] * d;
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) yr[v] = _mm512_fmadd_ps(cv, Ld16(r + 16 * v), yr[v]);
-  }
-#pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + 16 * v, yr[v]);
-}
-
-template <class W, int... I>
-TileKernels<W> MakeTile(std::integer_sequence<int, I...>) {
-  return TileKernels<W>{16, kTileVecs, {&TileDots<W, I + 1>...}, {&TileAxpy<W, I + 1>...}};
-}
-
-template <class W>
-TileKernels<W> GetTile() {
-  return MakeTile<W>(std::make_integer_sequence<int, kTileVecs>{});
 }
 
 template <class W>
