@@ -522,7 +522,9 @@ struct Vec {
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
   }
   TARDIS_AVX512 static float Sum(Reg a) { return _mm512_reduce_add_ps(a); }
-  TARDIS_AVX512 static __m128 Sum4(Reg a, Reg b, Reg c, Reg d) { return avx2::Hsum4(Fold(a), Fold(b), Fold(c), Fold(d)); }
+  TARDIS_AVX512 static __m128 Sum4(Reg a, Reg b, Reg c, Reg d) {
+    return avx2::Hsum4(Fold(a), Fold(b), Fold(c), Fold(d));
+  }
 };
 #define TARDIS_SIMD TARDIS_AVX512
 #include "simd_tile.h"  // NOLINT(build/include): one copy per instruction set
@@ -975,11 +977,12 @@ int64_t PanelBlock(int64_t D, int64_t cols) {
 // flagged, 1 thread, panels vs rows: 4544 x 18176 at 128 / 64 / 32 tokens 1.40 / 1.20 / 1.09x against
 // 1.05 / 1.10 / 1.07x; 3072 x 12288 at 128 tokens 1.30 vs 1.27x; 2048 x 8192 at 256 / 128 / 32 tokens
 // 1.51 vs 1.44x, a tie, 1.01 vs 1.15x; 1024 x 4096 at 128 and 256 tokens (same blocks, rows in L2 or
-// nearly) 4-8% slower in panels.
+// nearly) 4-8% slower in panels. AVX-512 kernels only: with AVX2's 64-column chunks, panels tied at
+// 4544 x 18176 and lost at 2048 x 8192 (0.80 vs 1.23x).
 template <class T>
-bool TilePanels(int64_t tokens, int64_t d, int64_t D) {
-  return TileGroupRows(tokens) * d * 2 * static_cast<int64_t>(sizeof(float)) > kTileRowBytes &&
-         NeuronBlock<T>(d, D) < PanelBlock<T>(D, 16 * kTileVecs);
+bool TilePanels(int64_t tokens, int64_t d, int64_t D, const TileKernels<T>& tk) {
+  return tk.lanes == 16 && TileGroupRows(tokens) * d * 2 * static_cast<int64_t>(sizeof(float)) > kTileRowBytes &&
+         NeuronBlock<T>(d, D) < PanelBlock<T>(D, tk.lanes * tk.vecs);
 }
 
 // Tile path (AVX-512F with d a multiple of 16, or AVX2 with d a multiple of 8; tk.lanes floats per vector,
@@ -1154,7 +1157,7 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
   // 0.32-0.33 vs 0.33-0.34 ms, 8 tokens 0.94-0.96 vs 1.59-1.72 ms, 128 tokens 7.1 vs 12.3 ms.
   if (strategy == Strategy::kAuto && tile_ok) {
     use_tile = true;
-    use_panels = tile.lanes == 16 && TilePanels<T>(tokens, d, D);
+    use_panels = TilePanels<T>(tokens, d, D, tile);
   }
   if (strategy == Strategy::kUnion || (strategy == Strategy::kAuto && !use_tile && tokens >= 2)) {
     // Union and per-group union sizes (groups of 4 tokens) for the cost model.

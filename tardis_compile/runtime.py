@@ -332,7 +332,8 @@ def _cdll(lib: Path | None = None) -> ctypes.CDLL | None:
         return None
     handle = ctypes.CDLL(str(lib))
     for name in ("TardisOpsKernelCalls", "TardisOpsUnionCalls", "TardisOpsNeuronCalls", "TardisOpsTileCalls",
-                 "TardisOpsPanelCalls", "TardisOpsPortableCalls", "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs", "TardisOpsNBitsCalls"):
+                 "TardisOpsPanelCalls", "TardisOpsPortableCalls", "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs",
+                 "TardisOpsNBitsCalls"):
         getattr(handle, name).restype = ctypes.c_uint64
     return handle
 
@@ -349,11 +350,11 @@ def kernel_calls(lib: Path | None = None) -> int:
 
 def kernel_stats(lib: Path | None = None) -> dict[str, int]:
     """All counters of the library: ``calls``, ``union_calls`` (union-gather strategy), ``neuron_calls``
-    (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512), ``panel_calls`` (of those, in column-panel
-    order), ``portable_calls`` (non-AVX2 code),
-    ``avx512_calls`` (AVX-512 block kernels), ``flagged_pairs`` (all of GuardedFallback), ``nbits_calls``
-    (ai.tardis::MatMulNBits), plus ``cpu_has_avx2``, ``cpu_has_avx512``, ``nbits_level`` (2 = AVX-512 VNNI,
-    1 = AVX2, 0 = portable) and ``ort_api``."""
+    (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512 or AVX2), ``panel_calls`` (of those, in
+    column-panel order), ``portable_calls`` (non-AVX2 code), ``avx512_calls`` (AVX-512 block kernels),
+    ``flagged_pairs`` (all of GuardedFallback), ``nbits_calls`` (ai.tardis::MatMulNBits), plus
+    ``cpu_has_avx2``, ``cpu_has_avx512``, ``nbits_level`` (2 = AVX-512 VNNI, 1 = AVX2, 0 = portable) and
+    ``ort_api``."""
     handle = _cdll(lib)
     if handle is None:
         return {}
