@@ -313,6 +313,36 @@ def test_all_paths_agree_at_prefill_size(lib, monkeypatch, d):
                 assert after[key] == before[key] + 1
 
 
+@pytest.mark.parametrize("order", ["tile", "panel"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_split_copies_of_y_keep_nothing_from_earlier_calls(lib, monkeypatch, order, threads):
+    """The tile path's neuron splits add into copies of y that are kept between calls and zeroed row by row
+    when first added to. 128 tokens, D = 1024 (four splits): a call with flags everywhere fills every copy;
+    the next call on the same session flags neurons of the first split only (even tokens) and of the last
+    one (token 1), no neuron at all for the other odd tokens. It matches the reference, and the tokens
+    without flags get y_lin exactly."""
+    if not runtime.kernel_stats(lib)["cpu_has_avx2"]:
+        pytest.skip("the tile path needs AVX2")
+    rng = np.random.default_rng(21)
+    d, D, tokens = 64, 1024, 128
+    monkeypatch.setenv("TARDIS_OPS_STRATEGY", order)
+    sess = session(fo.standalone_model(d, D), with_lib(lib), threads=threads)
+    full = make_inputs(rng, (tokens,), d, D, flags="random", rate=0.2)
+    assert rel_err(sess.run(None, full)[0], fo.reference(**full)) < 1e-5
+    mask = np.zeros((tokens, D), dtype=bool)
+    mask[0::2, : D // 4] = rng.random((tokens // 2, D // 4)) < 0.5
+    mask[1, -D // 8:] = True
+    part = dict(make_inputs(rng, (tokens,), d, D, flags="none"), lo=np.full(D, -1.0, np.float32),
+                hi=np.full(D, 1.0, np.float32), h_hat=np.where(mask, 5.0, 0.0).astype(np.float32))
+    before = runtime.kernel_stats(lib)
+    out = sess.run(None, part)[0]
+    assert runtime.kernel_stats(lib)["tile_calls"] == before["tile_calls"] + 1
+    assert rel_err(out, fo.reference(**part)) < 1e-5
+    idle = ~mask.any(axis=1)
+    assert idle.sum() == tokens // 2 - 1
+    np.testing.assert_array_equal(out[idle], part["y_lin"][idle])
+
+
 def test_auto_walks_large_token_groups_in_column_panels(lib, monkeypatch):
     """auto on the tile path, d = 2048: row order while a token group's x and y rows fit in L2 beside the
     neuron block (64 tokens: 1 MB), column panels beyond (300 tokens, groups of 150: 2.4 MB); both agree
