@@ -450,14 +450,14 @@ Kernels<W> Get() {
   return Kernels<W>{&Dot<W>, &Axpy<W>, &Dot4<W>, &Update4, &DotBlk<W>, &AxpyBlk<W>, kColBlock, &CorrN};
 }
 
-// Flag scan of one float token row: indices j with hh[j] < lo[j] or hh[j] > hi[j] (ordered compares:
-// NaN is not flagged).
-TARDIS_AVX2 int64_t FlagRowFloat(const float* hh, const float* lo, const float* hi, int64_t D, int32_t* out) {
+// Flag scan of one token row (float32, or float16 widened exactly): indices j with hh[j] < lo[j] or
+// hh[j] > hi[j] (ordered compares: NaN is not flagged).
+template <class W>
+TARDIS_AVX2 int64_t FlagRowVec(const W* hh, const W* lo, const W* hi, int64_t D, int32_t* out) {
   int64_t n = 0, j = 0;
   for (; j + 8 <= D; j += 8) {
-    const __m256 v = _mm256_loadu_ps(hh + j);
-    const __m256 f = _mm256_or_ps(_mm256_cmp_ps(v, _mm256_loadu_ps(lo + j), _CMP_LT_OQ),
-                                  _mm256_cmp_ps(v, _mm256_loadu_ps(hi + j), _CMP_GT_OQ));
+    const __m256 v = Ld8(hh + j);
+    const __m256 f = _mm256_or_ps(_mm256_cmp_ps(v, Ld8(lo + j), _CMP_LT_OQ), _mm256_cmp_ps(v, Ld8(hi + j), _CMP_GT_OQ));
     unsigned m = static_cast<unsigned>(_mm256_movemask_ps(f));
     while (m) {
       out[n++] = static_cast<int32_t>(j + __builtin_ctz(m));
@@ -465,10 +465,26 @@ TARDIS_AVX2 int64_t FlagRowFloat(const float* hh, const float* lo, const float* 
     }
   }
   for (; j < D; ++j) {
+    const float v = Ld(hh, j);
     out[n] = static_cast<int32_t>(j);
-    n += static_cast<int64_t>((hh[j] < lo[j]) | (hh[j] > hi[j]));
+    n += static_cast<int64_t>((v < Ld(lo, j)) | (v > Ld(hi, j)));
   }
   return n;
+}
+
+// float16 <-> float32 rows, 8 values per instruction (F16C; to float16 rounding to nearest even, as
+// Ort::Float16_t does).
+TARDIS_AVX2 void HalfToFloatRow(const half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, Ld8(src + i));
+  for (; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+}
+TARDIS_AVX2 void FloatToHalfRow(const float* src, half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = FloatToHalf(src[i]);
 }
 
 }  // namespace avx2
@@ -581,20 +597,21 @@ void AxpyBlk(float* y, int64_t ld, const int32_t* tok, const float* c, int64_t m
 
 // Flag scan of one float token row with AVX-512F: compare 16 lanes, compress the flagged indices into a
 // full-width store (n <= j, so the 16-lane store stays inside the D-entry row).
-TARDIS_AVX512 int64_t FlagRowFloat(const float* hh, const float* lo, const float* hi, int64_t D, int32_t* out) {
+template <class W>
+TARDIS_AVX512 int64_t FlagRowVec(const W* hh, const W* lo, const W* hi, int64_t D, int32_t* out) {
   int64_t n = 0, j = 0;
   const __m512i step = _mm512_set1_epi32(16);
   __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= D; j += 16, idx = _mm512_add_epi32(idx, step)) {
-    const __m512 v = _mm512_loadu_ps(hh + j);
-    const __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_loadu_ps(lo + j), _CMP_LT_OQ) |
-                        _mm512_cmp_ps_mask(v, _mm512_loadu_ps(hi + j), _CMP_GT_OQ);
+    const __m512 v = Ld16(hh + j);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, Ld16(lo + j), _CMP_LT_OQ) | _mm512_cmp_ps_mask(v, Ld16(hi + j), _CMP_GT_OQ);
     _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(m, idx));
     n += __builtin_popcount(static_cast<unsigned>(m));
   }
   for (; j < D; ++j) {
+    const float v = Ld(hh, j);
     out[n] = static_cast<int32_t>(j);
-    n += static_cast<int64_t>((hh[j] < lo[j]) | (hh[j] > hi[j]));
+    n += static_cast<int64_t>((v < Ld(lo, j)) | (v > Ld(hi, j)));
   }
   return n;
 }
@@ -682,10 +699,8 @@ int64_t NeuronBlock(int64_t d, int64_t D) {
 template <class T>
 int64_t FlagRow(const T* hh, const T* lo, const T* hi, int64_t D, int32_t* out, Isa isa) {
 #if TARDIS_X86
-  if constexpr (std::is_same<T, float>::value) {
-    if (isa == Isa::kAvx512 && CpuHasAvx512()) return avx512::FlagRowFloat(hh, lo, hi, D, out);
-    if (isa != Isa::kPortable && CpuHasAvx2()) return avx2::FlagRowFloat(hh, lo, hi, D, out);
-  }
+  if (isa == Isa::kAvx512 && CpuHasAvx512()) return avx512::FlagRowVec(hh, lo, hi, D, out);
+  if (isa != Isa::kPortable && CpuHasAvx2()) return avx2::FlagRowVec(hh, lo, hi, D, out);
 #endif
   (void)isa;
   int64_t n = 0;
@@ -1283,12 +1298,29 @@ void RunHalf(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, cons
   const half* xh = static_cast<const half*>(op.x);
   const half* yl = static_cast<const half*>(op.y_lin);
   half* yh = static_cast<half*>(op.y);
-  std::vector<float> x(static_cast<size_t>(n)), y(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = HalfToFloat(xh[i]);
-    y[i] = HalfToFloat(yl[i]);
-  }
-  RunImpl<half>(op, x.data(), y.data(), gelu, strategy, isa, par, info);
+  // x and y as float32 in the calling thread's kept scratch (a fresh zeroed buffer per call cost page
+  // faults and a pass of its own), converted 8 values at a time where the CPU has F16C.
+  thread_local std::vector<float> xy_keep;
+  std::unique_ptr<float[]> xy_big;
+  float* x = Scratch(xy_keep, static_cast<size_t>(2 * n), &xy_big);
+  float* y = x + n;
+#if TARDIS_X86
+  const bool f16c = isa != Isa::kPortable && CpuHasAvx2();
+#else
+  const bool f16c = false;
+#endif
+  auto widen = [&](const half* src, float* dst) {
+#if TARDIS_X86
+    if (f16c) return avx2::HalfToFloatRow(src, dst, n);
+#endif
+    for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+  };
+  widen(xh, x);
+  widen(yl, y);
+  RunImpl<half>(op, x, y, gelu, strategy, isa, par, info);
+#if TARDIS_X86
+  if (f16c) return avx2::FloatToHalfRow(y, yh, n);
+#endif
   for (int64_t i = 0; i < n; ++i) yh[i] = FloatToHalf(y[i]);
 }
 

@@ -430,6 +430,26 @@ def test_float16(lib, variant, flags):
     assert rel_err(out, ref) < 2e-3  # float16 output rounding; accumulation is float32
 
 
+@pytest.mark.parametrize("isa", ["default", "avx2", "portable"])
+def test_float16_odd_sizes_convert_exactly(lib, monkeypatch, isa):
+    """float16 operands whose element counts are not multiples of the 8 or 16 lanes the F16C conversions
+    and the flag scan take at a time (3 tokens x 37 columns, 203 neurons): with no neuron flagged the
+    output is y_lin bit for bit (float16 -> float32 -> float16 is exact), and with random flags it matches
+    the float64 reference."""
+    if isa != "default":
+        monkeypatch.setenv("TARDIS_OPS_ISA", isa)
+    rng = np.random.default_rng(33)
+    d, D = 37, 203
+    model = fo.standalone_model(d, D, dtype=TensorProto.FLOAT16)
+    sess = session(model, with_lib(lib))
+    idle = make_inputs(rng, (3,), d, D, dtype=np.float16, flags="none")
+    np.testing.assert_array_equal(sess.run(None, idle)[0], idle["y_lin"])
+    busy = make_inputs(rng, (3,), d, D, dtype=np.float16, flags="random", rate=0.2)
+    out = sess.run(None, busy)[0]
+    assert out.dtype == np.float16
+    assert rel_err(out, fo.reference(**busy)) < 2e-3
+
+
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
 def test_forced_portable_path(lib, monkeypatch, dtype):
     """TARDIS_OPS_FORCE_PORTABLE=1 (read at session creation) runs the non-AVX2 code, same numbers."""
