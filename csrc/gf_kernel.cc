@@ -674,20 +674,6 @@ void ParallelFor(const Parallel& par, size_t n, F& f) {
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Per-call scratch of n elements, not initialized: `keep` (a buffer of the calling thread, kept between
-// calls) while n <= kKeepElems, else a one-off allocation owned by `*big`. A fresh multi-MB buffer per call
-// costs page faults (and, zeroed, a pass over it on the calling thread while the workers wait).
-constexpr size_t kKeepElems = size_t{4} << 20;
-template <class E>
-E* Scratch(std::vector<E>& keep, size_t n, std::unique_ptr<E[]>* big) {
-  if (n > kKeepElems) {
-    big->reset(new E[n]);
-    return big->get();
-  }
-  if (keep.size() < n) keep.resize(n);
-  return keep.data();
-}
-
 // Neurons per block of the tile and neuron paths: their W1t and W2 rows fill about 1 MB, half of a
 // typical L2, so a block stays cached while the tokens of a work item pass over it.
 template <class T>
@@ -1299,29 +1285,31 @@ void RunHalf(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, cons
   const half* yl = static_cast<const half*>(op.y_lin);
   half* yh = static_cast<half*>(op.y);
   // x and y as float32 in the calling thread's kept scratch (a fresh zeroed buffer per call cost page
-  // faults and a pass of its own), converted 8 values at a time where the CPU has F16C.
+  // faults and a pass of its own).
   thread_local std::vector<float> xy_keep;
   std::unique_ptr<float[]> xy_big;
   float* x = Scratch(xy_keep, static_cast<size_t>(2 * n), &xy_big);
   float* y = x + n;
-#if TARDIS_X86
-  const bool f16c = isa != Isa::kPortable && CpuHasAvx2();
-#else
-  const bool f16c = false;
-#endif
-  auto widen = [&](const half* src, float* dst) {
-#if TARDIS_X86
-    if (f16c) return avx2::HalfToFloatRow(src, dst, n);
-#endif
-    for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
-  };
-  widen(xh, x);
-  widen(yl, y);
+  HalfToFloatN(xh, x, n, isa);
+  HalfToFloatN(yl, y, n, isa);
   RunImpl<half>(op, x, y, gelu, strategy, isa, par, info);
+  FloatToHalfN(y, yh, n, isa);
+}
+
+void HalfToFloatN(const uint16_t* src, float* dst, int64_t n, Isa isa) {
 #if TARDIS_X86
-  if (f16c) return avx2::FloatToHalfRow(y, yh, n);
+  if (isa != Isa::kPortable && CpuHasAvx2()) return avx2::HalfToFloatRow(src, dst, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) yh[i] = FloatToHalf(y[i]);
+  (void)isa;
+  for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+}
+
+void FloatToHalfN(const float* src, uint16_t* dst, int64_t n, Isa isa) {
+#if TARDIS_X86
+  if (isa != Isa::kPortable && CpuHasAvx2()) return avx2::FloatToHalfRow(src, dst, n);
+#endif
+  (void)isa;
+  for (int64_t i = 0; i < n; ++i) dst[i] = FloatToHalf(src[i]);
 }
 
 }  // namespace tardis

@@ -4,6 +4,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 namespace tardis {
 
@@ -47,6 +49,25 @@ struct RunInfo {
 bool CpuHasAvx2();
 // True when the CPU also supports AVX-512F.
 bool CpuHasAvx512();
+
+// float16 (IEEE binary16 bits) -> float32 and back (round to nearest even), n values; 8 per instruction
+// with F16C unless isa is kPortable.
+void HalfToFloatN(const uint16_t* src, float* dst, int64_t n, Isa isa);
+void FloatToHalfN(const float* src, uint16_t* dst, int64_t n, Isa isa);
+
+// Per-call scratch of n elements, not initialized: `keep` (a buffer of the calling thread, kept between
+// calls) while n <= kKeepElems, else a one-off allocation owned by `*big`. A fresh multi-MB buffer per call
+// costs page faults (and, zeroed, a pass over it on the calling thread while the workers wait).
+constexpr size_t kKeepElems = size_t{4} << 20;
+template <class E>
+E* Scratch(std::vector<E>& keep, size_t n, std::unique_ptr<E[]>* big) {
+  if (n > kKeepElems) {
+    big->reset(new E[n]);
+    return big->get();
+  }
+  if (keep.size() < n) keep.resize(n);
+  return keep.data();
+}
 
 // y = y_lin + sum_{j in F(t)} (GELU(h_j) - alpha_j h_j - beta_j) w2[j,:], for float32 operands.
 void RunFloat(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info);

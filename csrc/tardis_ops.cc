@@ -50,6 +50,11 @@ std::atomic<uint64_t> g_avx512_calls{0};
 std::atomic<uint64_t> g_flagged_pairs{0};
 std::atomic<uint64_t> g_nbits_calls{0};
 
+// Ort::Float16_t is the IEEE binary16 bits (one uint16_t member); the compute cores take those bits.
+static_assert(sizeof(Ort::Float16_t) == sizeof(uint16_t), "Ort::Float16_t is not 16 bits");
+const uint16_t* Bits(const Ort::Float16_t* p) { return reinterpret_cast<const uint16_t*>(p); }
+uint16_t* Bits(Ort::Float16_t* p) { return reinterpret_cast<uint16_t*>(p); }
+
 bool EnvFlag(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
@@ -201,12 +206,15 @@ struct MatMulNBitsKernel {
       OrtParallel par(ctx);
       if constexpr (std::is_same<T, float>::value) {
         tardis::Int4MatMul(*packed, a.Data(), M, bias_data, out, isa_, par);
-      } else {
-        std::vector<float> af(static_cast<size_t>(M * K_)), yf(static_cast<size_t>(M * N_)), bf(static_cast<size_t>(N_));
-        for (size_t i = 0; i < af.size(); ++i) af[i] = a.Data()[i].ToFloat();
-        for (int64_t n = 0; n < N_; ++n) bf[n] = bias_data[n].ToFloat();
-        tardis::Int4MatMul(*packed, af.data(), M, bf.data(), yf.data(), isa_, par);
-        for (size_t i = 0; i < yf.size(); ++i) out[i] = Ort::Float16_t(yf[i]);
+      } else {  // A, bias and Y as float32 in the calling thread's kept scratch, converted with F16C
+        thread_local std::vector<float> keep;
+        std::unique_ptr<float[]> big;
+        float* af = tardis::Scratch(keep, static_cast<size_t>(M * K_ + N_ + M * N_), &big);
+        float *bf = af + M * K_, *yf = bf + N_;
+        tardis::HalfToFloatN(Bits(a.Data()), af, M * K_, isa_);
+        tardis::HalfToFloatN(Bits(bias_data), bf, N_, isa_);
+        tardis::Int4MatMul(*packed, af, M, bf, yf, isa_, par);
+        tardis::FloatToHalfN(yf, Bits(out), M * N_, isa_);
       }
       return Ort::Status{nullptr};
     });

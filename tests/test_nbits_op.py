@@ -73,16 +73,22 @@ def test_instruction_sets_agree(lib):
         np.testing.assert_allclose(outs[isa], outs["avx512"], rtol=1e-6, atol=1e-6)
 
 
-def test_float16_and_leading_axes(lib):
-    pred = _predictor(128, 64, 32, dtype=np.float16, seed=5)
-    x = np.random.default_rng(6).standard_normal((2, 5, 128)).astype(np.float16)
-    model = predictors.standalone_model(pred, 128)
-    model.graph.inputs[0].shape = ir.Shape(["b", "s", 128])
+@pytest.mark.parametrize("isa", ["default", "avx2", "portable"])
+@pytest.mark.parametrize("K,N,lead", [(128, 64, (2, 5)), (100, 61, (3,))], ids=["even", "odd"])
+def test_float16_and_leading_axes(lib, monkeypatch, isa, K, N, lead):
+    """float16 A, bias and Y (widened / narrowed 8 values at a time with F16C; "odd": counts off the vector
+    width), batch x sequence axes, every instruction set, against the float64 emulation."""
+    if isa != "default":
+        monkeypatch.setenv("TARDIS_OPS_ISA", isa)
+    pred = _predictor(K, N, 32, dtype=np.float16, seed=5)
+    x = np.random.default_rng(6).standard_normal((*lead, K)).astype(np.float16)
+    model = predictors.standalone_model(pred, K)
+    model.graph.inputs[0].shape = ir.Shape([f"n{i}" for i in range(len(lead))] + [K])
     proto = ir.to_proto(model).SerializeToString()
     ours = ort.InferenceSession(proto, runtime.session_options(require=True),
                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert ours.dtype == np.float16 and ours.shape == (2, 5, 64)
-    ref = pred.estimate(x.reshape(10, 128).astype(np.float64)).reshape(2, 5, 64)
+    assert ours.dtype == np.float16 and ours.shape == (*lead, N)
+    ref = pred.estimate(x.reshape(-1, K).astype(np.float64)).reshape(*lead, N)
     assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max()
 
 
