@@ -53,6 +53,8 @@ using half = uint16_t;
 
 inline float HalfToFloat(half h) { return Ort::Float16_t::FromBits(h).ToFloat(); }
 inline half FloatToHalf(float f) { return Ort::Float16_t(f).val; }
+inline void Convert(half h, float* out) { *out = HalfToFloat(h); }
+inline void Convert(float f, half* out) { *out = FloatToHalf(f); }
 
 inline float Ld(const float* p, int64_t i) { return p[i]; }
 inline float Ld(const half* p, int64_t i) { return HalfToFloat(p[i]); }
@@ -472,19 +474,17 @@ TARDIS_AVX2 int64_t FlagRowVec(const W* hh, const W* lo, const W* hi, int64_t D,
   return n;
 }
 
-// float16 <-> float32 rows, 8 values per instruction (F16C; to float16 rounding to nearest even, as
+// float16 <-> float32, 8 values per instruction (F16C; to float16 rounding to nearest even, as
 // Ort::Float16_t does).
-TARDIS_AVX2 void HalfToFloatRow(const half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, Ld8(src + i));
-  for (; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+TARDIS_AVX2 inline void Store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+TARDIS_AVX2 inline void Store8(half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-TARDIS_AVX2 void FloatToHalfRow(const float* src, half* dst, int64_t n) {
+template <class S, class T>
+TARDIS_AVX2 void ConvertRow(const S* src, T* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  for (; i < n; ++i) dst[i] = FloatToHalf(src[i]);
+  for (; i + 8 <= n; i += 8) Store8(dst + i, Ld8(src + i));
+  for (; i < n; ++i) Convert(src[i], dst + i);
 }
 
 }  // namespace avx2
@@ -1296,20 +1296,17 @@ void RunHalf(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, cons
   FloatToHalfN(y, yh, n, isa);
 }
 
-void HalfToFloatN(const uint16_t* src, float* dst, int64_t n, Isa isa) {
+// dst[i] = src[i] converted, for i < n: F16C where the CPU has it (unless isa is kPortable).
+template <class S, class T>
+void ConvertN(const S* src, T* dst, int64_t n, Isa isa) {
 #if TARDIS_X86
-  if (isa != Isa::kPortable && CpuHasAvx2()) return avx2::HalfToFloatRow(src, dst, n);
+  if (isa != Isa::kPortable && CpuHasAvx2()) return avx2::ConvertRow(src, dst, n);
 #endif
   (void)isa;
-  for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+  for (int64_t i = 0; i < n; ++i) Convert(src[i], dst + i);
 }
 
-void FloatToHalfN(const float* src, uint16_t* dst, int64_t n, Isa isa) {
-#if TARDIS_X86
-  if (isa != Isa::kPortable && CpuHasAvx2()) return avx2::FloatToHalfRow(src, dst, n);
-#endif
-  (void)isa;
-  for (int64_t i = 0; i < n; ++i) dst[i] = FloatToHalf(src[i]);
-}
+void HalfToFloatN(const uint16_t* src, float* dst, int64_t n, Isa isa) { ConvertN(src, dst, n, isa); }
+void FloatToHalfN(const float* src, uint16_t* dst, int64_t n, Isa isa) { ConvertN(src, dst, n, isa); }
 
 }  // namespace tardis
