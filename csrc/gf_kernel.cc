@@ -409,6 +409,19 @@ TARDIS_AVX2 void AxpyBlk(float* y, int64_t ld, const int32_t* tok, const float* 
   }
 }
 
+// The members of a Vec traits struct that AVX2 and AVX-512 spell alike (PFX##_op_ps), one list for both.
+#define TARDIS_VEC_ARITH(ATTR, PFX)                                                     \
+  ATTR static Reg Set1(float v) { return PFX##_set1_ps(v); }                           \
+  ATTR static Reg Zero() { return PFX##_setzero_ps(); }                                \
+  ATTR static Reg Add(Reg a, Reg b) { return PFX##_add_ps(a, b); }                     \
+  ATTR static Reg Sub(Reg a, Reg b) { return PFX##_sub_ps(a, b); }                     \
+  ATTR static Reg Mul(Reg a, Reg b) { return PFX##_mul_ps(a, b); }                     \
+  ATTR static Reg Div(Reg a, Reg b) { return PFX##_div_ps(a, b); }                     \
+  ATTR static Reg Fma(Reg a, Reg b, Reg c) { return PFX##_fmadd_ps(a, b, c); }         \
+  ATTR static Reg Fnma(Reg a, Reg b, Reg c) { return PFX##_fnmadd_ps(a, b, c); }       \
+  ATTR static Reg Min(Reg a, Reg b) { return PFX##_min_ps(a, b); }                     \
+  ATTR static Reg Max(Reg a, Reg b) { return PFX##_max_ps(a, b); }
+
 // 8-float vectors for simd_tile.h (the tile path and vector GELU with AVX2).
 struct Vec {
   using Reg = __m256;
@@ -422,16 +435,7 @@ struct Vec {
   }
   TARDIS_AVX2 static Reg LoadN(const float* p, int m) { return _mm256_maskload_ps(p, FirstLanes(m)); }
   TARDIS_AVX2 static void StoreN(float* p, Reg v, int m) { _mm256_maskstore_ps(p, FirstLanes(m), v); }
-  TARDIS_AVX2 static Reg Set1(float v) { return _mm256_set1_ps(v); }
-  TARDIS_AVX2 static Reg Zero() { return _mm256_setzero_ps(); }
-  TARDIS_AVX2 static Reg Add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-  TARDIS_AVX2 static Reg Sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
-  TARDIS_AVX2 static Reg Mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
-  TARDIS_AVX2 static Reg Div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
-  TARDIS_AVX2 static Reg Fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-  TARDIS_AVX2 static Reg Fnma(Reg a, Reg b, Reg c) { return _mm256_fnmadd_ps(a, b, c); }
-  TARDIS_AVX2 static Reg Min(Reg a, Reg b) { return _mm256_min_ps(a, b); }
-  TARDIS_AVX2 static Reg Max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
+  TARDIS_VEC_ARITH(TARDIS_AVX2, _mm256)
   TARDIS_AVX2 static Reg Round(Reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // p * 2^n for integral n in [-126, 127]: n built into a float's exponent field.
   TARDIS_AVX2 static Reg Scale2(Reg p, Reg n) {
@@ -516,16 +520,7 @@ struct Vec {
   TARDIS_AVX512 static void StoreN(float* p, Reg v, int m) {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << m) - 1u), v);
   }
-  TARDIS_AVX512 static Reg Set1(float v) { return _mm512_set1_ps(v); }
-  TARDIS_AVX512 static Reg Zero() { return _mm512_setzero_ps(); }
-  TARDIS_AVX512 static Reg Add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-  TARDIS_AVX512 static Reg Sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
-  TARDIS_AVX512 static Reg Mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
-  TARDIS_AVX512 static Reg Div(Reg a, Reg b) { return _mm512_div_ps(a, b); }
-  TARDIS_AVX512 static Reg Fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-  TARDIS_AVX512 static Reg Fnma(Reg a, Reg b, Reg c) { return _mm512_fnmadd_ps(a, b, c); }
-  TARDIS_AVX512 static Reg Min(Reg a, Reg b) { return _mm512_min_ps(a, b); }
-  TARDIS_AVX512 static Reg Max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
+  TARDIS_VEC_ARITH(TARDIS_AVX512, _mm512)
   TARDIS_AVX512 static Reg Round(Reg a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
@@ -542,6 +537,7 @@ struct Vec {
     return avx2::Hsum4(Fold(a), Fold(b), Fold(c), Fold(d));
   }
 };
+#undef TARDIS_VEC_ARITH
 #define TARDIS_SIMD TARDIS_AVX512
 #include "simd_tile.h"  // NOLINT(build/include): one copy per instruction set
 #undef TARDIS_SIMD
