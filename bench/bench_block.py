@@ -270,7 +270,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"{bool(meta['cpu_has_avx512'])}).{isa_cap_note(meta.get('isa_cap'))} Medians in ms, variants "
         f"interleaved round by round. `tardis` = the whole rewritten block (fold + {meta['predictor']} predictor "
         "+ kernel + residual); `predictor`, `fold` = the block cut at `h_hat`, `y_lin`; `kernel` ≈ tardis − "
-        "predictor − fold. ×dense = dense / tardis. `bound` = bytes-read ratio at 1 token (dense / rewritten). `path` = the kernel's strategy. "
+        "predictor − fold. ×dense = dense / tardis. `bound` = bytes-read ratio at 1 token (dense / rewritten). "
+        "`path` = the kernel's strategy. "
         f"{runs_note(records)}{blocks_note(meta.get('blocks', 1))}",
         "",
         "| d×D | tokens | threads | share (run) | path | dense | tardis | predictor | fold | kernel | ×dense "

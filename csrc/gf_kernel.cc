@@ -600,7 +600,8 @@ TARDIS_AVX512 int64_t FlagRowVec(const W* hh, const W* lo, const W* hi, int64_t 
   __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= D; j += 16, idx = _mm512_add_epi32(idx, step)) {
     const __m512 v = Ld16(hh + j);
-    const __mmask16 m = _mm512_cmp_ps_mask(v, Ld16(lo + j), _CMP_LT_OQ) | _mm512_cmp_ps_mask(v, Ld16(hi + j), _CMP_GT_OQ);
+    const __mmask16 m =
+        _mm512_cmp_ps_mask(v, Ld16(lo + j), _CMP_LT_OQ) | _mm512_cmp_ps_mask(v, Ld16(hi + j), _CMP_GT_OQ);
     _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(m, idx));
     n += __builtin_popcount(static_cast<unsigned>(m));
   }

@@ -56,12 +56,12 @@ void HalfToFloatN(const uint16_t* src, float* dst, int64_t n, Isa isa);
 void FloatToHalfN(const float* src, uint16_t* dst, int64_t n, Isa isa);
 
 // Per-call scratch of n elements, not initialized: `keep` (a buffer of the calling thread, kept between
-// calls) while n <= kKeepElems, else a one-off allocation owned by `*big`. A fresh multi-MB buffer per call
-// costs page faults (and, zeroed, a pass over it on the calling thread while the workers wait).
-constexpr size_t kKeepElems = size_t{4} << 20;
+// calls) while it is at most kKeepBytes, else a one-off allocation owned by `*big`. A fresh multi-MB buffer
+// per call costs page faults (and, zeroed, a pass over it on the calling thread while the workers wait).
+constexpr size_t kKeepBytes = size_t{16} << 20;
 template <class E>
 E* Scratch(std::vector<E>& keep, size_t n, std::unique_ptr<E[]>* big) {
-  if (n > kKeepElems) {
+  if (n * sizeof(E) > kKeepBytes) {
     big->reset(new E[n]);
     return big->get();
   }

@@ -14,6 +14,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <utility>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -31,7 +32,6 @@ namespace {
 constexpr int kMr = 8;                    // tokens per register group (AVX-512: 32 zmm registers)
 constexpr int kMrAvx2 = 4;                // AVX2: 16 ymm registers, 2 accumulators and 2 sums per token
 constexpr int64_t kUnit = int64_t{1} << 20;  // multiply-adds per work item, at least (one 384 x 1536 token: 1 item)
-constexpr size_t kKeepScratch = size_t{16} << 20;  // activation scratch kept per calling thread, at most
 
 // Activations of M rows: int8 levels padded to kb * bs per row, one scale and one level sum per block
 // (in a per-thread scratch buffer: no allocation per call once it has grown).
@@ -275,17 +275,12 @@ void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bia
   Acts a;
   a.ld = kb * bs;
   const size_t q_bytes = static_cast<size_t>(M * a.ld + 63) / 64 * 64, n_blocks = static_cast<size_t>(M * kb);
-  thread_local std::vector<uint8_t> scratch;  // every byte below is written before it is read
-  scratch.resize(std::max(scratch.size(), q_bytes + n_blocks * (sizeof(float) + sizeof(int32_t))));
-  struct Trim {  // a one-off huge call does not keep its scratch for the thread's lifetime
-    std::vector<uint8_t>& v;
-    ~Trim() {
-      if (v.capacity() > kKeepScratch) std::vector<uint8_t>().swap(v);
-    }
-  } trim{scratch};
-  a.q = reinterpret_cast<int8_t*>(scratch.data());
-  a.sx = reinterpret_cast<float*>(scratch.data() + q_bytes);
-  a.sum = reinterpret_cast<int32_t*>(scratch.data() + q_bytes + n_blocks * sizeof(float));
+  thread_local std::vector<uint8_t> keep;  // every byte below is written before it is read
+  std::unique_ptr<uint8_t[]> big;
+  uint8_t* scratch = Scratch(keep, q_bytes + n_blocks * (sizeof(float) + sizeof(int32_t)), &big);
+  a.q = reinterpret_cast<int8_t*>(scratch);
+  a.sx = reinterpret_cast<float*>(scratch + q_bytes);
+  a.sum = reinterpret_cast<int32_t*>(scratch + q_bytes + n_blocks * sizeof(float));
   for (int64_t m = 0; m < M; ++m) {
     int8_t* q = a.q + m * a.ld;
     float* sx = a.sx + m * kb;
