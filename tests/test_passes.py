@@ -112,6 +112,12 @@ def test_emitted_graph_has_function_metadata_and_keeps_output_names(tmp_path):
     assert {p.key for p in model.metadata_props} >= {"tardis.version", "tardis.blocks"}
     assert [o.name for o in model.graph.output] == [o.name for o in onnx.load(path).graph.output]
     assert not any(n.op_type in ("Erf", "Gelu") for n in model.graph.node)
+    # execution order (ONNX Runtime keeps it): the predictor, then the fold, then the fallback (ffn_rewrite)
+    at = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    for node in fallback:
+        y_lin_add = model.graph.node[at[node.input[1]]]
+        assert model.graph.node[at[node.input[2]]].op_type == "DynamicQuantizeMatMul"  # the float32 default
+        assert at[node.input[2]] < at[y_lin_add.input[0]] < at[node.input[1]] < at[node.output[0]]
 
 
 def test_running_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys):
