@@ -26,7 +26,7 @@ d·d + 4·d) + d·D·(0.5 + 4/block) (int4 + float scales; int8: d·D + 4·D) + 
 W1ᵀ and W2): ``bound`` in the table.
 
 ``--fold-bits 8`` stores the folded matrix as int8 with a scale per output column (the tool's option of the
-same name); ONNX Runtime (1.32 here) fuses its ``DequantizeLinear`` + ``MatMul`` into an 8-bit
+same name); ONNX Runtime 1.25 and later fuse its ``DequantizeLinear`` + ``MatMul`` into an 8-bit
 ``MatMulNBits``, which reads a quarter of the fold's bytes: the decode lever.
 
     python bench/bench_block.py --predictor int8 --name block_int8   # the prefill predictor

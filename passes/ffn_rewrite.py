@@ -80,7 +80,9 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     add = _initializer_adder(graph)
     # the big new weights are deferred: computed one at a time while the model is written
     dequantize = []
-    if folded.fold_bits == 8:  # int8 storage; ORT keeps the DequantizeLinear (no constant folding of QDQ)
+    # int8 storage. ORT does not constant-fold the DequantizeLinear; 1.25 and later fuse it with the MatMul
+    # into an 8-bit MatMulNBits (a quarter of the bytes read), older versions dequantize on every call.
+    if folded.fold_bits == 8:
         q, scale = quantize.int8_columns(folded.w_f)
         dq = _node("DequantizeLinear", [add(f"{prefix}/W_f_int8", q), add(f"{prefix}/W_f_scale", scale.astype(dtype))],
                    f"{prefix}/folded/DequantizeLinear", f"{prefix}/W_f", axis=1)
