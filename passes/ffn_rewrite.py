@@ -117,9 +117,9 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     fallback.metadata_props["tardis.spelling"] = block.spelling
     first = min(block.nodes, key=lambda n: _position(graph, n))
     # The predictor first, then the fold, then the fallback: ONNX Runtime runs the nodes in this order. With
-    # the int8 predictor (DynamicQuantizeMatMul, AMX on Sapphire Rapids) right before the kernel, the whole
-    # block at 128 tokens, 10% flagged, was ~4% slower (768x3072 1.45x vs 1.51x, 1024x4096 1.41x vs 1.47x
-    # the dense block, alternating processes, 2026-11-30); int4 and 1 token: no difference.
+    # the int8 predictor (DynamicQuantizeMatMul) right before the kernel, the whole block at 128 tokens, 10%
+    # flagged, was ~4% slower (768x3072 1.45x vs 1.51x, 1024x4096 1.41x vs 1.47x the dense block,
+    # alternating processes, 2026-11-30); int4 and 1 token: no difference. Mechanism unknown (not AMX).
     graph.insert_before(first, [*pred_nodes, *dequantize, mm, y_lin, *guard_nodes, fallback])
     _reroute_shape_reads(graph, block, h_hat, prefix, fallback)
     old_name = block.y.name
