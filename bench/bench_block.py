@@ -27,7 +27,9 @@ W1ᵀ and W2): ``bound`` in the table.
 
 ``--fold-bits 8`` stores the folded matrix as int8 with a scale per output column (the tool's option of the
 same name); ONNX Runtime 1.25 and later fuse its ``DequantizeLinear`` + ``MatMul`` into an 8-bit
-``MatMulNBits``, which reads a quarter of the fold's bytes: the decode lever.
+``MatMulNBits``, which reads a quarter of the fold's bytes: the decode lever. ``--fold-activations int8``
+also rounds the fold's input to uint8 per call (``com.microsoft::DynamicQuantizeMatMul``, MLAS's integer
+GEMM): faster at every token count, most at prefill.
 
     python bench/bench_block.py --predictor int8 --name block_int8   # the prefill predictor
 
@@ -37,6 +39,8 @@ same name); ONNX Runtime 1.25 and later fuse its ``DequantizeLinear`` + ``MatMul
     python bench/bench_block.py --runs 3                      # the grid 3 times; medians over the runs
     python bench/bench_block.py --blocks 8 --runs 3 --name block_x8   # 8 blocks per model, decode-like
     python bench/bench_block.py --fold-bits 8 --tokens 1 8 --name block_f8   # int8 W_f, decode
+    python bench/bench_block.py --predictor int8 --fold-bits 8 --fold-activations int8 --tokens 128 \
+        --name block_int8_a8                                  # int8 W_f and int8 fold input, prefill
 
 Writes bench/results/block.json and bench/results/block.md (or --out DIR).
 """
@@ -158,13 +162,14 @@ def block_model(d: int, D: int, blocks: int) -> onnx.ModelProto:
 
 
 def prepare_share(dense_path: Path, d: int, D: int, share: float, calib, predictor: str, work: Path, log,
-                  blocks: int = 1, fold_bits: int | None = None) -> dict[str, Path]:
+                  blocks: int = 1, fold_bits: int | None = None, fold_activations: str = "float") -> dict[str, Path]:
     """The rewritten model at flagged share ``share`` and, for a single block, its two cuts (predictor,
     fold): variant → path. (With several blocks the cuts would have to hold them all.)"""
     t0 = time.time()
     out = work / f"tardis_{share}.onnx"
     settings = tc.Settings(predictor=predictor, target_fallback=share, refit=False,
-                           predictor_block=int4_block(predictor), fold_bits=fold_bits)
+                           predictor_block=int4_block(predictor), fold_bits=fold_bits,
+                           fold_activations=fold_activations)
     tc.optimize(dense_path, out, calib, settings=settings, show_progress=False,
                 report_path=work / f"report_{share}.json")
     m = onnx.load(str(out), load_external_data=False)
@@ -194,7 +199,7 @@ def check_run(sess: dict[str, ort.InferenceSession], feeds: dict, tokens: int, D
 
 def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float, reps: int | None, work: Path,
              log, predictor: str = "int4", runs: int = 1, blocks: int = 1,
-             fold_bits: int | None = None) -> list[dict]:
+             fold_bits: int | None = None, fold_activations: str = "float") -> list[dict]:
     """Records for one size. ``runs`` > 1 repeats the whole grid of this size that many times (models built
     once) and reports each variant's median over the runs' medians, so one run caught in a noisy minute
     does not decide a row. ``blocks`` > 1 times that many blocks of the size side by side
@@ -209,7 +214,8 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     rng = np.random.default_rng(7)
     xs = {t: rng.standard_normal((t, d), dtype=np.float32) for t in tokens_list}
     n_min, n_max = (3, reps or 10) if big else (5, reps or 200)
-    models = {share: prepare_share(dense_path, d, D, share, calib, predictor, work, log, blocks, fold_bits)
+    models = {share: prepare_share(dense_path, d, D, share, calib, predictor, work, log, blocks, fold_bits,
+                                   fold_activations)
               for share in shares}
     checks: dict[tuple, dict] = {}
     timings: dict[tuple, list[dict[str, float]]] = {}
@@ -240,7 +246,7 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
                         "speedup": round(ms["dense"] / ms["tardis"], 3),
                         "speedup_runs": [round(r["dense"] / r["tardis"], 3) for r in per_run],
                         "predictor_share_of_block": round(ms["predictor"] / ms["tardis"], 3) if has_cuts else None,
-                        "predictor": predictor, "fold_bits": fold_bits,
+                        "predictor": predictor, "fold_bits": fold_bits, "fold_activations": fold_activations,
                         "bytes_bound_1tok": round(bytes_bound(d, D, share, predictor, fold_bits), 2)})
     for p in work.glob("*.onnx*"):
         p.unlink()
@@ -272,6 +278,8 @@ def blocks_note(blocks: int) -> str:
 def markdown(records: list[dict], meta: dict) -> str:
     qblocks = f" in blocks of {meta['int4_block']}" if meta.get("int4_block") else ""
     fold = ", W_f in int8 (`--fold-bits 8`)" if meta.get("fold_bits") == 8 else ""
+    if meta.get("fold_activations") == "int8":
+        fold = ", W_f and its input in int8 (`--fold-bits 8 --fold-activations int8`)"
     lines = [
         f"# Rewritten FFN block ({meta['predictor']} predictor{qblocks} + GuardedFallback{fold}) vs dense block "
         "(ONNX Runtime, CPU)",
@@ -323,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predictor", choices=["int4", "int8"], default="int4", help="predictor kind (default int4)")
     ap.add_argument("--fold-bits", type=int, choices=[8], default=None,
                     help="store the folded matrix as int8 with a scale per output column (default: float32)")
+    ap.add_argument("--fold-activations", choices=["float", "int8"], default="float",
+                    help="with --fold-bits 8: int8 rounds the fold's input too (DynamicQuantizeMatMul)")
     args = ap.parse_args(argv)
 
     if runtime.library_path() is None and runtime.build_library() is None:
@@ -347,14 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         for d, D in sizes:
             records += run_size(d, D, tokens, shares, threads, min_time, args.reps, Path(tmp),
                                 log=lambda m: print(m, flush=True), predictor=args.predictor, runs=args.runs,
-                                blocks=args.blocks, fold_bits=args.fold_bits)
+                                blocks=args.blocks, fold_bits=args.fold_bits,
+                                fold_activations=args.fold_activations)
             gc.collect()
     stats = runtime.kernel_stats()
     meta = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "isa_cap": isa_cap(),
             "cpu_has_avx2": stats.get("cpu_has_avx2"), "cpu_has_avx512": stats.get("cpu_has_avx512"),
             "library": str(runtime.library_path()), "predictor": args.predictor, "refit": False,
-            "int4_block": int4_block(args.predictor), "fold_bits": args.fold_bits, "runs": args.runs,
+            "int4_block": int4_block(args.predictor), "fold_bits": args.fold_bits,
+            "fold_activations": args.fold_activations, "runs": args.runs,
             "blocks": args.blocks,
             "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)

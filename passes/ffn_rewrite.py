@@ -2,14 +2,14 @@
 
 Emitted graph (the block's output keeps its original tensor name, so consumers are untouched)::
 
-    x ─┬─► MatMul(W_f) ─► Add(b_f) ───────────────────────────► y_lin ─┐
+    x ─┬─► MatMul(W_f) ─► Add(b_f) (int8 W_f: _fold) ─────────► y_lin ─┐
        ├─► predictor (e.g. com.microsoft::MatMulNBits with bias b1) ─► ĥ ──┤
        │   range_lo ─► Add(margin) ─► lo      range_hi ─► Sub(margin) ─► hi ┤ (constant-folded by ORT;
        │                                                                    │  float16: float32, then Cast;
        │                                                                    │  no margin: ranges go straight in)
        └───────────────────────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
 
-The folded part is plain ``MatMul``/``Add`` (any runtime optimises it); ``GuardedFallback`` is our
+The folded part is standard ``MatMul``/``Add`` (int8 W_f: :func:`_fold`); ``GuardedFallback`` is our
 compiled kernel when ``libtardis_ops`` is registered and the model-local function body otherwise.
 The guards are the fitted range shrunk by the predictor's safety margin; they are spelled as
 ``range ± margin`` so the file keeps both (verification measures recall against the true range).
@@ -28,7 +28,7 @@ import onnx_ir.passes.common as common_passes
 from tardis_compile import fallback_op, nbits_op, quantize
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock, describe
-from tardis_compile.predictor import deferred
+from tardis_compile.predictor import MS_DOMAIN, deferred
 
 
 @dataclasses.dataclass
@@ -44,6 +44,7 @@ class FoldedBlock:
     metadata: dict[str, str]
     neurons: np.ndarray | None = None  # resident neurons (None: all); the others are always linear
     fold_bits: int | None = None  # 8: W_f stored as int8 + a scale per output column (DequantizeLinear)
+    fold_activations: str = "float"  # int8 (with fold_bits 8): x rounded per call too (DynamicQuantizeMatMul)
 
     def resident(self, values: np.ndarray) -> np.ndarray:
         """Rows (or entries) of a per-neuron array for the resident neurons only."""
@@ -72,27 +73,46 @@ def _node(op: str, inputs: list[ir.Value], name: str, out_name: str, domain: str
     return node
 
 
+def _fold(folded: FoldedBlock, add, prefix: str, x: ir.Value, dtype: np.dtype) -> tuple[list[ir.Node], ir.Value]:
+    """The folded product ``y_lin = x·W_f + b_f`` as nodes, by how W_f is stored::
+
+        float (model dtype)   x ─► MatMul(W_f) ─► Add(b_f) ─► y_lin
+        --fold-bits 8         x ─► MatMul(DequantizeLinear(W_f_int8, scale per column)) ─► Add(b_f) ─► y_lin
+        + --fold-activations int8
+                              x ─► com.microsoft::DynamicQuantizeMatMul(W_f_int8, scale, b_f) ─► y_lin
+
+    ORT does not constant-fold the ``DequantizeLinear``; 1.25 and later fuse it with the ``MatMul`` into an
+    8-bit ``MatMulNBits`` (a quarter of the bytes read), older versions dequantize on every call.
+    ``DynamicQuantizeMatMul`` also rounds x to uint8 (one scale per call) and runs MLAS's integer GEMM (AMX
+    or VNNI where the CPU has them) on every ONNX Runtime version.
+    """
+    b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
+    if folded.fold_bits != 8:
+        # the big new weights are deferred: computed one at a time while the model is written
+        w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
+        mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
+        y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
+        return [mm, y_lin], y_lin.outputs[0]
+    q, scale = quantize.int8_columns(folded.w_f)
+    w_q, w_scale = add(f"{prefix}/W_f_int8", q), add(f"{prefix}/W_f_scale", scale.astype(dtype))
+    if folded.fold_activations == "int8":
+        dqmm = _node("DynamicQuantizeMatMul", [x, w_q, w_scale, None, b_f], f"{prefix}/folded/DynamicQuantizeMatMul",
+                     f"{prefix}/y_lin", domain=MS_DOMAIN)
+        return [dqmm], dqmm.outputs[0]
+    dq = _node("DequantizeLinear", [w_q, w_scale], f"{prefix}/folded/DequantizeLinear", f"{prefix}/W_f", axis=1)
+    mm = _node("MatMul", [x, dq.outputs[0]], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
+    y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
+    return [dq, mm, y_lin], y_lin.outputs[0]
+
+
 def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     """Insert the folded block, reroute the consumers of the old output, return the fallback node."""
     block, lines = folded.block, folded.lines
     dtype = block.dtype.numpy()
     prefix = f"tardis/{block.name}"
     add = _initializer_adder(graph)
-    # the big new weights are deferred: computed one at a time while the model is written
-    dequantize = []
-    # int8 storage. ORT does not constant-fold the DequantizeLinear; 1.25 and later fuse it with the MatMul
-    # into an 8-bit MatMulNBits (a quarter of the bytes read), older versions dequantize on every call.
-    if folded.fold_bits == 8:
-        q, scale = quantize.int8_columns(folded.w_f)
-        dq = _node("DequantizeLinear", [add(f"{prefix}/W_f_int8", q), add(f"{prefix}/W_f_scale", scale.astype(dtype))],
-                   f"{prefix}/folded/DequantizeLinear", f"{prefix}/W_f", axis=1)
-        dequantize, w_f = [dq], dq.outputs[0]
-    else:
-        w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
-    b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
     x = block.x
-    mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
-    y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
+    fold_nodes, y_lin = _fold(folded, add, prefix, x, dtype)
     folded.predictor.check(block, None if folded.neurons is None else len(folded.neurons))
     pred_nodes, h_hat = folded.predictor.emit(x, add, prefix)
     guard_nodes, (lo, hi) = _guards(folded, add, prefix, dtype)
@@ -109,7 +129,7 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
         add(f"{prefix}/alpha", keep(lines.alpha).astype(dtype)),
         add(f"{prefix}/beta", keep(lines.beta).astype(dtype)),
     ]
-    fallback = _node(fallback_op.OP_TYPE, [x, y_lin.outputs[0], h_hat, *operands], f"{prefix}/GuardedFallback",
+    fallback = _node(fallback_op.OP_TYPE, [x, y_lin, h_hat, *operands], f"{prefix}/GuardedFallback",
                      f"{prefix}/y", domain=fallback_op.DOMAIN, approximate=block.variant)
     fallback.doc_string = fallback_op.FORMULA
     fallback.metadata_props.update(folded.metadata)
@@ -120,7 +140,7 @@ def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
     # the int8 predictor (DynamicQuantizeMatMul) right before the kernel, the whole block at 128 tokens, 10%
     # flagged, was ~4% slower (768x3072 1.45x vs 1.51x, 1024x4096 1.41x vs 1.47x the dense block,
     # alternating processes, 2026-11-30); int4 and 1 token: no difference. Mechanism unknown (not AMX).
-    graph.insert_before(first, [*pred_nodes, *dequantize, mm, y_lin, *guard_nodes, fallback])
+    graph.insert_before(first, [*pred_nodes, *fold_nodes, *guard_nodes, fallback])
     _reroute_shape_reads(graph, block, h_hat, prefix, fallback)
     old_name = block.y.name
     # the new output stands in for y everywhere, a graph output included (which must keep its type)

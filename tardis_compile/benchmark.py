@@ -430,11 +430,11 @@ def classify(node_name: str, op_type: str) -> str:
     """Which part of a rewritten model a node belongs to (names from the tardis pass)."""
     if op_type == fallback_op.OP_TYPE:
         return "fallback"
+    if "/folded/" in node_name:  # before the op types: an int8 fold is a DynamicQuantizeMatMul too
+        return "fold"
     if (op_type in ("MatMulNBits", "DynamicQuantizeMatMul") or "/predictor/" in node_name
             or node_name.endswith("/h_hat")):
         return "predictor"
-    if "/folded/" in node_name:
-        return "fold"
     if "/guard_" in node_name:
         return "guard"
     return "rest"

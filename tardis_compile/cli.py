@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-bits", type=int, choices=[8],
                    help="store the folded matrix as int8 with a scale per output column (counts a quarter of a "
                         "float32 W_f; leaves room for a predictor at an 87.5%% cut)")
+    p.add_argument("--fold-activations", choices=list(api.FOLD_ACTIVATIONS), default="float",
+                   help="with --fold-bits 8: int8 also rounds the fold's input to uint8 per call (ONNX Runtime's "
+                        "DynamicQuantizeMatMul on MLAS's integer GEMM; fast on every version; float32 models)")
     p.add_argument("--flag-all", action="store_true",
                    help="self-test: every neuron takes the exact fallback; the output must equal the original")
     p.add_argument("--stats-out", help="save calibration statistics (.npz) for reuse or merging")
@@ -199,6 +202,7 @@ def _optimize(args: argparse.Namespace) -> int:
                             predictor_recall=args.predictor_recall, predictor_quantizer=args.predictor_quantizer,
                             predictor_rank=args.predictor_rank, predictor_block=args.predictor_block,
                             target_params=args.target_params, max_error=args.max_error, fold_bits=args.fold_bits,
+                            fold_activations=args.fold_activations,
                             resident=args.resident, flag_all=args.flag_all)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     report = api.optimize(args.model, args.output, args.calib, settings=settings, data=_data_options(args),
@@ -228,7 +232,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{len(done)} block(s) already rewritten by tardis-compile")
     for name, meta in done:
         fields = ("predictor", "predictor_margin_z", "predictor_calibrated_recall",
-                  "predictor_calibrated_flagged_share", "calibrated_fallback_rate", "resident_neurons")
+                  "predictor_calibrated_flagged_share", "calibrated_fallback_rate", "resident_neurons", "fold_bits",
+                  "fold_activations")
         print(f"  {name}: " + "  ".join(f"{f}={meta[f'tardis.{f}']}" for f in fields if f"tardis.{f}" in meta))
     return 0
 

@@ -71,6 +71,12 @@ def test_summarize_trace_parts():
     assert s["top_nodes"][0]["name"] == "attn/MatMul"
 
 
+def test_an_int8_fold_counts_as_fold_not_predictor():
+    """``--fold-activations int8`` makes the fold a DynamicQuantizeMatMul, the int8 predictor's op type."""
+    assert benchmark.classify("tardis/ffn0/folded/DynamicQuantizeMatMul", "DynamicQuantizeMatMul") == "fold"
+    assert benchmark.classify("tardis/ffn0/h_hat", "DynamicQuantizeMatMul") == "predictor"
+
+
 def test_bench_structure(models):
     orig, opt = models
     sets = benchmark.load_feed_sets(orig, shapes=["batch=1,seq=1", "batch=2,seq=8"])

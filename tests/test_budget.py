@@ -126,6 +126,56 @@ def test_int8_fold_stores_a_quarter_of_w_f_at_the_same_accuracy(tmp_path):
     np.testing.assert_allclose(run(out, feed, tc.session_options()), run(out, feed), rtol=1e-5, atol=1e-5)
 
 
+def test_int8_activation_fold_is_one_dynamic_quantize_matmul_computing_the_rounded_product(tmp_path):
+    """``--fold-activations int8``: each fold is one ``DynamicQuantizeMatMul`` (no DequantizeLinear, MatMul,
+    Add) that computes ``uint8(x)·(W_f_int8·scale) + b_f``; the model stays as accurate as with float
+    activations, and kernel and function body agree."""
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=2)
+    _, weights_only = _optimize(tmp_path, path, predictor="exact", fold_bits=8)
+    out, dynamic = _optimize(tmp_path, path, predictor="exact", fold_bits=8, fold_activations="int8")
+    assert dynamic.summary()["ffn_param_reduction"] == pytest.approx(weights_only.summary()["ffn_param_reduction"])
+    assert dynamic.summary()["mean_cosine"] == pytest.approx(weights_only.summary()["mean_cosine"], abs=2e-3)
+    model = ir.load(out)
+    folds = [n for n in model.graph if "/folded/" in n.name]
+    assert [(n.domain, n.op_type, n.outputs[0].name) for n in folds] == [
+        ("com.microsoft", "DynamicQuantizeMatMul", f"tardis/ffn{i}/y_lin") for i in (0, 1)]
+    fold = folds[0]
+    assert [v.name if v is not None else None for v in fold.inputs[1:]] == [
+        "tardis/ffn0/W_f_int8", "tardis/ffn0/W_f_scale", None, "tardis/ffn0/b_f"]
+    assert {n.metadata_props["tardis.fold_activations"] for n in model.graph if n.op_type == "GuardedFallback"} == {"int8"}
+    # the emitted node alone against the documented arithmetic
+    q, scale, b_f = (model.graph.initializers[f"tardis/ffn0/{k}"].const_value.numpy()
+                     for k in ("W_f_int8", "W_f_scale", "b_f"))
+    x_in = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([9, 32]))
+    graph = ir.Graph([x_in], [], nodes=[], opset_imports={"": 17, "com.microsoft": 1})
+    consts = [ir.Value(name=k, const_value=ir.tensor(v, name=k)) for k, v in (("q", q), ("s", scale), ("b", b_f))]
+    for c in consts:
+        graph.register_initializer(c)
+    node = ir.Node("com.microsoft", "DynamicQuantizeMatMul", [graph.inputs[0], consts[0], consts[1], None, consts[2]])
+    graph.append(node)
+    graph.outputs.append(node.outputs[0])
+    node.outputs[0].name, node.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    alone = tmp_path / "fold.onnx"
+    ir.save(ir.Model(graph, ir_version=8), alone)
+    x = np.random.default_rng(3).standard_normal((9, 32)).astype(np.float32)
+    expected = predictors._uint8_activations(x.astype(np.float64)) @ (q.astype(np.float64) * scale) + b_f
+    np.testing.assert_allclose(run(alone, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+    feed = batches(d=32, n=1, seed=9)[0]
+    np.testing.assert_allclose(run(out, feed, tc.session_options()), run(out, feed), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_activation_fold_refusals(tmp_path):
+    with pytest.raises(tc.TardisError, match="--fold-activations int8 multiplies int8 activations by an int8 "
+                                             "folded matrix: add --fold-bits 8"):
+        tc.Settings(fold_activations="int8")
+    with pytest.raises(tc.TardisError, match="--fold-activations must be one of float, int8, got 'int4'"):
+        tc.Settings(fold_activations="int4", fold_bits=8)
+    path, _ = save_tiny(tmp_path, d=32, D=128, layers=1, dtype="float16")
+    with pytest.raises(tc.TardisError, match="DynamicQuantizeMatMul, which takes float32 activations; this model's "
+                                             "blocks are float16: drop --fold-activations"):
+        _optimize(tmp_path, path, predictor="int4", fold_bits=8, fold_activations="int8")
+
+
 def test_int8_fold_refuses_the_exactness_self_test():
     with pytest.raises(tc.TardisError, match="--flag-all checks exactness"):
         tc.Settings(fold_bits=8, flag_all=True)
