@@ -28,7 +28,7 @@ import onnx_ir.passes.common as common_passes
 from tardis_compile import fallback_op, nbits_op, quantize
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock, describe
-from tardis_compile.predictor import MS_DOMAIN, deferred
+from tardis_compile.predictor import MS_DOMAIN, AddInitializer, deferred
 
 
 @dataclasses.dataclass
@@ -73,7 +73,8 @@ def _node(op: str, inputs: list[ir.Value], name: str, out_name: str, domain: str
     return node
 
 
-def _fold(folded: FoldedBlock, add, prefix: str, x: ir.Value, dtype: np.dtype) -> tuple[list[ir.Node], ir.Value]:
+def _fold(folded: FoldedBlock, add: AddInitializer, prefix: str, x: ir.Value,
+          dtype: np.dtype) -> tuple[list[ir.Node], ir.Value]:
     """The folded product ``y_lin = x·W_f + b_f`` as nodes, by how W_f is stored::
 
         float (model dtype)   x ─► MatMul(W_f) ─► Add(b_f) ─► y_lin

@@ -71,7 +71,7 @@ class Settings:
     resident: float | None = None  # share of the FFN parameters kept resident (the rest: always linear)
     fold_bits: int | None = None  # 8: store W_f as int8 with a scale per output column (None: model dtype)
     # int8 (with fold_bits 8): the fold also rounds its input to uint8 per call (DynamicQuantizeMatMul, MLAS's
-    # integer GEMM): whole blocks 1.15-1.2x faster at 128 tokens (README "Block-level speed"); float32 only
+    # integer GEMM): whole blocks 1.1-1.3x faster at 128 tokens (README "Block-level speed"); float32 only
     fold_activations: str = "float"
     flag_all: bool = False  # self-test: every neuron takes the exact fallback (output = original)
 
