@@ -88,22 +88,22 @@ def _fold(folded: FoldedBlock, add: AddInitializer, prefix: str, x: ir.Value,
     or VNNI where the CPU has them) on every ONNX Runtime version.
     """
     b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
-    if folded.fold_bits != 8:
-        # the big new weights are deferred: computed one at a time while the model is written
+    dequantize = []
+    if folded.fold_bits == 8:
+        q, scale = quantize.int8_columns(folded.w_f)
+        w_q, w_scale = add(f"{prefix}/W_f_int8", q), add(f"{prefix}/W_f_scale", scale.astype(dtype))
+        if folded.fold_activations == "int8":
+            dqmm = _node("DynamicQuantizeMatMul", [x, w_q, w_scale, None, b_f],
+                         f"{prefix}/folded/DynamicQuantizeMatMul", f"{prefix}/y_lin", domain=MS_DOMAIN)
+            return [dqmm], dqmm.outputs[0]
+        dequantize = [_node("DequantizeLinear", [w_q, w_scale], f"{prefix}/folded/DequantizeLinear", f"{prefix}/W_f",
+                            axis=1)]
+        w_f = dequantize[0].outputs[0]
+    else:  # the big new weights are deferred: computed one at a time while the model is written
         w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
-        mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
-        y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
-        return [mm, y_lin], y_lin.outputs[0]
-    q, scale = quantize.int8_columns(folded.w_f)
-    w_q, w_scale = add(f"{prefix}/W_f_int8", q), add(f"{prefix}/W_f_scale", scale.astype(dtype))
-    if folded.fold_activations == "int8":
-        dqmm = _node("DynamicQuantizeMatMul", [x, w_q, w_scale, None, b_f], f"{prefix}/folded/DynamicQuantizeMatMul",
-                     f"{prefix}/y_lin", domain=MS_DOMAIN)
-        return [dqmm], dqmm.outputs[0]
-    dq = _node("DequantizeLinear", [w_q, w_scale], f"{prefix}/folded/DequantizeLinear", f"{prefix}/W_f", axis=1)
-    mm = _node("MatMul", [x, dq.outputs[0]], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
+    mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
     y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
-    return [dq, mm, y_lin], y_lin.outputs[0]
+    return [*dequantize, mm, y_lin], y_lin.outputs[0]
 
 
 def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:

@@ -142,24 +142,17 @@ def test_int8_activation_fold_is_one_dynamic_quantize_matmul_computing_the_round
     fold = folds[0]
     assert [v.name if v is not None else None for v in fold.inputs[1:]] == [
         "tardis/ffn0/W_f_int8", "tardis/ffn0/W_f_scale", None, "tardis/ffn0/b_f"]
-    assert {n.metadata_props["tardis.fold_activations"] for n in model.graph if n.op_type == "GuardedFallback"} == {"int8"}
-    # the emitted node alone against the documented arithmetic
+    fallbacks = [n for n in model.graph if n.op_type == "GuardedFallback"]
+    assert {n.metadata_props["tardis.fold_activations"] for n in fallbacks} == {"int8"}
+    # the emitted node alone against the documented arithmetic: the int8 predictor's node with the fold's
+    # operands, so its standalone model and float64 emulation (uint8(x)·(q·scale) + bias) serve here too
     q, scale, b_f = (model.graph.initializers[f"tardis/ffn0/{k}"].const_value.numpy()
                      for k in ("W_f_int8", "W_f_scale", "b_f"))
-    x_in = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([9, 32]))
-    graph = ir.Graph([x_in], [], nodes=[], opset_imports={"": 17, "com.microsoft": 1})
-    consts = [ir.Value(name=k, const_value=ir.tensor(v, name=k)) for k, v in (("q", q), ("s", scale), ("b", b_f))]
-    for c in consts:
-        graph.register_initializer(c)
-    node = ir.Node("com.microsoft", "DynamicQuantizeMatMul", [graph.inputs[0], consts[0], consts[1], None, consts[2]])
-    graph.append(node)
-    graph.outputs.append(node.outputs[0])
-    node.outputs[0].name, node.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    same = predictors.Int8Predictor(q, scale, b_f, np.dtype(np.float32))
     alone = tmp_path / "fold.onnx"
-    ir.save(ir.Model(graph, ir_version=8), alone)
+    ir.save(predictors.standalone_model(same, 32), alone)
     x = np.random.default_rng(3).standard_normal((9, 32)).astype(np.float32)
-    expected = predictors._uint8_activations(x.astype(np.float64)) @ (q.astype(np.float64) * scale) + b_f
-    np.testing.assert_allclose(run(alone, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(alone, {"x": x}), same.estimate(x), rtol=1e-5, atol=1e-5)
     feed = batches(d=32, n=1, seed=9)[0]
     np.testing.assert_allclose(run(out, feed, tc.session_options()), run(out, feed), rtol=1e-5, atol=1e-5)
 
