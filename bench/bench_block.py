@@ -10,16 +10,18 @@ For each size d x D and flagged share s:
    calibration inputs: the folded ``MatMul``/``Add``, the predictor (int4: ``com.microsoft::MatMulNBits``,
    bits 4, blocks of 128 (``--predictor-block 128``, the decode choice; the tool's default is 32),
    accuracy_level 4, bias ``b1``; int8: ``com.microsoft::DynamicQuantizeMatMul``), and
-   ``ai.tardis::GuardedFallback``.
+   ``ai.tardis::GuardedFallback`` (with the int4 predictor: both in one ``ai.tardis::GuardedFallbackNBits``).
 3. Timing, interleaved round by round (so machine noise hits all variants alike), medians:
 
    dense       the original model (plain session options)
    tardis      the rewritten model, ``tardis_compile.session_options()`` (the compiled kernel runs)
-   predictor   the rewritten model cut at the predictor's output ``h_hat`` (``x -> h_hat``)
+   predictor   the rewritten model cut at the predictor's output ``h_hat`` (``x -> h_hat``; a fused
+               predictor is cut from the unfused pair, ``fused_op.unfuse``)
    fold        the rewritten model cut at ``y_lin`` (the folded MatMul + Add)
 
    ``tardis - predictor - fold`` is the kernel's (plus the residual Add). The flagged share actually seen
-   at run time comes from the kernel's counter, and the path it took (tile / token / union / neuron).
+   at run time comes from the kernel's counter, and the path it took (tile / token / union / neuron; fused:
+   the int4 predictor inside the fallback's work items).
 
 Bytes read at 1 token (the decode bound): dense 2·d·D·4; rewritten d·d·4 (fold; with ``--fold-bits 8``
 d·d + 4·d) + d·D·(0.5 + 4/block) (int4 + float scales; int8: d·D + 4·D) + share·2·d·D·4 (flagged rows of
@@ -61,11 +63,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tardis_compile as tc  # noqa: E402
-from tardis_compile import runtime  # noqa: E402
+from tardis_compile import fused_op, runtime  # noqa: E402
 from common import (DECODE_INT4_BLOCK, QUICK_SIZES, QUICK_TOKENS, SHARES, SIZES, THREADS, TOKENS,  # noqa: E402
                     int4_block, isa_cap, isa_cap_note, kernel_path, parse_sizes, session)
 from tardis_compile.models import tiny  # noqa: E402
@@ -79,10 +82,18 @@ def calib_batches(d: int, n_batches: int, tokens: int, seed: int = 123) -> list[
 
 
 def fallback_nodes(model: onnx.ModelProto, blocks: int) -> list[onnx.NodeProto]:
-    nodes = [n for n in model.graph.node if n.op_type == "GuardedFallback"]
+    nodes = [n for n in model.graph.node if n.op_type in ("GuardedFallback", "GuardedFallbackNBits")]
     if len(nodes) != blocks:
         raise RuntimeError(f"expected {blocks} GuardedFallback node(s), found {len(nodes)}")
     return nodes
+
+
+def unfused(model_path: Path, out_path: Path) -> Path:
+    """A copy of the model with its fused predictor + fallback nodes split into the pair (``ĥ`` a tensor)."""
+    model = ir.load(str(model_path))
+    fused_op.unfuse(model)
+    ir.save(model, str(out_path), external_data=out_path.name + ".data")
+    return out_path
 
 
 def cut(model_path: Path, output: str, out_path: Path) -> Path:
@@ -179,7 +190,10 @@ def prepare_share(dense_path: Path, d: int, D: int, share: float, calib, predict
     del m
     paths = {"dense": dense_path, "tardis": out}
     if blocks == 1:
-        paths.update(predictor=cut(out, h_hat, work / f"pred_{share}.onnx"),
+        pair = out
+        if gf.op_type == "GuardedFallbackNBits":
+            pair, h_hat = unfused(out, work / f"unfused_{share}.onnx"), gf.name.rsplit("/", 1)[0] + "/h_hat"
+        paths.update(predictor=cut(pair, h_hat, work / f"pred_{share}.onnx"),
                      fold=cut(out, y_lin, work / f"fold_{share}.onnx"))
     log(f"== d={d} D={D} share={share:.0%}: optimized in {time.time() - t0:.1f} s; ops {', '.join(ops)}")
     return paths

@@ -44,10 +44,11 @@ def session(model: bytes | str | Path, threads: int, lib: bool) -> ort.Inference
 
 
 def kernel_path(before: dict[str, int], after: dict[str, int]) -> str:
-    """The GuardedFallback strategy of the call between two ``runtime.kernel_stats()`` readings: ``panel``
-    (the tile path in column-panel order), ``tile``, ``neuron``, ``union`` or ``token``."""
-    for key, name in (("panel_calls", "panel"), ("tile_calls", "tile"), ("neuron_calls", "neuron"),
-                      ("union_calls", "union")):
+    """The fallback strategy of the call between two ``runtime.kernel_stats()`` readings: ``fused`` (the int4
+    predictor inside the tile path's work items), ``panel`` (the tile path in column-panel order), ``tile``,
+    ``neuron``, ``union`` or ``token``."""
+    for key, name in (("fused_paths", "fused"), ("panel_calls", "panel"), ("tile_calls", "tile"),
+                      ("neuron_calls", "neuron"), ("union_calls", "union")):
         if after[key] > before[key]:
             return name
     return "token"

@@ -706,8 +706,9 @@ struct Problem {
   const T *w1t, *b1, *w2, *alpha, *beta;
   GeluKind gelu;
   const Kernels<T>* k;
-  const int32_t* flags;   // tokens x D, first counts[t] entries used per token
+  const int32_t* flags;   // one row of fld per token (neuron indices), first counts[t] entries used
   const int64_t* counts;
+  int64_t fld;            // flags' row stride: D, or a fused work item's neuron range
 };
 
 template <class T>
@@ -997,6 +998,84 @@ bool TilePanels(int64_t tokens, int64_t d, int64_t D, const TileKernels<T>& tk) 
          NeuronBlock<T>(d, D) < PanelBlock<T>(D, tk.lanes * tk.vecs);
 }
 
+// One work item of the tile path: tokens [t0, t1) against neurons [js0, js1) in equal blocks of 2/3 to 4/3 of
+// `target` neurons, adding into ybase's rows (token t at ybase + t d); fresh(t) runs before the first add to
+// token t's row.
+template <class T, class Fresh>
+void TileItem(const Problem<T>& p, const TileKernels<T>& tk, bool panels, int64_t t0, int64_t t1, int64_t js0,
+              int64_t js1, int64_t target, float* ybase, Fresh&& fresh) {
+  const int64_t d = p.d, lanes = tk.lanes, nvec = d / lanes, chunks = CeilDiv(nvec, tk.vecs), nt = t1 - t0;
+  const int64_t block = CeilDiv(js1 - js0, std::max<int64_t>(1, CeilDiv(3 * (js1 - js0), 4 * target)));
+  // Per token of the group: its cursor into its flag list, and for the current block its first flagged
+  // entry and (column panels) the offset of its pairs in the block's pair buffers.
+  const size_t n_tok = static_cast<size_t>(nt);
+  std::vector<int64_t> cur(n_tok), first(n_tok), off(n_tok + 1);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int32_t* list = p.flags + t * p.fld;
+    cur[t - t0] = std::lower_bound(list, list + p.counts[t], static_cast<int32_t>(js0)) - list;
+  }
+  // h, c, alpha, beta of the pairs: one token's (rows) or the whole group's (panels: blocks of at most
+  // 4/3 PanelBlock neurons, so at most ~1.4 MB).
+  std::vector<float> buf(static_cast<size_t>(4 * block));
+  auto gather = [&](const int32_t* js, int64_t n, float* h, float* a, float* b) {
+    for (int64_t q = 0; q < n; ++q) {
+      h[q] = Ld(p.b1, js[q]);
+      a[q] = Ld(p.alpha, js[q]);
+      b[q] = Ld(p.beta, js[q]);
+    }
+  };
+  auto dots = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, float* h) {
+    const int64_t v0 = c * tk.vecs, nv = std::min<int64_t>(tk.vecs, nvec - v0);
+    tk.dots[nv - 1](p.x + t * d + lanes * v0, p.w1t + lanes * v0, d, js, n, h);
+  };
+  auto axpy = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, const float* corr) {
+    const int64_t v0 = c * tk.vecs, nv = std::min<int64_t>(tk.vecs, nvec - v0);
+    tk.axpy[nv - 1](ybase + t * d + lanes * v0, p.w2 + lanes * v0, d, js, corr, n);
+  };
+  for (int64_t j0 = js0; j0 < js1; j0 += block) {
+    const int32_t j1 = static_cast<int32_t>(std::min(js1, j0 + block));
+    off[0] = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+      const int32_t* list = p.flags + (t0 + i) * p.fld;
+      const int64_t q0 = cur[i], cnt = p.counts[t0 + i];
+      int64_t q1 = q0;
+      while (q1 < cnt && list[q1] < j1) ++q1;
+      first[i] = q0;
+      cur[i] = q1;
+      off[i + 1] = off[i] + (q1 - q0);
+    }
+    auto js_of = [&](int64_t i) { return p.flags + (t0 + i) * p.fld + first[i]; };
+    if (!panels) {
+      float *hb = buf.data(), *cb = hb + block, *ab = cb + block, *bb = ab + block;
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t n = off[i + 1] - off[i];
+        if (n == 0) continue;
+        gather(js_of(i), n, hb, ab, bb);
+        for (int64_t c = 0; c < chunks; ++c) dots(t0 + i, c, js_of(i), n, hb);
+        p.k->corr(cb, hb, ab, bb, n, p.gelu);
+        fresh(t0 + i);
+        for (int64_t c = 0; c < chunks; ++c) axpy(t0 + i, c, js_of(i), n, cb);
+      }
+      continue;
+    }
+    const int64_t np = off[nt];
+    if (np == 0) continue;
+    if (buf.size() < static_cast<size_t>(4 * np)) buf.resize(static_cast<size_t>(4 * np));
+    float *hb = buf.data(), *cb = hb + np, *ab = cb + np, *bb = ab + np;
+    for (int64_t i = 0; i < nt; ++i)
+      gather(js_of(i), off[i + 1] - off[i], hb + off[i], ab + off[i], bb + off[i]);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < nt; ++i)
+        if (off[i + 1] > off[i]) dots(t0 + i, c, js_of(i), off[i + 1] - off[i], hb + off[i]);
+    p.k->corr(cb, hb, ab, bb, np, p.gelu);
+    for (int64_t i = 0; i < nt; ++i)
+      if (off[i + 1] > off[i]) fresh(t0 + i);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < nt; ++i)
+        if (off[i + 1] > off[i]) axpy(t0 + i, c, js_of(i), off[i + 1] - off[i], cb + off[i]);
+  }
+}
+
 // Tile path (AVX-512F with d a multiple of 16, or AVX2 with d a multiple of 8; tk.lanes floats per vector,
 // chunks of up to tk.vecs vectors): tokens in groups, neurons in blocks whose W1t and W2 rows fill
 // about 1 MB, so a block stays in L2 while the group's tokens pass over it. Per (token, block): the token's
@@ -1011,8 +1090,7 @@ bool TilePanels(int64_t tokens, int64_t d, int64_t D, const TileKernels<T>& tk) 
 // passes over x and y once instead of once per L2-sized block of whole rows.
 template <class T>
 void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const Parallel& par) {
-  const int64_t d = p.d, D = p.D, tokens = p.tokens;
-  const int64_t lanes = tk.lanes, nvec = d / lanes, chunks = CeilDiv(nvec, tk.vecs);
+  const int64_t d = p.d, D = p.D, tokens = p.tokens, lanes = tk.lanes;
   int64_t total = 0;
   for (int64_t t = 0; t < tokens; ++t) total += p.counts[t];
   // A weight row is fetched from memory once per token group that needs it, so groups are only as many
@@ -1035,85 +1113,16 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
   std::vector<uint8_t> touched(static_cast<size_t>((splits - 1) * tokens), 0);
   auto work = [&](size_t item) {
     const int64_t g = static_cast<int64_t>(item) / splits, s = static_cast<int64_t>(item) % splits;
-    const int64_t t0 = tokens * g / groups, t1 = tokens * (g + 1) / groups, nt = t1 - t0;
-    const int64_t js0 = D * s / splits, js1 = D * (s + 1) / splits;
-    const int64_t block = CeilDiv(js1 - js0, std::max<int64_t>(1, CeilDiv(3 * (js1 - js0), 4 * target)));
     float* ybase = s == 0 ? p.y : partial + (s - 1) * tokens * d;
-    auto fresh = [&](int64_t i) {  // token t0 + i's row of this split's copy of y, before the first add
+    auto fresh = [&](int64_t t) {  // token t's row of this split's copy of y, before the first add
       if (s == 0) return;
-      uint8_t& mark = touched[static_cast<size_t>((s - 1) * tokens + t0 + i)];
+      uint8_t& mark = touched[static_cast<size_t>((s - 1) * tokens + t)];
       if (mark) return;
-      std::fill(ybase + (t0 + i) * d, ybase + (t0 + i + 1) * d, 0.0f);
+      std::fill(ybase + t * d, ybase + (t + 1) * d, 0.0f);
       mark = 1;
     };
-    // Per token of the group: its cursor into its flag list, and for the current block its first flagged
-    // entry and (column panels) the offset of its pairs in the block's pair buffers.
-    const size_t n_tok = static_cast<size_t>(nt);
-    std::vector<int64_t> cur(n_tok), first(n_tok), off(n_tok + 1);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int32_t* list = p.flags + t * D;
-      cur[t - t0] = std::lower_bound(list, list + p.counts[t], static_cast<int32_t>(js0)) - list;
-    }
-    // h, c, alpha, beta of the pairs: one token's (rows) or the whole group's (panels: blocks of at most
-    // 4/3 PanelBlock neurons, so at most ~1.4 MB).
-    std::vector<float> buf(static_cast<size_t>(4 * block));
-    auto gather = [&](const int32_t* js, int64_t n, float* h, float* a, float* b) {
-      for (int64_t q = 0; q < n; ++q) {
-        h[q] = Ld(p.b1, js[q]);
-        a[q] = Ld(p.alpha, js[q]);
-        b[q] = Ld(p.beta, js[q]);
-      }
-    };
-    auto dots = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, float* h) {
-      const int64_t v0 = c * tk.vecs, nv = std::min<int64_t>(tk.vecs, nvec - v0);
-      tk.dots[nv - 1](p.x + t * d + lanes * v0, p.w1t + lanes * v0, d, js, n, h);
-    };
-    auto axpy = [&](int64_t t, int64_t c, const int32_t* js, int64_t n, const float* corr) {
-      const int64_t v0 = c * tk.vecs, nv = std::min<int64_t>(tk.vecs, nvec - v0);
-      tk.axpy[nv - 1](ybase + t * d + lanes * v0, p.w2 + lanes * v0, d, js, corr, n);
-    };
-    for (int64_t j0 = js0; j0 < js1; j0 += block) {
-      const int32_t j1 = static_cast<int32_t>(std::min(js1, j0 + block));
-      off[0] = 0;
-      for (int64_t i = 0; i < nt; ++i) {
-        const int32_t* list = p.flags + (t0 + i) * D;
-        const int64_t q0 = cur[i], cnt = p.counts[t0 + i];
-        int64_t q1 = q0;
-        while (q1 < cnt && list[q1] < j1) ++q1;
-        first[i] = q0;
-        cur[i] = q1;
-        off[i + 1] = off[i] + (q1 - q0);
-      }
-      auto js_of = [&](int64_t i) { return p.flags + (t0 + i) * D + first[i]; };
-      if (!panels) {
-        float *hb = buf.data(), *cb = hb + block, *ab = cb + block, *bb = ab + block;
-        for (int64_t i = 0; i < nt; ++i) {
-          const int64_t n = off[i + 1] - off[i];
-          if (n == 0) continue;
-          gather(js_of(i), n, hb, ab, bb);
-          for (int64_t c = 0; c < chunks; ++c) dots(t0 + i, c, js_of(i), n, hb);
-          p.k->corr(cb, hb, ab, bb, n, p.gelu);
-          fresh(i);
-          for (int64_t c = 0; c < chunks; ++c) axpy(t0 + i, c, js_of(i), n, cb);
-        }
-        continue;
-      }
-      const int64_t np = off[nt];
-      if (np == 0) continue;
-      if (buf.size() < static_cast<size_t>(4 * np)) buf.resize(static_cast<size_t>(4 * np));
-      float *hb = buf.data(), *cb = hb + np, *ab = cb + np, *bb = ab + np;
-      for (int64_t i = 0; i < nt; ++i)
-        gather(js_of(i), off[i + 1] - off[i], hb + off[i], ab + off[i], bb + off[i]);
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t i = 0; i < nt; ++i)
-          if (off[i + 1] > off[i]) dots(t0 + i, c, js_of(i), off[i + 1] - off[i], hb + off[i]);
-      p.k->corr(cb, hb, ab, bb, np, p.gelu);
-      for (int64_t i = 0; i < nt; ++i)
-        if (off[i + 1] > off[i]) fresh(i);
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t i = 0; i < nt; ++i)
-          if (off[i + 1] > off[i]) axpy(t0 + i, c, js_of(i), off[i + 1] - off[i], cb + off[i]);
-    }
+    TileItem(p, tk, panels, tokens * g / groups, tokens * (g + 1) / groups, D * s / splits, D * (s + 1) / splits,
+             target, ybase, fresh);
   };
   ParallelFor(par, static_cast<size_t>(groups * splits), work);
   if (splits == 1) return;
@@ -1127,6 +1136,11 @@ void RunTile(const Problem<T>& p, const TileKernels<T>& tk, bool panels, const P
   };
   ParallelFor(par, static_cast<size_t>(tokens), reduce);
 }
+
+
+// Fused prediction (RunFloatFused): at most this many tokens, and neurons per work item at least.
+constexpr int64_t kFusedTokens = 8;
+constexpr int64_t kFusedNeurons = 384;
 
 // x, y: float32 activations (y holds y_lin on entry); the other operands are read from op as T.
 template <class T>
@@ -1162,7 +1176,7 @@ void RunImpl(const Operands& op, const float* x, float* y, GeluKind gelu, Strate
   Problem<T> p{tokens, d, D, x, y,
                static_cast<const T*>(op.w1t), static_cast<const T*>(op.b1), static_cast<const T*>(op.w2),
                static_cast<const T*>(op.alpha), static_cast<const T*>(op.beta), gelu, &kernels, flags,
-               counts.data()};
+               counts.data(), D};
 
   TileKernels<T> tile;
   const bool tile_ok = GetTileKernels<T>(isa, d, &tile);
@@ -1274,6 +1288,66 @@ void RunFloat(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, con
   const float* y_lin = static_cast<const float*>(op.y_lin);
   if (n > 0 && y != y_lin) std::memcpy(y, y_lin, static_cast<size_t>(n) * sizeof(float));
   RunImpl<float>(op, static_cast<const float*>(op.x), y, gelu, strategy, isa, par, info);
+}
+
+bool RunFloatFused(const Operands& op, const RangePredictor& pred, GeluKind gelu, Isa isa, const Parallel& par,
+                   RunInfo* info) {
+  const int64_t tokens = op.tokens, d = op.d, D = op.D;
+  TileKernels<float> tk;
+  if (tokens < 1 || tokens > kFusedTokens || D < 1 || !GetTileKernels<float>(isa, d, &tk)) return false;
+  float* y = static_cast<float*>(op.y);
+  const float* y_lin = static_cast<const float*>(op.y_lin);
+  if (y != y_lin) std::memcpy(y, y_lin, static_cast<size_t>(tokens * d) * sizeof(float));
+  // Work items own neuron ranges (multiples of the predictor's alignment): each predicts its range for every
+  // token, flags it and adds its corrections into its own copy of y (item 0 into y), all in one parallel
+  // section: no h_hat tensor, and the predictor's and the kernel's reads of one item overlap the other's.
+  const int64_t align = std::max<int64_t>(1, pred.Align()), units = CeilDiv(D, align);
+  const int64_t items = std::max<int64_t>(1, std::min({kTileItems, units, D / kFusedNeurons}));
+  const int64_t range = align * CeilDiv(units, items);  // the widest item
+  thread_local std::vector<float> keep;
+  std::unique_ptr<float[]> big;
+  float* h_all = Scratch(keep, static_cast<size_t>(items * tokens * (range + d)), &big);
+  float* copies = h_all + items * tokens * range;  // y of items 1..
+  thread_local std::vector<int32_t> flag_keep;
+  std::unique_ptr<int32_t[]> flag_big;
+  int32_t* flags_all = Scratch(flag_keep, static_cast<size_t>(items * tokens * range), &flag_big);
+  std::vector<int64_t> counts(static_cast<size_t>(items * tokens), 0);
+  const Kernels<float> kernels = GetKernels<float>(isa);
+  const float* lo = static_cast<const float*>(op.lo);
+  const float* hi = static_cast<const float*>(op.hi);
+  const bool panels = TilePanels<float>(tokens, d, D, tk);
+  const int64_t target = panels ? PanelBlock<float>(D, tk.lanes * tk.vecs) : NeuronBlock<float>(d, D);
+  auto work = [&](size_t item) {
+    const int64_t s = static_cast<int64_t>(item);
+    const int64_t j0 = align * (units * s / items), j1 = std::min(D, align * (units * (s + 1) / items)), n = j1 - j0;
+    float* h = h_all + s * tokens * range;
+    int32_t* flags = flags_all + s * tokens * range;
+    int64_t* cnt = counts.data() + s * tokens;
+    pred.Predict(j0, j1, h);
+    for (int64_t t = 0; t < tokens; ++t) {
+      int32_t* list = flags + t * n;
+      cnt[t] = FlagRow(h + t * n, lo + j0, hi + j0, n, list, isa);
+      for (int64_t q = 0; q < cnt[t]; ++q) list[q] += static_cast<int32_t>(j0);
+    }
+    float* ybase = s == 0 ? y : copies + (s - 1) * tokens * d;
+    if (s > 0) std::fill(ybase, ybase + tokens * d, 0.0f);
+    const Problem<float> p{tokens, d, D, static_cast<const float*>(op.x), y,
+                           static_cast<const float*>(op.w1t), static_cast<const float*>(op.b1),
+                           static_cast<const float*>(op.w2), static_cast<const float*>(op.alpha),
+                           static_cast<const float*>(op.beta), gelu, &kernels, flags, cnt, n};
+    TileItem(p, tk, panels, 0, tokens, j0, j1, target, ybase, [](int64_t) {});
+  };
+  ParallelFor(par, static_cast<size_t>(items), work);
+  for (int64_t s = 1; s < items; ++s) {
+    const float* src = copies + (s - 1) * tokens * d;
+    for (int64_t i = 0; i < tokens * d; ++i) y[i] += src[i];
+  }
+  if (info) {
+    *info = RunInfo{};
+    info->path = panels ? Strategy::kPanel : Strategy::kTile;
+    for (int64_t c : counts) info->flagged_pairs += c;
+  }
+  return true;
 }
 
 void RunHalf(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info) {

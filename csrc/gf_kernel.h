@@ -71,6 +71,21 @@ E* Scratch(std::vector<E>& keep, size_t n, std::unique_ptr<E[]>* big) {
 
 // y = y_lin + sum_{j in F(t)} (GELU(h_j) - alpha_j h_j - beta_j) w2[j,:], for float32 operands.
 void RunFloat(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info);
+// h_hat of a range of neurons for every token, computed inside the fallback's work items (RunFloatFused).
+class RangePredictor {
+ public:
+  virtual ~RangePredictor() = default;
+  // Ranges handed to Predict start at multiples of this.
+  virtual int64_t Align() const = 0;
+  // h[t * (j1 - j0) + j - j0] for every token t and neuron j in [j0, j1); called from any thread.
+  virtual void Predict(int64_t j0, int64_t j1, float* h) const = 0;
+};
+
+// RunFloat with h_hat (op.h_hat unused) from `pred`, for few tokens where the tile path runs: each work item
+// predicts a range of neurons, flags it and adds its corrections, all in one parallel section. Returns false,
+// y untouched, where it does not apply; the caller then computes h_hat and calls RunFloat.
+bool RunFloatFused(const Operands& op, const RangePredictor& pred, GeluKind gelu, Isa isa, const Parallel& par,
+                   RunInfo* info);
 // The same for float16 operands (converted to float32 internally, accumulated in float32).
 void RunHalf(const Operands& op, GeluKind gelu, Strategy strategy, Isa isa, const Parallel& par, RunInfo* info);
 

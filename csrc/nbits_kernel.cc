@@ -33,15 +33,6 @@ constexpr int kMr = 8;                    // tokens per register group (AVX-512:
 constexpr int kMrAvx2 = 4;                // AVX2: 16 ymm registers, 2 accumulators and 2 sums per token
 constexpr int64_t kUnit = int64_t{1} << 20;  // multiply-adds per work item, at least (one 384 x 1536 token: 1 item)
 
-// Activations of M rows: int8 levels padded to kb * bs per row, one scale and one level sum per block
-// (in a per-thread scratch buffer: no allocation per call once it has grown).
-struct Acts {
-  int64_t ld = 0;  // kb * bs
-  int8_t* q = nullptr;
-  float* sx = nullptr;
-  int32_t* sum = nullptr;
-};
-
 // A NaN activation counts as 0, as in ONNX Runtime's MatMulNBits.
 inline float Finite0(float v) { return std::isnan(v) ? 0.0f : v; }
 
@@ -65,7 +56,7 @@ void QuantizeRowPortable(const float* x, int64_t K, int64_t bs, int64_t kb, int8
 }
 
 // out[m * 16 + n] = sum_b sx[m, b] s[n, b] (sum_k q[m, k] level[n, k] - zp[n, b] sum[m, b]) for one tile.
-void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const Acts& a, int64_t m0, int mr, float* out) {
+void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const Int4Acts& a, int64_t m0, int mr, float* out) {
   const int64_t bb = bs * 8 + 80;
   std::fill(out, out + 16 * mr, 0.0f);
   for (int64_t b = 0; b < kb; ++b) {
@@ -134,7 +125,7 @@ inline int32_t Quad(const int8_t* p) {
 }
 
 template <int MR>
-TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const Acts& a, int64_t m0, float* out) {
+TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const Int4Acts& a, int64_t m0, float* out) {
   const int64_t bb = bs * 8 + 80;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 h[MR];
@@ -167,7 +158,7 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
 }
 
 template <int MR>
-TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const Acts& a, int64_t m0, float* out) {
+TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const Int4Acts& a, int64_t m0, float* out) {
   const int64_t bb = bs * 8 + 80;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 h[MR][2];
@@ -206,7 +197,7 @@ TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const 
   }
 }
 
-using TileFn = void (*)(const uint8_t*, int64_t, int64_t, const Acts&, int64_t, float*);
+using TileFn = void (*)(const uint8_t*, int64_t, int64_t, const Int4Acts&, int64_t, float*);
 
 template <int... I>
 constexpr std::array<TileFn, sizeof...(I)> VnniTable(std::integer_sequence<int, I...>) {
@@ -267,17 +258,15 @@ void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points,
   }
 }
 
-void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bias, float* h, Isa isa,
-                const Parallel& par) {
-  if (M <= 0 || w.N <= 0) return;
-  const int level = Int4Level(isa);
-  const int64_t K = w.K, N = w.N, bs = w.bs, kb = w.kb, tiles = w.tiles;
-  Acts a;
+Int4Acts Int4Quantize(const Int4Packed& w, const float* x, int64_t M, Isa isa, std::unique_ptr<uint8_t[]>* big) {
+  Int4Acts a;
+  a.M = M;
+  a.level = Int4Level(isa);
+  const int64_t K = w.K, bs = w.bs, kb = w.kb;
   a.ld = kb * bs;
   const size_t q_bytes = static_cast<size_t>(M * a.ld + 63) / 64 * 64, n_blocks = static_cast<size_t>(M * kb);
   thread_local std::vector<uint8_t> keep;  // every byte below is written before it is read
-  std::unique_ptr<uint8_t[]> big;
-  uint8_t* scratch = Scratch(keep, q_bytes + n_blocks * (sizeof(float) + sizeof(int32_t)), &big);
+  uint8_t* scratch = Scratch(keep, q_bytes + n_blocks * (sizeof(float) + sizeof(int32_t)), big);
   a.q = reinterpret_cast<int8_t*>(scratch);
   a.sx = reinterpret_cast<float*>(scratch + q_bytes);
   a.sum = reinterpret_cast<int32_t*>(scratch + q_bytes + n_blocks * sizeof(float));
@@ -286,53 +275,64 @@ void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bia
     float* sx = a.sx + m * kb;
     int32_t* sum = a.sum + m * kb;
 #if TARDIS_X86
-    if (level == 2) {
+    if (a.level == 2) {
       QuantizeRowVnni(x + m * K, K, bs, kb, q, sx, sum);
       continue;
     }
 #endif
     QuantizeRowPortable(x + m * K, K, bs, kb, q, sx, sum);
   }
-  const int mr_max = level == 1 ? kMrAvx2 : kMr;
-  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(tiles, M * N * K / kUnit));
-  struct Work {
-    const Int4Packed* w;
-    const Acts* a;
-    const float* bias;
-    float* h;
-    int64_t M, items;
-    int level, mr_max;
-  } work{&w, &a, bias, h, M, items, level, mr_max};
-  auto run = [](void* data, size_t item) {
-    const Work& wk = *static_cast<const Work*>(data);
-    const Int4Packed& pw = *wk.w;
-    const int64_t t0 = pw.tiles * static_cast<int64_t>(item) / wk.items;
-    const int64_t t1 = pw.tiles * (static_cast<int64_t>(item) + 1) / wk.items;
-    float out[16 * kMr];
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* tile = pw.data() + t * pw.TileBytes();
-      const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, pw.N - n0);
-      for (int64_t m0 = 0; m0 < wk.M; m0 += wk.mr_max) {
-        const int mr = static_cast<int>(std::min<int64_t>(wk.mr_max, wk.M - m0));
+  return a;
+}
+
+void Int4Tiles(const Int4Packed& w, const Int4Acts& a, const float* bias, int64_t t0, int64_t t1, float* h,
+               int64_t ldh) {
+  const int mr_max = a.level == 1 ? kMrAvx2 : kMr;
+  float out[16 * kMr];
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = w.data() + t * w.TileBytes();
+    const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, w.N - n0);
+    for (int64_t m0 = 0; m0 < a.M; m0 += mr_max) {
+      const int mr = static_cast<int>(std::min<int64_t>(mr_max, a.M - m0));
 #if TARDIS_X86
-        if (wk.level == 2) {
-          static constexpr auto table = VnniTable(std::make_integer_sequence<int, kMr>{});
-          table[mr - 1](tile, pw.kb, pw.bs, *wk.a, m0, out);
-        } else if (wk.level == 1) {
-          static constexpr auto table = Avx2Table(std::make_integer_sequence<int, kMrAvx2>{});
-          table[mr - 1](tile, pw.kb, pw.bs, *wk.a, m0, out);
-        } else {
-          TilePortable(tile, pw.kb, pw.bs, *wk.a, m0, mr, out);
-        }
+      if (a.level == 2) {
+        static constexpr auto table = VnniTable(std::make_integer_sequence<int, kMr>{});
+        table[mr - 1](tile, w.kb, w.bs, a, m0, out);
+      } else if (a.level == 1) {
+        static constexpr auto table = Avx2Table(std::make_integer_sequence<int, kMrAvx2>{});
+        table[mr - 1](tile, w.kb, w.bs, a, m0, out);
+      } else {
+        TilePortable(tile, w.kb, w.bs, a, m0, mr, out);
+      }
 #else
-        TilePortable(tile, pw.kb, pw.bs, *wk.a, m0, mr, out);
+      TilePortable(tile, w.kb, w.bs, a, m0, mr, out);
 #endif
-        for (int m = 0; m < mr; ++m) {
-          float* dst = wk.h + (m0 + m) * pw.N + n0;
-          for (int64_t n = 0; n < nn; ++n) dst[n] = out[16 * m + n] + (wk.bias ? wk.bias[n0 + n] : 0.0f);
-        }
+      for (int m = 0; m < mr; ++m) {
+        float* dst = h + (m0 + m) * ldh + n0 - 16 * t0;
+        for (int64_t n = 0; n < nn; ++n) dst[n] = out[16 * m + n] + (bias ? bias[n0 + n] : 0.0f);
       }
     }
+  }
+}
+
+void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bias, float* h, Isa isa,
+                const Parallel& par) {
+  if (M <= 0 || w.N <= 0) return;
+  std::unique_ptr<uint8_t[]> big;
+  const Int4Acts a = Int4Quantize(w, x, M, isa, &big);
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(w.tiles, M * w.N * w.K / kUnit));
+  struct Work {
+    const Int4Packed* w;
+    const Int4Acts* a;
+    const float* bias;
+    float* h;
+    int64_t items;
+  } work{&w, &a, bias, h, items};
+  auto run = [](void* data, size_t item) {
+    const Work& wk = *static_cast<const Work*>(data);
+    const int64_t tiles = wk.w->tiles, i = static_cast<int64_t>(item);
+    const int64_t t0 = tiles * i / wk.items, t1 = tiles * (i + 1) / wk.items;
+    Int4Tiles(*wk.w, *wk.a, wk.bias, t0, t1, wk.h + 16 * t0, wk.w->N);
   };
   if (items == 1)
     run(&work, 0);

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "gf_kernel.h"
@@ -30,6 +31,24 @@ struct Int4Packed {
 // 8, MatMulNBits' default).
 void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points, int64_t K, int64_t N, int64_t bs,
               Int4Packed* out);
+
+// The int8 activations of M rows for Int4Tiles: levels padded to kb * bs per row, one scale and one level
+// sum per block, and the instruction set (Int4Level) the tiles use.
+struct Int4Acts {
+  int64_t M = 0, ld = 0;  // ld = kb * bs
+  int level = 0;
+  int8_t* q = nullptr;
+  float* sx = nullptr;
+  int32_t* sum = nullptr;
+};
+
+// Quantizes x (float32 [M, K]) for Int4Tiles into the calling thread's kept scratch (over kKeepBytes: a
+// buffer owned by *big): valid until this thread quantizes again, readable from any thread meanwhile.
+Int4Acts Int4Quantize(const Int4Packed& w, const float* x, int64_t M, Isa isa, std::unique_ptr<uint8_t[]>* big);
+
+// The neurons of tiles [t0, t1) (16 each): h[m * ldh + n - 16 t0] for n in [16 t0, min(16 t1, N)).
+void Int4Tiles(const Int4Packed& w, const Int4Acts& a, const float* bias, int64_t t0, int64_t t1, float* h,
+               int64_t ldh);
 
 // h[m, :] = Q(x[m, :]) . W + bias for m < M: x float32 [M, K], h float32 [M, N], bias [N] or nullptr.
 // Q rounds each block of bs values of a row to int8 with one scale, max |x| / 127 (MatMulNBits' accuracy

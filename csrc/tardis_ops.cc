@@ -1,5 +1,5 @@
-// libtardis_ops: ONNX Runtime custom-op library with ai.tardis::GuardedFallback and ai.tardis::MatMulNBits
-// (the int4 predictor's product; OP_SPEC.md).
+// libtardis_ops: ONNX Runtime custom-op library with ai.tardis::GuardedFallback, ai.tardis::MatMulNBits (the
+// int4 predictor's product) and ai.tardis::GuardedFallbackNBits (the two in one node; OP_SPEC.md).
 //
 // Built against the ORT C API version 21 headers, WITHOUT linking libonnxruntime: the API table is taken
 // from the OrtApiBase that ORT passes to RegisterCustomOps, so one build loads into onnxruntime
@@ -38,6 +38,8 @@ constexpr const char* kDomain = "ai.tardis";
 constexpr const char* kOpName = "GuardedFallback";
 constexpr const char* kNBitsName = "MatMulNBits";
 constexpr const char* kNBitsOp = "ai.tardis::MatMulNBits";  // in error messages
+constexpr const char* kFusedName = "GuardedFallbackNBits";
+constexpr const char* kFusedOp = "ai.tardis::GuardedFallbackNBits";
 constexpr int kRequiredApi = 21;
 
 std::atomic<uint64_t> g_calls{0};
@@ -49,6 +51,8 @@ std::atomic<uint64_t> g_portable_calls{0};
 std::atomic<uint64_t> g_avx512_calls{0};
 std::atomic<uint64_t> g_flagged_pairs{0};
 std::atomic<uint64_t> g_nbits_calls{0};
+std::atomic<uint64_t> g_fused_calls{0};
+std::atomic<uint64_t> g_fused_paths{0};
 
 // Ort::Float16_t is the IEEE binary16 bits (one uint16_t member); the compute cores take those bits.
 static_assert(sizeof(Ort::Float16_t) == sizeof(uint16_t), "Ort::Float16_t is not 16 bits");
@@ -145,87 +149,56 @@ void RequireInputs(const OrtApi* api, const OrtKernelInfo* info, const char* op,
   }
 }
 
-// ai.tardis::MatMulNBits: com.microsoft::MatMulNBits at accuracy_level 4 for bits = 4 (the int4 predictor),
-// run by nbits_kernel. When B, scales and zero points are constant initializers (as tardis-compile emits
-// them) the weights are repacked on the first call and kept with the node; otherwise on every call.
+// The int4 predictor's operands of a node: attributes K, N, bits, block_size, accuracy_level, inputs B,
+// scales, zero_points and bias at `first` .. first + 3. When B, scales and zero points are constant
+// initializers (as tardis-compile emits them) the weights are repacked on the first call and kept with the
+// node; otherwise on every call.
 template <typename T>
-struct MatMulNBitsKernel {
-  MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
-      : K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
-        bits_(IntAttribute(api, info, "bits", 4)), bs_(IntAttribute(api, info, "block_size", -1)),
-        isa_(IsaFromEnv()) {
-    // All five inputs must be there: the contrib op's optional zero_points / bias (and its g_idx) are not
-    // (the lite API would read a missing one as a tensor), so a node without them is refused here.
-    static const char* const kInputs[] = {"A", "B", "scales", "zero_points", "bias"};
-    RequireInputs(api, info, kNBitsOp, kInputs, "no g_idx");
-    const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4);
+class Int4Weights {
+ public:
+  Int4Weights(const OrtApi* api, const OrtKernelInfo* info, const char* op, size_t first)
+      : op_(op), K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
+        bs_(IntAttribute(api, info, "block_size", -1)) {
+    const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4), bits = IntAttribute(api, info, "bits", 4);
     if (accuracy_level != 4)
-      ORT_CXX_API_THROW(std::string(kNBitsOp) + ": accuracy_level must be 4 (int8 activations), got " +
-                            std::to_string(accuracy_level),
+      ORT_CXX_API_THROW(op_ + ": accuracy_level must be 4 (int8 activations), got " + std::to_string(accuracy_level),
                         ORT_INVALID_ARGUMENT);
     constant_ = true;
-    for (size_t index : {size_t{1}, size_t{2}, size_t{3}}) {
+    for (size_t index : {first, first + 1, first + 2}) {
       int is_constant = 0;
       const OrtValue* value = nullptr;
       if (OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value))
         api->ReleaseStatus(st);
       constant_ = constant_ && is_constant != 0;
     }
-    if (bits_ != 4)
-      ORT_CXX_API_THROW("ai.tardis::MatMulNBits: only bits = 4 is implemented, got " + std::to_string(bits_),
-                        ORT_INVALID_ARGUMENT);
+    if (bits != 4)
+      ORT_CXX_API_THROW(op_ + ": only bits = 4 is implemented, got " + std::to_string(bits), ORT_INVALID_ARGUMENT);
     if (K_ <= 0 || N_ <= 0 || bs_ < 16 || bs_ > 128 || (bs_ & (bs_ - 1)) != 0)
-      ORT_CXX_API_THROW("ai.tardis::MatMulNBits: attributes K, N > 0 and block_size 16, 32, 64 or 128 required, got K=" +
+      ORT_CXX_API_THROW(op_ + ": attributes K, N > 0 and block_size 16, 32, 64 or 128 required, got K=" +
                             std::to_string(K_) + " N=" + std::to_string(N_) + " block_size=" + std::to_string(bs_),
                         ORT_INVALID_ARGUMENT);
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, In<T> a, const Ort::Custom::Tensor<uint8_t>& b, In<T> scales,
-                      const Ort::Custom::Tensor<uint8_t>& zero_points, In<T> bias, Ort::Custom::Tensor<T>& y) {
-    g_nbits_calls.fetch_add(1, std::memory_order_relaxed);
-    return Guarded(kNBitsOp, [&] {
-      const auto& as = a.Shape();
-      if (as.empty() || as.back() != K_)
-        return Error("A must have shape [..., K] with K = " + std::to_string(K_) + ", got " + ShapeStr(as));
-      const int64_t kb = (K_ + bs_ - 1) / bs_;
-      const std::vector<int64_t> b_shape{N_, kb, bs_ / 2}, s_shape{N_ * kb}, z_shape{N_ * ((kb + 1) / 2)}, n_shape{N_};
-      if (b.Shape() != b_shape) return Error("B must have shape " + ShapeStr(b_shape) + ", got " + ShapeStr(b.Shape()));
-      if (scales.Shape() != s_shape && scales.Shape() != std::vector<int64_t>{N_, kb})
-        return Error("scales must have shape " + ShapeStr(s_shape) + ", got " + ShapeStr(scales.Shape()));
-      if (zero_points.Shape() != z_shape && zero_points.Shape() != std::vector<int64_t>{N_, (kb + 1) / 2})
-        return Error("zero_points must have shape " + ShapeStr(z_shape) + ", got " + ShapeStr(zero_points.Shape()));
-      if (bias.Shape() != n_shape) return Error("bias must have shape " + ShapeStr(n_shape) + ", got " + ShapeStr(bias.Shape()));
-      std::vector<int64_t> ys(as);
-      ys.back() = N_;
-      T* out = y.Allocate(ys);
-      int64_t M = 1;
-      for (size_t i = 0; i + 1 < as.size(); ++i) M *= as[i];
-      if (M == 0) return Ort::Status{nullptr};
-      std::shared_ptr<const tardis::Int4Packed> packed = Packed(b.Data(), scales.Data(), zero_points.Data(), kb);
-      const T* bias_data = bias.Data();
-      OrtParallel par(ctx);
-      if constexpr (std::is_same<T, float>::value) {
-        tardis::Int4MatMul(*packed, a.Data(), M, bias_data, out, isa_, par);
-      } else {  // A, bias and Y as float32 in the calling thread's kept scratch, converted with F16C
-        thread_local std::vector<float> keep;
-        std::unique_ptr<float[]> big;
-        float* af = tardis::Scratch(keep, static_cast<size_t>(M * K_ + N_ + M * N_), &big);
-        float *bf = af + M * K_, *yf = bf + N_;
-        tardis::HalfToFloatN(Bits(a.Data()), af, M * K_, isa_);
-        tardis::HalfToFloatN(Bits(bias_data), bf, N_, isa_);
-        tardis::Int4MatMul(*packed, af, M, bf, yf, isa_, par);
-        tardis::FloatToHalfN(yf, Bits(out), M * N_, isa_);
-      }
-      return Ort::Status{nullptr};
-    });
+  int64_t K() const { return K_; }
+  int64_t N() const { return N_; }
+
+  // "" when B, scales, zero points and bias have the shapes the attributes say, else what is wrong.
+  std::string Check(const Ort::Custom::Tensor<uint8_t>& b, In<T> scales, const Ort::Custom::Tensor<uint8_t>& zp,
+                    In<T> bias) const {
+    const int64_t kb = Blocks();
+    const std::vector<int64_t> b_shape{N_, kb, bs_ / 2}, s_shape{N_ * kb}, z_shape{N_ * ((kb + 1) / 2)}, n_shape{N_};
+    if (b.Shape() != b_shape) return "B must have shape " + ShapeStr(b_shape) + ", got " + ShapeStr(b.Shape());
+    if (scales.Shape() != s_shape && scales.Shape() != std::vector<int64_t>{N_, kb})
+      return "scales must have shape " + ShapeStr(s_shape) + ", got " + ShapeStr(scales.Shape());
+    if (zp.Shape() != z_shape && zp.Shape() != std::vector<int64_t>{N_, (kb + 1) / 2})
+      return "zero_points must have shape " + ShapeStr(z_shape) + ", got " + ShapeStr(zp.Shape());
+    if (bias.Shape() != n_shape) return "bias must have shape " + ShapeStr(n_shape) + ", got " + ShapeStr(bias.Shape());
+    return "";
   }
 
- private:
-  static Ort::Status Error(const std::string& msg) { return OpError(kNBitsOp, msg); }
-
-  std::shared_ptr<const tardis::Int4Packed> Packed(const uint8_t* b, const T* scales, const uint8_t* zp, int64_t kb) {
+  std::shared_ptr<const tardis::Int4Packed> Packed(const uint8_t* b, const T* scales, const uint8_t* zp) {
     auto pack = [&] {
-      std::vector<float> sf(static_cast<size_t>(N_ * kb));
+      std::vector<float> sf(static_cast<size_t>(N_ * Blocks()));
       for (size_t i = 0; i < sf.size(); ++i) sf[i] = ToFloat(scales[i]);
       auto fresh = std::make_shared<tardis::Int4Packed>();
       tardis::PackInt4(b, sf.data(), zp, K_, N_, bs_, fresh.get());
@@ -237,18 +210,81 @@ struct MatMulNBitsKernel {
     return packed_;
   }
 
-  int64_t K_, N_, bits_, bs_;
-  tardis::Isa isa_;
+ private:
+  int64_t Blocks() const { return (K_ + bs_ - 1) / bs_; }
+
+  std::string op_;
+  int64_t K_, N_, bs_;
   bool constant_ = false;  // B, scales and zero points are initializers: pack once
   std::mutex mutex_;
   std::shared_ptr<const tardis::Int4Packed> packed_;
 };
 
+// h = Int4MatMul(a) for M rows of T into `out`; float16 goes through float32 in the calling thread's scratch.
 template <typename T>
-struct GuardedFallbackKernel {
-  GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info) {
-    static const char* const kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
-    RequireInputs(api, info, "ai.tardis::GuardedFallback", kInputs, "all required");
+void PredictInt4(const tardis::Int4Packed& w, const T* a, int64_t M, const T* bias, T* out, tardis::Isa isa,
+                 const tardis::Parallel& par) {
+  if constexpr (std::is_same<T, float>::value) {
+    tardis::Int4MatMul(w, a, M, bias, out, isa, par);
+  } else {  // A, bias and Y as float32 in the calling thread's kept scratch, converted with F16C
+    const int64_t K = w.K, N = w.N;
+    thread_local std::vector<float> keep;
+    std::unique_ptr<float[]> big;
+    float* af = tardis::Scratch(keep, static_cast<size_t>(M * K + N + M * N), &big);
+    float *bf = af + M * K, *yf = bf + N;
+    tardis::HalfToFloatN(Bits(a), af, M * K, isa);
+    tardis::HalfToFloatN(Bits(bias), bf, N, isa);
+    tardis::Int4MatMul(w, af, M, bf, yf, isa, par);
+    tardis::FloatToHalfN(yf, Bits(out), M * N, isa);
+  }
+}
+
+// ai.tardis::MatMulNBits: com.microsoft::MatMulNBits at accuracy_level 4 for bits = 4 (the int4 predictor),
+// run by nbits_kernel.
+template <typename T>
+struct MatMulNBitsKernel {
+  // All five inputs must be there: the contrib op's optional zero_points / bias (and its g_idx) are not
+  // (the lite API would read a missing one as a tensor), so a node without them is refused here.
+  MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : weights_(api, info, kNBitsOp, 1), isa_(IsaFromEnv()) {
+    RequireInputs(api, info, kNBitsOp, kInputs, "no g_idx");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, In<T> a, const Ort::Custom::Tensor<uint8_t>& b, In<T> scales,
+                      const Ort::Custom::Tensor<uint8_t>& zero_points, In<T> bias, Ort::Custom::Tensor<T>& y) {
+    g_nbits_calls.fetch_add(1, std::memory_order_relaxed);
+    return Guarded(kNBitsOp, [&] {
+      const auto& as = a.Shape();
+      const int64_t K = weights_.K();
+      if (as.empty() || as.back() != K)
+        return Error("A must have shape [..., K] with K = " + std::to_string(K) + ", got " + ShapeStr(as));
+      const std::string wrong = weights_.Check(b, scales, zero_points, bias);
+      if (!wrong.empty()) return Error(wrong);
+      std::vector<int64_t> ys(as);
+      ys.back() = weights_.N();
+      T* out = y.Allocate(ys);
+      int64_t M = 1;
+      for (size_t i = 0; i + 1 < as.size(); ++i) M *= as[i];
+      if (M == 0) return Ort::Status{nullptr};
+      OrtParallel par(ctx);
+      PredictInt4(*weights_.Packed(b.Data(), scales.Data(), zero_points.Data()), a.Data(), M, bias.Data(), out, isa_,
+                  par);
+      return Ort::Status{nullptr};
+    });
+  }
+
+ private:
+  static constexpr const char* kInputs[] = {"A", "B", "scales", "zero_points", "bias"};
+  static Ort::Status Error(const std::string& msg) { return OpError(kNBitsOp, msg); }
+
+  Int4Weights<T> weights_;
+  tardis::Isa isa_;
+};
+
+// What a fallback node computes with: its GELU (attribute `approximate`), the instruction set and the strategy
+// (environment, for tests and benchmarks).
+struct FallbackConfig {
+  FallbackConfig(const OrtApi* api, const OrtKernelInfo* info, const char* op) : isa(IsaFromEnv()) {
     std::string approx = "none";
     size_t size = 0;
     // Absent attribute -> default "none" (query the size first; a missing attribute is an error status).
@@ -261,84 +297,133 @@ struct GuardedFallbackKernel {
       api->ReleaseStatus(st);
     }
     if (approx == "none") {
-      gelu_ = tardis::GeluKind::kErf;
+      gelu = tardis::GeluKind::kErf;
     } else if (approx == "tanh") {
-      gelu_ = tardis::GeluKind::kTanh;
+      gelu = tardis::GeluKind::kTanh;
     } else {
-      ORT_CXX_API_THROW("GuardedFallback: attribute 'approximate' must be \"none\" or \"tanh\", got \"" + approx + "\"",
+      ORT_CXX_API_THROW(std::string(op) + ": attribute 'approximate' must be \"none\" or \"tanh\", got \"" + approx +
+                            "\"",
                         ORT_INVALID_ARGUMENT);
     }
-    isa_ = IsaFromEnv();
     const char* s = std::getenv("TARDIS_OPS_STRATEGY");
-    if (s != nullptr && std::strcmp(s, "token") == 0) strategy_ = tardis::Strategy::kToken;
-    if (s != nullptr && std::strcmp(s, "union") == 0) strategy_ = tardis::Strategy::kUnion;
-    if (s != nullptr && std::strcmp(s, "neuron") == 0) strategy_ = tardis::Strategy::kNeuron;
-    if (s != nullptr && std::strcmp(s, "tile") == 0) strategy_ = tardis::Strategy::kTile;
-    if (s != nullptr && std::strcmp(s, "panel") == 0) strategy_ = tardis::Strategy::kPanel;
+    if (s != nullptr && std::strcmp(s, "token") == 0) strategy = tardis::Strategy::kToken;
+    if (s != nullptr && std::strcmp(s, "union") == 0) strategy = tardis::Strategy::kUnion;
+    if (s != nullptr && std::strcmp(s, "neuron") == 0) strategy = tardis::Strategy::kNeuron;
+    if (s != nullptr && std::strcmp(s, "tile") == 0) strategy = tardis::Strategy::kTile;
+    if (s != nullptr && std::strcmp(s, "panel") == 0) strategy = tardis::Strategy::kPanel;
+  }
+
+  tardis::GeluKind gelu = tardis::GeluKind::kErf;
+  tardis::Isa isa = tardis::Isa::kPortable;
+  tardis::Strategy strategy = tardis::Strategy::kAuto;
+};
+
+// The fallback operands after x, y_lin and the prediction, checked against d (x's last axis) and D (`from`
+// says where D comes from); "" when they fit, else what is wrong.
+template <typename T>
+std::string CheckFallbackOperands(int64_t d, int64_t D, const char* from, In<T> lo, In<T> hi, In<T> w1t, In<T> b1,
+                                  In<T> w2, In<T> alpha, In<T> beta) {
+  const std::vector<int64_t> vecD{D}, matDd{D, d};
+  const char* vec_names[] = {"lo", "hi", "b1", "alpha", "beta"};
+  const Ort::Custom::Tensor<T>* vecs[] = {&lo, &hi, &b1, &alpha, &beta};
+  for (int i = 0; i < 5; ++i)
+    if (vecs[i]->Shape() != vecD)
+      return std::string(vec_names[i]) + " must have shape [D] = " + ShapeStr(vecD) + " (D from " + from + "), got " +
+             ShapeStr(vecs[i]->Shape());
+  if (w1t.Shape() != matDd)
+    return "w1t must have shape [D, d] = " + ShapeStr(matDd) + " (neuron-major W1^T; D from " + from +
+           ", d from x), got " + ShapeStr(w1t.Shape());
+  if (w2.Shape() != matDd)
+    return "w2 must have shape [D, d] = " + ShapeStr(matDd) + " (D from " + from + ", d from x), got " +
+           ShapeStr(w2.Shape());
+  return "";
+}
+
+template <typename T>
+tardis::Operands FallbackOperands(int64_t tokens, int64_t d, int64_t D, In<T> x, In<T> y_lin, In<T> lo, In<T> hi,
+                                  In<T> w1t, In<T> b1, In<T> w2, In<T> alpha, In<T> beta, T* out) {
+  tardis::Operands op;
+  op.tokens = tokens;
+  op.d = d;
+  op.D = D;
+  op.x = x.Data();
+  op.y_lin = y_lin.Data();
+  op.lo = lo.Data();
+  op.hi = hi.Data();
+  op.w1t = w1t.Data();
+  op.b1 = b1.Data();
+  op.w2 = w2.Data();
+  op.alpha = alpha.Data();
+  op.beta = beta.Data();
+  op.y = out;
+  return op;
+}
+
+// The path counters of one fallback run (GuardedFallback or GuardedFallbackNBits).
+void CountRun(const tardis::RunInfo& info, tardis::Isa isa) {
+  if (info.used_union) g_union_calls.fetch_add(1, std::memory_order_relaxed);
+  if (info.path == tardis::Strategy::kNeuron) g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
+  if (info.path == tardis::Strategy::kTile || info.path == tardis::Strategy::kPanel)
+    g_tile_calls.fetch_add(1, std::memory_order_relaxed);
+  if (info.path == tardis::Strategy::kPanel) g_panel_calls.fetch_add(1, std::memory_order_relaxed);
+  if (isa == tardis::Isa::kPortable) g_portable_calls.fetch_add(1, std::memory_order_relaxed);
+  if (isa == tardis::Isa::kAvx512) g_avx512_calls.fetch_add(1, std::memory_order_relaxed);
+  g_flagged_pairs.fetch_add(static_cast<uint64_t>(info.flagged_pairs), std::memory_order_relaxed);
+}
+
+template <typename T>
+void RunFallback(const tardis::Operands& op, const FallbackConfig& cfg, const tardis::Parallel& par,
+                 tardis::RunInfo* info) {
+  if constexpr (std::is_same<T, float>::value)
+    tardis::RunFloat(op, cfg.gelu, cfg.strategy, cfg.isa, par, info);
+  else
+    tardis::RunHalf(op, cfg.gelu, cfg.strategy, cfg.isa, par, info);
+}
+
+// x's leading axes and d; "" when y_lin has x's shape, else what is wrong.
+template <typename T>
+std::string CheckActivations(In<T> x, In<T> y_lin) {
+  const auto& xs = x.Shape();
+  if (xs.empty()) return "x must have rank >= 1 ([..., d]), got a scalar";
+  if (y_lin.Shape() != xs) return "y_lin must have the shape of x " + ShapeStr(xs) + ", got " + ShapeStr(y_lin.Shape());
+  return "";
+}
+
+int64_t Rows(const std::vector<int64_t>& shape) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  return rows;
+}
+
+template <typename T>
+struct GuardedFallbackKernel {
+  GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info) : cfg_(api, info, kOpName) {
+    static const char* const kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
+    RequireInputs(api, info, "ai.tardis::GuardedFallback", kInputs, "all required");
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, In<T> h_hat, In<T> lo, In<T> hi, In<T> w1t,
                       In<T> b1, In<T> w2, In<T> alpha, In<T> beta, Ort::Custom::Tensor<T>& y) {
     g_calls.fetch_add(1, std::memory_order_relaxed);
     return Guarded(kOpName, [&] {
+      std::string wrong = CheckActivations<T>(x, y_lin);
+      if (!wrong.empty()) return Error(wrong);
       const auto& xs = x.Shape();
-      if (xs.empty()) return Error("x must have rank >= 1 ([..., d]), got a scalar");
       const int64_t d = xs.back();
       const std::vector<int64_t> lead(xs.begin(), xs.end() - 1);
-      if (y_lin.Shape() != xs)
-        return Error("y_lin must have the shape of x " + ShapeStr(xs) + ", got " + ShapeStr(y_lin.Shape()));
       const auto& hs = h_hat.Shape();
       if (hs.size() != xs.size() || !std::equal(lead.begin(), lead.end(), hs.begin()))
         return Error("h_hat must have x's leading axes " + ShapeStr(lead) + " plus [D], got " + ShapeStr(hs) +
                      " (x is " + ShapeStr(xs) + ")");
       const int64_t D = hs.back();
-      const std::vector<int64_t> vecD{D}, matDd{D, d};
-      const char* vec_names[] = {"lo", "hi", "b1", "alpha", "beta"};
-      const Ort::Custom::Tensor<T>* vecs[] = {&lo, &hi, &b1, &alpha, &beta};
-      for (int i = 0; i < 5; ++i)
-        if (vecs[i]->Shape() != vecD)
-          return Error(std::string(vec_names[i]) + " must have shape [D] = " + ShapeStr(vecD) +
-                       " (D from h_hat's last axis), got " + ShapeStr(vecs[i]->Shape()));
-      if (w1t.Shape() != matDd)
-        return Error("w1t must have shape [D, d] = " + ShapeStr(matDd) +
-                     " (neuron-major W1^T; D from h_hat, d from x), got " + ShapeStr(w1t.Shape()));
-      if (w2.Shape() != matDd)
-        return Error("w2 must have shape [D, d] = " + ShapeStr(matDd) + " (D from h_hat, d from x), got " +
-                     ShapeStr(w2.Shape()));
-
-      int64_t tokens = 1;
-      for (int64_t v : lead) tokens *= v;
-      T* out = y.Allocate(xs);
-      tardis::Operands op;
-      op.tokens = tokens;
-      op.d = d;
-      op.D = D;
-      op.x = x.Data();
-      op.y_lin = y_lin.Data();
+      wrong = CheckFallbackOperands<T>(d, D, "h_hat's last axis", lo, hi, w1t, b1, w2, alpha, beta);
+      if (!wrong.empty()) return Error(wrong);
+      const int64_t tokens = Rows(xs);
+      tardis::Operands op = FallbackOperands<T>(tokens, d, D, x, y_lin, lo, hi, w1t, b1, w2, alpha, beta, y.Allocate(xs));
       op.h_hat = h_hat.Data();
-      op.lo = lo.Data();
-      op.hi = hi.Data();
-      op.w1t = w1t.Data();
-      op.b1 = b1.Data();
-      op.w2 = w2.Data();
-      op.alpha = alpha.Data();
-      op.beta = beta.Data();
-      op.y = out;
-      if (tokens == 0 || d == 0) return Ort::Status{nullptr};
-      OrtParallel par(ctx);
       tardis::RunInfo info;
-      if constexpr (std::is_same<T, float>::value)
-        tardis::RunFloat(op, gelu_, strategy_, isa_, par, &info);
-      else
-        tardis::RunHalf(op, gelu_, strategy_, isa_, par, &info);
-      if (info.used_union) g_union_calls.fetch_add(1, std::memory_order_relaxed);
-      if (info.path == tardis::Strategy::kNeuron) g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
-      if (info.path == tardis::Strategy::kTile || info.path == tardis::Strategy::kPanel)
-        g_tile_calls.fetch_add(1, std::memory_order_relaxed);
-      if (info.path == tardis::Strategy::kPanel) g_panel_calls.fetch_add(1, std::memory_order_relaxed);
-      if (isa_ == tardis::Isa::kPortable) g_portable_calls.fetch_add(1, std::memory_order_relaxed);
-      if (isa_ == tardis::Isa::kAvx512) g_avx512_calls.fetch_add(1, std::memory_order_relaxed);
-      g_flagged_pairs.fetch_add(static_cast<uint64_t>(info.flagged_pairs), std::memory_order_relaxed);
+      if (tokens > 0 && d > 0) RunFallback<T>(op, cfg_, OrtParallel(ctx), &info);
+      CountRun(info, cfg_.isa);
       return Ort::Status{nullptr};
     });
   }
@@ -346,9 +431,87 @@ struct GuardedFallbackKernel {
  private:
   static Ort::Status Error(const std::string& msg) { return OpError(kOpName, msg); }
 
-  tardis::GeluKind gelu_ = tardis::GeluKind::kErf;
-  tardis::Isa isa_ = tardis::Isa::kPortable;
-  tardis::Strategy strategy_ = tardis::Strategy::kAuto;
+  FallbackConfig cfg_;
+};
+
+// The int4 predictor's h_hat for the fused path: x quantized once by the calling thread, tiles of 16
+// neurons per range.
+class Int4RangePredictor final : public tardis::RangePredictor {
+ public:
+  Int4RangePredictor(const tardis::Int4Packed& w, const float* x, int64_t M, const float* bias, tardis::Isa isa)
+      : w_(w), acts_(tardis::Int4Quantize(w, x, M, isa, &big_)), bias_(bias) {}
+  int64_t Align() const override { return 16; }
+  void Predict(int64_t j0, int64_t j1, float* h) const override {
+    tardis::Int4Tiles(w_, acts_, bias_, j0 / 16, (j1 + 15) / 16, h, j1 - j0);
+  }
+
+ private:
+  const tardis::Int4Packed& w_;
+  std::unique_ptr<uint8_t[]> big_;
+  tardis::Int4Acts acts_;
+  const float* bias_;
+};
+
+// ai.tardis::GuardedFallbackNBits: GuardedFallback whose h_hat is ai.tardis::MatMulNBits(x, B, scales,
+// zero_points, bias) (OP_SPEC.md). At a few tokens (float32, tile path) each work item predicts its own
+// neurons and adds their corrections in the same pass; otherwise h_hat first, then the fallback.
+template <typename T>
+struct GuardedFallbackNBitsKernel {
+  GuardedFallbackNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : cfg_(api, info, kFusedName), weights_(api, info, kFusedOp, 2) {
+    RequireInputs(api, info, kFusedOp, kInputs, "all required");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, const Ort::Custom::Tensor<uint8_t>& b,
+                      In<T> scales, const Ort::Custom::Tensor<uint8_t>& zero_points, In<T> bias, In<T> lo, In<T> hi,
+                      In<T> w1t, In<T> b1, In<T> w2, In<T> alpha, In<T> beta, Ort::Custom::Tensor<T>& y) {
+    g_calls.fetch_add(1, std::memory_order_relaxed);
+    g_fused_calls.fetch_add(1, std::memory_order_relaxed);
+    return Guarded(kFusedOp, [&] {
+      std::string wrong = CheckActivations<T>(x, y_lin);
+      if (!wrong.empty()) return Error(wrong);
+      const auto& xs = x.Shape();
+      const int64_t d = xs.back(), D = weights_.N();
+      if (d != weights_.K())
+        return Error("x must have shape [..., K] with K = " + std::to_string(weights_.K()) + ", got " + ShapeStr(xs));
+      wrong = weights_.Check(b, scales, zero_points, bias);
+      if (wrong.empty()) wrong = CheckFallbackOperands<T>(d, D, "attribute N", lo, hi, w1t, b1, w2, alpha, beta);
+      if (!wrong.empty()) return Error(wrong);
+      const int64_t tokens = Rows(xs);
+      tardis::Operands op = FallbackOperands<T>(tokens, d, D, x, y_lin, lo, hi, w1t, b1, w2, alpha, beta, y.Allocate(xs));
+      tardis::RunInfo info;
+      if (tokens > 0 && d > 0) {
+        const std::shared_ptr<const tardis::Int4Packed> packed =
+            weights_.Packed(b.Data(), scales.Data(), zero_points.Data());
+        const OrtParallel par(ctx);
+        bool fused = false;
+        if constexpr (std::is_same<T, float>::value) {
+          const Int4RangePredictor pred(*packed, x.Data(), tokens, bias.Data(), cfg_.isa);
+          fused = cfg_.strategy == tardis::Strategy::kAuto && tardis::RunFloatFused(op, pred, cfg_.gelu, cfg_.isa, par, &info);
+        }
+        if (fused) {
+          g_fused_paths.fetch_add(1, std::memory_order_relaxed);
+        } else {
+          thread_local std::vector<T> keep;
+          std::unique_ptr<T[]> big;
+          T* h_hat = tardis::Scratch(keep, static_cast<size_t>(tokens * D), &big);
+          PredictInt4(*packed, x.Data(), tokens, bias.Data(), h_hat, cfg_.isa, par);
+          op.h_hat = h_hat;
+          RunFallback<T>(op, cfg_, par, &info);
+        }
+      }
+      CountRun(info, cfg_.isa);
+      return Ort::Status{nullptr};
+    });
+  }
+
+ private:
+  static constexpr const char* kInputs[] = {"x",  "y_lin", "B",  "scales", "zero_points", "bias", "lo",
+                                            "hi", "w1t",   "b1", "w2",     "alpha",       "beta"};
+  static Ort::Status Error(const std::string& msg) { return OpError(kFusedOp, msg); }
+
+  FallbackConfig cfg_;
+  Int4Weights<T> weights_;
 };
 
 // Type and shape inference: output 0 has y_lin's element type and shape (x's when y_lin's rank is unknown).
@@ -411,6 +574,8 @@ struct Registry {
   std::unique_ptr<OrtCustomOp> op_half;
   std::unique_ptr<OrtCustomOp> nbits_float;
   std::unique_ptr<OrtCustomOp> nbits_half;
+  std::unique_ptr<OrtCustomOp> fused_float;
+  std::unique_ptr<OrtCustomOp> fused_half;
   Ort::CustomOpDomain domain{nullptr};
 };
 
@@ -427,11 +592,19 @@ Registry& GetRegistry() {
         Ort::Custom::CreateLiteCustomOp<MatMulNBitsKernel<Ort::Float16_t>>(kNBitsName, "CPUExecutionProvider"));
     r->nbits_float->InferOutputShapeFn = &InferNBits;
     r->nbits_half->InferOutputShapeFn = &InferNBits;
+    r->fused_float.reset(
+        Ort::Custom::CreateLiteCustomOp<GuardedFallbackNBitsKernel<float>>(kFusedName, "CPUExecutionProvider"));
+    r->fused_half.reset(
+        Ort::Custom::CreateLiteCustomOp<GuardedFallbackNBitsKernel<Ort::Float16_t>>(kFusedName, "CPUExecutionProvider"));
+    r->fused_float->InferOutputShapeFn = &InferTypeAndShape;
+    r->fused_half->InferOutputShapeFn = &InferTypeAndShape;
     r->domain = Ort::CustomOpDomain(kDomain);
     r->domain.Add(r->op_float.get());
     r->domain.Add(r->op_half.get());
     r->domain.Add(r->nbits_float.get());
     r->domain.Add(r->nbits_half.get());
+    r->domain.Add(r->fused_float.get());
+    r->domain.Add(r->fused_half.get());
     return r;
   }();
   return *reg;
@@ -460,7 +633,7 @@ TARDIS_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* optio
   return nullptr;
 }
 
-// Number of GuardedFallback kernel invocations in this process (all sessions).
+// Number of fallback kernel invocations (GuardedFallback and GuardedFallbackNBits) in this process (all sessions).
 TARDIS_EXPORT uint64_t TardisOpsKernelCalls() { return g_calls.load(); }
 // Invocations that took the union-gather (matrix-product) strategy.
 TARDIS_EXPORT uint64_t TardisOpsUnionCalls() { return g_union_calls.load(); }
@@ -476,6 +649,10 @@ TARDIS_EXPORT uint64_t TardisOpsPortableCalls() { return g_portable_calls.load()
 TARDIS_EXPORT uint64_t TardisOpsAvx512Calls() { return g_avx512_calls.load(); }
 // Sum over invocations of the flagged (token, neuron) pairs.
 TARDIS_EXPORT uint64_t TardisOpsFlaggedPairs() { return g_flagged_pairs.load(); }
+// Number of ai.tardis::GuardedFallbackNBits kernel invocations in this process.
+TARDIS_EXPORT uint64_t TardisOpsFusedCalls() { return g_fused_calls.load(); }
+// Of those, the invocations that predicted inside the fallback's work items (few tokens, float32).
+TARDIS_EXPORT uint64_t TardisOpsFusedPaths() { return g_fused_paths.load(); }
 // Number of ai.tardis::MatMulNBits kernel invocations in this process.
 TARDIS_EXPORT uint64_t TardisOpsNBitsCalls() { return g_nbits_calls.load(); }
 // The instruction set ai.tardis::MatMulNBits uses here: 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable.

@@ -277,7 +277,7 @@ def find_foldable(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
 def _rewritten_kind(node: ir.Node) -> tuple[str, ir.DataType]:
     """GELU variant and element type of a ``GuardedFallback`` node (from its attribute and its weights)."""
     attr = node.attributes.get("approximate")
-    w1t = node.inputs[fallback_op.INPUT_NAMES.index("w1t")]
+    w1t = fallback_op.operands(node)["w1t"]
     dtype = w1t.dtype if w1t.dtype is not None else w1t.const_value.dtype
     return (attr.as_string() if attr is not None else "none"), dtype
 

@@ -10,7 +10,9 @@ Emitted graph (the block's output keeps its original tensor name, so consumers a
        └───────────────────────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
 
 The folded part is standard ``MatMul``/``Add`` (int8 W_f: :func:`_fold`); ``GuardedFallback`` is our
-compiled kernel when ``libtardis_ops`` is registered and the model-local function body otherwise.
+compiled kernel when ``libtardis_ops`` is registered and the model-local function body otherwise. An int4
+predictor (``ai.tardis::MatMulNBits``) whose ``ĥ`` nothing else reads is then fused with the fallback into
+one ``ai.tardis::GuardedFallbackNBits`` node (:mod:`tardis_compile.fused_op`).
 The guards are the fitted range shrunk by the predictor's safety margin; they are spelled as
 ``range ± margin`` so the file keeps both (verification measures recall against the true range).
 Provenance (source nodes, coverage, fallback rate, predictor, tool version) goes into the node's
@@ -25,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tardis_compile import fallback_op, nbits_op, quantize
+from tardis_compile import fallback_op, fused_op, nbits_op, quantize
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock, describe
 from tardis_compile.predictor import MS_DOMAIN, AddInitializer, deferred
@@ -220,6 +222,9 @@ def rewrite(model: ir.Model, blocks: list[FoldedBlock]) -> list[ir.Node]:
     function = ir.serde.deserialize_function(proto)
     model.functions[function.identifier()] = function
     nbits_op.register(model)
+    fused_op.fuse(model)
+    names = {n.name for n in nodes}  # the fused nodes keep their fallback's name
+    nodes = [n for n in fallback_op.fallback_nodes(model.graph) if n.name in names]
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.TopologicalSortPass()(model)
     return nodes

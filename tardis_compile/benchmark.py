@@ -20,8 +20,9 @@ What it does, so the numbers mean something on a noisy machine:
 * :func:`profile` runs a model with ``SessionOptions.enable_profiling`` and aggregates ORT's JSON trace
   by node and op type into the parts the rewrite adds: predictor (``MatMulNBits``,
   ``DynamicQuantizeMatMul`` or the exact predictor's ``MatMul`` and its ``+ b1``), folded
-  ``MatMul``/``Add``, ``GuardedFallback``, guards (``Add``/``Sub`` of the margins: zero when ORT
-  constant-folded them), and the rest of the model.
+  ``MatMul``/``Add``, ``GuardedFallback`` (and ``GuardedFallbackNBits``, which holds the int4 predictor
+  too), guards (``Add``/``Sub`` of the margins: zero when ORT constant-folded them), and the rest of the
+  model.
 """
 
 from __future__ import annotations
@@ -202,10 +203,12 @@ def fallback_neurons(model: str | os.PathLike) -> int | None:
     dims = {i.name: list(i.dims) for i in m.graph.initializer}
     total, found = 0, False
     for n in m.graph.node:
-        if n.domain == fallback_op.DOMAIN and n.op_type == fallback_op.OP_TYPE:
-            if len(n.input) < 7 or len(dims.get(n.input[6], [])) != 1:
+        if n.domain == fallback_op.DOMAIN and n.op_type in (fallback_op.OP_TYPE, fallback_op.FUSED_OP_TYPE):
+            names = fallback_op.FUSED_INPUT_NAMES if n.op_type == fallback_op.FUSED_OP_TYPE else fallback_op.INPUT_NAMES
+            b1 = dict(zip(names, n.input)).get("b1", "")
+            if len(dims.get(b1, [])) != 1:
                 return None
-            total += dims[n.input[6]][0]
+            total += dims[b1][0]
             found = True
     return total if found else None
 
@@ -428,7 +431,7 @@ def bench(original: str | os.PathLike, optimized: str | os.PathLike, feed_sets: 
 
 def classify(node_name: str, op_type: str) -> str:
     """Which part of a rewritten model a node belongs to (names from the tardis pass)."""
-    if op_type == fallback_op.OP_TYPE:
+    if op_type in (fallback_op.OP_TYPE, fallback_op.FUSED_OP_TYPE):  # fused: its int4 predictor included
         return "fallback"
     if "/folded/" in node_name:  # before the op types: an int8 fold is a DynamicQuantizeMatMul too
         return "fold"

@@ -30,6 +30,9 @@ DOMAIN = "ai.tardis"
 OP_TYPE = "GuardedFallback"
 OPSET_VERSION = 1
 INPUT_NAMES = ("x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta")
+# The op with the int4 predictor inside (tardis_compile/fused_op.py): ĥ's place taken by the predictor's weights.
+FUSED_OP_TYPE = "GuardedFallbackNBits"
+FUSED_INPUT_NAMES = ("x", "y_lin", "B", "scales", "zero_points", "bias", *INPUT_NAMES[3:])
 
 
 FORMULA = (
@@ -103,8 +106,14 @@ def fallback_function(variant: str, opset: int, dtype: int = TensorProto.FLOAT) 
 
 
 def fallback_nodes(graph) -> list:
-    """The ``GuardedFallback`` nodes of an ``onnx_ir`` graph (the blocks tardis-compile rewrote)."""
-    return [n for n in graph if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    """The ``GuardedFallback`` and ``GuardedFallbackNBits`` nodes of an ``onnx_ir`` graph (the blocks
+    tardis-compile rewrote)."""
+    return [n for n in graph if n.domain == DOMAIN and n.op_type in (OP_TYPE, FUSED_OP_TYPE)]
+
+
+def operands(node) -> dict:
+    """A fallback node's inputs by name (``INPUT_NAMES`` or, fused, ``FUSED_INPUT_NAMES``)."""
+    return dict(zip(FUSED_INPUT_NAMES if node.op_type == FUSED_OP_TYPE else INPUT_NAMES, node.inputs))
 
 
 def block_name(node_name: str) -> str:

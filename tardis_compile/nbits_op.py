@@ -28,11 +28,18 @@ ATTRIBUTES = ("K", "N", "bits", "block_size", "accuracy_level")
 BITS = 4  # the bit width the kernel implements; other widths stay on the contrib op
 
 
-def nbits_function() -> onnx.FunctionProto:
-    """The model-local function: one ``com.microsoft::MatMulNBits`` node taking the node's attributes."""
-    body = helper.make_node(OP_TYPE, ["A", "B", "scales", "zero_points", "", "bias"], ["Y"], domain=CONTRIB_DOMAIN)
+def contrib_node(inputs: list[str], output: str) -> onnx.NodeProto:
+    """``com.microsoft::MatMulNBits`` of a function body: ``inputs`` in the order of ``INPUT_NAMES`` (no
+    g_idx), its attributes taken from the calling node's."""
+    body = helper.make_node(OP_TYPE, [*inputs[:4], "", inputs[4]], [output], domain=CONTRIB_DOMAIN)
     for name in ATTRIBUTES:
         body.attribute.append(onnx.AttributeProto(name=name, ref_attr_name=name, type=onnx.AttributeProto.INT))
+    return body
+
+
+def nbits_function() -> onnx.FunctionProto:
+    """The model-local function: one ``com.microsoft::MatMulNBits`` node taking the node's attributes."""
+    body = contrib_node(list(INPUT_NAMES), "Y")
     return helper.make_function(DOMAIN, OP_TYPE, list(INPUT_NAMES), ["Y"], [body],
                                 opset_imports=[helper.make_opsetid(CONTRIB_DOMAIN, 1)], attributes=list(ATTRIBUTES),
                                 doc_string="com.microsoft::MatMulNBits (accuracy_level 4, bits 4) by libtardis_ops")

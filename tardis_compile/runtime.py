@@ -305,7 +305,7 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
         lib = build_library(quiet=not require and _warned_missing)
     if lib is None:
         msg = (f"{LIB_NAME} is not available ({_unavailable_reason(tried)}); the ai.tardis nodes "
-               "(GuardedFallback, MatMulNBits) run through their ONNX function bodies")
+               "(GuardedFallback, MatMulNBits, GuardedFallbackNBits) run through their ONNX function bodies")
         if require:
             raise LibraryUnavailableError(msg)
         if not _warned_missing:
@@ -333,13 +333,14 @@ def _cdll(lib: Path | None = None) -> ctypes.CDLL | None:
     handle = ctypes.CDLL(str(lib))
     for name in ("TardisOpsKernelCalls", "TardisOpsUnionCalls", "TardisOpsNeuronCalls", "TardisOpsTileCalls",
                  "TardisOpsPanelCalls", "TardisOpsPortableCalls", "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs",
-                 "TardisOpsNBitsCalls"):
+                 "TardisOpsNBitsCalls", "TardisOpsFusedCalls", "TardisOpsFusedPaths"):
         getattr(handle, name).restype = ctypes.c_uint64
     return handle
 
 
 def kernel_calls(lib: Path | None = None) -> int:
-    """How many times the ``GuardedFallback`` kernel ran in this process (0 without the library).
+    """How many times a fallback kernel (``GuardedFallback`` or ``GuardedFallbackNBits``) ran in this process
+    (0 without the library).
 
     Reads the counter of the same ``.so`` file ONNX Runtime loaded (``dlopen`` of one path yields one
     handle), so it proves that the compiled kernel, not the ONNX function body, computed the outputs.
@@ -352,7 +353,9 @@ def kernel_stats(lib: Path | None = None) -> dict[str, int]:
     """All counters of the library: ``calls``, ``union_calls`` (union-gather strategy), ``neuron_calls``
     (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512 or AVX2), ``panel_calls`` (of those, in
     column-panel order), ``portable_calls`` (non-AVX2 code), ``avx512_calls`` (AVX-512 block kernels),
-    ``flagged_pairs`` (all of GuardedFallback), ``nbits_calls`` (ai.tardis::MatMulNBits), plus
+    ``flagged_pairs`` (all of them), ``nbits_calls`` (ai.tardis::MatMulNBits), ``fused_calls``
+    (GuardedFallbackNBits, also counted in ``calls``), ``fused_paths`` (of those, predicted inside the
+    fallback's work items), plus
     ``cpu_has_avx2``, ``cpu_has_avx512``, ``nbits_level`` (2 = AVX-512 VNNI, 1 = AVX2, 0 = portable) and
     ``ort_api``."""
     handle = _cdll(lib)
@@ -364,6 +367,7 @@ def kernel_stats(lib: Path | None = None) -> dict[str, int]:
             "portable_calls": int(handle.TardisOpsPortableCalls()),
             "avx512_calls": int(handle.TardisOpsAvx512Calls()),
             "flagged_pairs": int(handle.TardisOpsFlaggedPairs()), "nbits_calls": int(handle.TardisOpsNBitsCalls()),
+            "fused_calls": int(handle.TardisOpsFusedCalls()), "fused_paths": int(handle.TardisOpsFusedPaths()),
             "nbits_level": int(handle.TardisOpsNBitsLevel()),
             "cpu_has_avx2": int(handle.TardisOpsCpuHasAvx2()), "cpu_has_avx512": int(handle.TardisOpsCpuHasAvx512()),
             "ort_api": int(handle.TardisOpsOrtApiVersion())}

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tardis_compile import fallback_op, modelio
+from tardis_compile import fallback_op, fused_op, modelio
 from tardis_compile.calibrate import BlockWeights, capture_session
 from tardis_compile.errors import CalibrationDataError, TardisError, one_line
 from tardis_compile.feeds import FeedSource, input_specs, mask_rows, validated
@@ -150,7 +150,7 @@ def _bound_and_guard(value: ir.Value) -> tuple[np.ndarray, np.ndarray]:
 def fallback_sites(model: ir.Model) -> list[_FallbackSite]:
     sites = []
     for node in fallback_op.fallback_nodes(model.graph):
-        operand = dict(zip(fallback_op.INPUT_NAMES, node.inputs))
+        operand = fallback_op.operands(node)
         w1t = ir.convenience.get_const_tensor(operand["w1t"]).numpy()
         b1 = np.asarray(ir.convenience.get_const_tensor(operand["b1"]).numpy(), np.float64)
         (lo, guard_lo), (hi, guard_hi) = (_bound_and_guard(operand[name]) for name in ("lo", "hi"))
@@ -197,8 +197,21 @@ def compare(
     mask_input: str | None = None, threads: int = 0,
     optimized_options: ort.SessionOptions | None = None,
 ) -> Verification:
-    """Run both models on ``source`` (one after the other) and measure outputs and rewritten blocks."""
-    thresholds = thresholds or Thresholds()
+    """Run both models on ``source`` (one after the other) and measure outputs and rewritten blocks.
+
+    A fused predictor and fallback (``GuardedFallbackNBits``) is measured as the unfused pair, which
+    computes the same (``tests/test_fused_op.py``) and exposes ``ĥ``; ``optimized`` is restored after."""
+    fused = fused_op.unfuse(optimized)
+    try:
+        return _compare(original, optimized, source, thresholds or Thresholds(), mask_input, threads,
+                        optimized_options)
+    finally:
+        if fused:
+            fused_op.fuse(optimized)
+
+
+def _compare(original: ir.Model, optimized: ir.Model, source: FeedSource, thresholds: Thresholds,
+             mask_input: str | None, threads: int, optimized_options: ort.SessionOptions | None) -> Verification:
     _require_same_interface(original, optimized)
     sites = fallback_sites(optimized)
     out_names = [v.name for v in original.graph.outputs]

@@ -646,9 +646,13 @@ def test_int4_predictor_op_runs_in_onnxruntime_1_21(lib, tmp_path):
 @pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("TARDIS_TEST_ORT_MIN")),
                     reason="installs onnxruntime 1.21 into a side venv (~1 min once): runs under CI or with "
                            "TARDIS_TEST_ORT_MIN=1")
-def test_int8_fold_input_model_runs_in_onnxruntime_1_21(lib, tmp_path):
-    """A model written with ``--fold-bits 8 --fold-activations int8`` (the fold a DynamicQuantizeMatMul) gives
-    in onnxruntime 1.21 what it gives in the installed one, our kernel running in both."""
+@pytest.mark.parametrize("options,counter,op_type", [
+    ({"predictor": "int8", "fold_bits": 8, "fold_activations": "int8"}, "TardisOpsKernelCalls", "GuardedFallback"),
+    ({"predictor": "int4"}, "TardisOpsFusedCalls", "GuardedFallbackNBits")], ids=["int8-fold-input", "int4-fused"])
+def test_written_model_runs_in_onnxruntime_1_21(lib, tmp_path, options, counter, op_type):
+    """A model written with ``--fold-bits 8 --fold-activations int8`` (the fold a DynamicQuantizeMatMul), or
+    with the int4 predictor fused into the fallback, gives in onnxruntime 1.21 what it gives in the installed
+    one, our kernel running in both."""
     import subprocess
 
     import tardis_compile as tc
@@ -657,10 +661,11 @@ def test_int8_fold_input_model_runs_in_onnxruntime_1_21(lib, tmp_path):
     path, _ = save_tiny(tmp_path, d=32, D=128, layers=1)
     out = tmp_path / "out.onnx"
     tc.optimize(path, out, batches(d=32, n=8), show_progress=False,
-                settings=tc.Settings(predictor="int8", fold_bits=8, fold_activations="int8", target_fallback=0.2))
+                settings=tc.Settings(target_fallback=0.2, **options))
+    assert [n.op_type for n in onnx.load(str(out)).graph.node if n.domain == fo.DOMAIN] == [op_type]
     x = batches(d=32, n=1, seed=5)[0]["x"]
     np.savez(tmp_path / "in.npz", ref=run(out, {"x": x}, runtime.session_options()).astype(np.float64), x=x)
     res = subprocess.run([_ort_min_python(), "-c", _CHILD, str(lib), str(out), str(tmp_path / "in.npz"), ORT_MIN,
-                          "TardisOpsKernelCalls"], capture_output=True, text=True)
+                          counter], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith(ORT_MIN)

@@ -9,8 +9,9 @@
 // too) and listed on stdout as "output <name> <d0>x<d1>...". Unknown options, names the model does not take,
 // and output types the example cannot write are refused before the run.
 // Without --library the model still runs: ORT inlines the ONNX function bodies of the ai.tardis ops. With it,
-// "tardis kernel calls <n>" and "tardis nbits calls <n>" report how often the compiled GuardedFallback and
-// MatMulNBits kernels ran in this process (the library's TardisOpsKernelCalls / TardisOpsNBitsCalls probes).
+// "tardis kernel calls <n>", "tardis nbits calls <n>" and "tardis fused calls <n>" report how often the compiled
+// fallback kernels (GuardedFallback or GuardedFallbackNBits), MatMulNBits and GuardedFallbackNBits ran in this
+// process (the library's TardisOpsKernelCalls / TardisOpsNBitsCalls / TardisOpsFusedCalls probes).
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -184,6 +185,7 @@ int Run(int argc, char** argv) {
   if (!library.empty()) {
     std::cout << "tardis kernel calls " << Probe(library, "TardisOpsKernelCalls") << "\n";
     std::cout << "tardis nbits calls " << Probe(library, "TardisOpsNBitsCalls") << "\n";
+    std::cout << "tardis fused calls " << Probe(library, "TardisOpsFusedCalls") << "\n";
   }
   return 0;
 }
