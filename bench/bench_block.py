@@ -191,7 +191,7 @@ def prepare_share(dense_path: Path, d: int, D: int, share: float, calib, predict
     paths = {"dense": dense_path, "tardis": out}
     if blocks == 1:
         pair = out
-        if gf.op_type == "GuardedFallbackNBits":
+        if gf.op_type == "GuardedFallbackNBits":  # the predictor's output is a tensor of the unfused pair
             pair, h_hat = unfused(out, work / f"unfused_{share}.onnx"), gf.name.rsplit("/", 1)[0] + "/h_hat"
         paths.update(predictor=cut(pair, h_hat, work / f"pred_{share}.onnx"),
                      fold=cut(out, y_lin, work / f"fold_{share}.onnx"))

@@ -81,9 +81,11 @@ class RangePredictor {
   virtual void Predict(int64_t j0, int64_t j1, float* h) const = 0;
 };
 
+// Whether RunFloatFused runs for these sizes: float32 operands, few tokens, the tile path available.
+bool FusedPathApplies(int64_t tokens, int64_t d, int64_t D, Isa isa);
 // RunFloat with h_hat (op.h_hat unused) from `pred`, for few tokens where the tile path runs: each work item
 // predicts a range of neurons, flags it and adds its corrections, all in one parallel section. Returns false,
-// y untouched, where it does not apply; the caller then computes h_hat and calls RunFloat.
+// y untouched, where it does not apply (FusedPathApplies); the caller then computes h_hat and calls RunFloat.
 bool RunFloatFused(const Operands& op, const RangePredictor& pred, GeluKind gelu, Isa isa, const Parallel& par,
                    RunInfo* info);
 // The same for float16 operands (converted to float32 internally, accumulated in float32).

@@ -486,8 +486,10 @@ struct GuardedFallbackNBitsKernel {
         const OrtParallel par(ctx);
         bool fused = false;
         if constexpr (std::is_same<T, float>::value) {
-          const Int4RangePredictor pred(*packed, x.Data(), tokens, bias.Data(), cfg_.isa);
-          fused = cfg_.strategy == tardis::Strategy::kAuto && tardis::RunFloatFused(op, pred, cfg_.gelu, cfg_.isa, par, &info);
+          if (cfg_.strategy == tardis::Strategy::kAuto && tardis::FusedPathApplies(tokens, d, D, cfg_.isa)) {
+            const Int4RangePredictor pred(*packed, x.Data(), tokens, bias.Data(), cfg_.isa);
+            fused = tardis::RunFloatFused(op, pred, cfg_.gelu, cfg_.isa, par, &info);
+          }
         }
         if (fused) {
           g_fused_paths.fetch_add(1, std::memory_order_relaxed);

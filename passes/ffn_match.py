@@ -253,7 +253,7 @@ def find_foldable(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
     (the first block's on a tie). The others are rejected with that reason."""
     blocks, rejected = find_blocks(model)
     kinds = [(b.variant, b.dtype) for b in blocks]
-    done = [_rewritten_kind(n) for n in fallback_op.fallback_nodes(model.graph)]
+    done = [fallback_op.kind(n) for n in fallback_op.fallback_nodes(model.graph)]
     if done:
         keep, whose = done[0], f"the {len(done)} already rewritten are"
     elif len(set(kinds)) > 1:
@@ -272,14 +272,6 @@ def find_foldable(model: ir.Model) -> tuple[list[FfnBlock], list[Rejection]]:
             f"mixed GELU variants or dtypes: this block is {_kind_name(kind)}, {whose} {_kind_name(keep)}; "
             "one rewrite handles one variant and dtype per model"))
     return kept, rejected
-
-
-def _rewritten_kind(node: ir.Node) -> tuple[str, ir.DataType]:
-    """GELU variant and element type of a ``GuardedFallback`` node (from its attribute and its weights)."""
-    attr = node.attributes.get("approximate")
-    w1t = fallback_op.operands(node)["w1t"]
-    dtype = w1t.dtype if w1t.dtype is not None else w1t.const_value.dtype
-    return (attr.as_string() if attr is not None else "none"), dtype
 
 
 def _kind_name(kind: tuple[str, ir.DataType]) -> str:

@@ -116,6 +116,14 @@ def operands(node) -> dict:
     return dict(zip(FUSED_INPUT_NAMES if node.op_type == FUSED_OP_TYPE else INPUT_NAMES, node.inputs))
 
 
+def kind(node) -> tuple:
+    """(GELU variant, element type) of a fallback ``onnx_ir`` node, from its attribute and its weights."""
+    attr = node.attributes.get("approximate")
+    w1t = operands(node)["w1t"]
+    dtype = w1t.dtype if w1t.dtype is not None else w1t.const_value.dtype
+    return (attr.as_string() if attr is not None else "none"), dtype
+
+
 def block_name(node_name: str) -> str:
     """The FFN block a fallback node rewrote, from its name ``tardis/<block>/GuardedFallback`` ("" if not)."""
     parts = node_name.split("/")

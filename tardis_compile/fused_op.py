@@ -60,8 +60,8 @@ def check(fallback: ir.Node) -> str:
 
 
 def fuse(model: ir.Model) -> int:
-    """Fuse every fusable predictor + fallback pair of ``model``; returns how many (logged, with the reasons
-    of the pairs left apart)."""
+    """Fuse every fusable predictor + fallback pair of ``model`` (the last step of the rewrite); returns how
+    many (logged, with the reasons of the pairs left apart)."""
     fused, kept = 0, {}
     for fallback in list(fallback_op.fallback_nodes(model.graph)):
         if fallback.op_type != fallback_op.OP_TYPE:
@@ -123,10 +123,8 @@ def _register(model: ir.Model, node: ir.Node) -> None:
     """Give ``model`` the fused function for ``node``'s GELU variant and element type (once)."""
     if (fallback_op.DOMAIN, OP_TYPE, "") in model.functions:
         return
-    attr = node.attributes.get("approximate")
-    w1t = fallback_op.operands(node)["w1t"]
-    dtype = w1t.dtype if w1t.dtype is not None else w1t.const_value.dtype
+    variant, dtype = fallback_op.kind(node)
     model.opset_imports.setdefault(nbits_op.CONTRIB_DOMAIN, 1)
-    proto = fused_function(attr.as_string() if attr is not None else "none", model.opset_imports[""], int(dtype))
+    proto = fused_function(variant, model.opset_imports[""], int(dtype))
     function = ir.serde.deserialize_function(proto)
     model.functions[function.identifier()] = function
