@@ -249,7 +249,7 @@ def _require_blocks(model_path: Path, blocks: list[FfnBlock], rejected: list[Rej
         others = (f"; {len(rejected)} other candidate(s) left alone — "
                   + "; ".join(f"{r.anchor}: {r.reason}" for r in rejected[:5])) if rejected else ""
         raise AlreadyOptimizedError(f"nothing to do: '{model_path}' is already optimized by tardis-compile "
-                                    f"({rewritten} {fallback_op.DOMAIN}::{fallback_op.OP_TYPE} block(s)) and "
+                                    f"({rewritten} block(s) rewritten into {fallback_op.DOMAIN} fallback ops) and "
                                     f"has no other foldable block{others}; nothing was written")
     if not rejected:
         raise NoFoldableBlockError(f"no foldable block in '{model_path}': the model has no GELU-like "

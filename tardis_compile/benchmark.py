@@ -204,8 +204,7 @@ def fallback_neurons(model: str | os.PathLike) -> int | None:
     total, found = 0, False
     for n in m.graph.node:
         if n.domain == fallback_op.DOMAIN and n.op_type in (fallback_op.OP_TYPE, fallback_op.FUSED_OP_TYPE):
-            names = fallback_op.FUSED_INPUT_NAMES if n.op_type == fallback_op.FUSED_OP_TYPE else fallback_op.INPUT_NAMES
-            b1 = dict(zip(names, n.input)).get("b1", "")
+            b1 = dict(zip(fallback_op.input_names(n.op_type), n.input)).get("b1", "")
             if len(dims.get(b1, [])) != 1:
                 return None
             total += dims[b1][0]

@@ -111,9 +111,14 @@ def fallback_nodes(graph) -> list:
     return [n for n in graph if n.domain == DOMAIN and n.op_type in (OP_TYPE, FUSED_OP_TYPE)]
 
 
+def input_names(op_type: str) -> tuple[str, ...]:
+    """The input names of a fallback op: ``INPUT_NAMES`` or, fused, ``FUSED_INPUT_NAMES``."""
+    return FUSED_INPUT_NAMES if op_type == FUSED_OP_TYPE else INPUT_NAMES
+
+
 def operands(node) -> dict:
-    """A fallback node's inputs by name (``INPUT_NAMES`` or, fused, ``FUSED_INPUT_NAMES``)."""
-    return dict(zip(FUSED_INPUT_NAMES if node.op_type == FUSED_OP_TYPE else INPUT_NAMES, node.inputs))
+    """An ``onnx_ir`` fallback node's inputs by name."""
+    return dict(zip(input_names(node.op_type), node.inputs))
 
 
 def kind(node) -> tuple:

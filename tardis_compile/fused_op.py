@@ -12,7 +12,7 @@ Pattern (what :func:`rewrite` emits for an int4 predictor) and its fused form::
 Why: at a few tokens the two kernels are small (tens of µs at 384×1536) and each pays its own parallel
 section; fused, each work item of the compiled kernel predicts its own range of neurons, flags it and adds
 their corrections in one pass (``RunFloatFused`` in ``csrc/gf_kernel.cc``), and ``ĥ`` never becomes a
-tensor. From a few tokens on it runs the two kernels one after the other, in one node. The node keeps the
+tensor. From 9 tokens on (and for float16) it runs the two kernels one after the other, in one node. The node keeps the
 fallback's name, metadata and attribute, and takes the predictor's attributes; its model-local function is
 the unfused pair (ONNX Runtime's ``com.microsoft::MatMulNBits`` and the dense fallback body), so a runtime
 without ``libtardis_ops`` computes the same. :func:`unfuse` restores the pair, for steps that read ``ĥ``.
@@ -53,7 +53,7 @@ def check(fallback: ir.Node) -> str:
     if producer is None or (producer.domain, producer.op_type) != (nbits_op.DOMAIN, nbits_op.OP_TYPE):
         return "the predictor is not ai.tardis::MatMulNBits (int4)"
     if producer.inputs[0] is not fallback.inputs[0]:
-        return "the predictor reads another tensor than the fallback's x"
+        return "the predictor reads a different tensor from the fallback's x"
     if len(h_hat.uses()) != 1 or h_hat.is_graph_output():
         return f"ĥ '{h_hat.name}' has other consumers (e.g. Shape reads of the replaced activation)"
     return ""

@@ -63,7 +63,8 @@ def _operands(pred, d: int, D: int, flags: str, dtype, seed: int = 1) -> dict[st
     """Fallback operands whose guards flag no neuron, every neuron, or a random ~10% of the pairs."""
     rng = np.random.default_rng(seed)
     w = pred.weights()
-    ops = {"w1t": w.T + 0.01 * rng.standard_normal((D, d)), "b1": pred.b1, "w2": rng.standard_normal((D, d)) / np.sqrt(D),
+    ops = {"w1t": w.T + 0.01 * rng.standard_normal((D, d)), "b1": pred.b1,
+           "w2": rng.standard_normal((D, d)) / np.sqrt(D),
            "alpha": rng.uniform(0.3, 0.9, D), "beta": rng.uniform(-0.1, 0.1, D)}
     if flags == "none":
         ops["lo"], ops["hi"] = np.full(D, -np.inf), np.full(D, np.inf)
@@ -159,7 +160,8 @@ def test_malformed_inputs_are_clear_errors(lib):
     ops = _operands(pred, d, D, "random", np.float32)
     x = np.zeros((2, d), np.float32)
     good = {"x": x, "y_lin": x, **ops}
-    cases = [({"w1t": ops["w1t"][:, :-1]}, "w1t must have shape [D, d] = [256, 64] (neuron-major W1^T; D from attribute N"),
+    cases = [({"w1t": ops["w1t"][:, :-1]},
+              "w1t must have shape [D, d] = [256, 64] (neuron-major W1^T; D from attribute N"),
              ({"alpha": ops["alpha"][:-1]}, "alpha must have shape [D] = [256] (D from attribute N)"),
              ({"y_lin": np.zeros((3, d), np.float32)}, "y_lin must have the shape of x [2, 64]")]
     for change, message in cases:
@@ -198,3 +200,24 @@ def test_unfuse_restores_the_pair_and_fuse_the_node():
     assert fused_op.fuse(model) == 1
     assert [n.op_type for n in model.graph] == [fallback_op.FUSED_OP_TYPE]
     onnx.checker.check_model(ir.to_proto(model))
+
+
+def test_an_int4_model_is_written_fused_and_verified_through_the_pair(tmp_path):
+    """``optimize`` with the int4 predictor: the written blocks are fused nodes; verification (which reads ĥ
+    of the unfused pair) measured each block before writing; the file is left fused; a second run sees the
+    blocks as rewritten."""
+    import tardis_compile as tc
+    from tardis_compile.errors import AlreadyOptimizedError
+    from tests.helpers import batches, save_tiny
+
+    path, _ = save_tiny(tmp_path, layers=2)
+    out = tmp_path / "out.onnx"
+    report = tc.optimize(path, out, batches(), settings=tc.Settings(predictor="int4"), show_progress=False)
+    written = onnx.load(str(out))
+    assert [n.op_type for n in written.graph.node if n.domain == fallback_op.DOMAIN] == [fallback_op.FUSED_OP_TYPE] * 2
+    assert {(f.domain, f.name) for f in written.functions} >= {(fallback_op.DOMAIN, fallback_op.FUSED_OP_TYPE)}
+    blocks = report.verification.blocks
+    assert len(blocks) == 2 and all(0.0 < b.fallback_rate < 1.0 and 0.0 <= b.recall <= 1.0 and b.tokens > 0
+                                    for b in blocks)
+    with pytest.raises(AlreadyOptimizedError, match=r"\(2 block\(s\) rewritten"):
+        tc.optimize(out, tmp_path / "again.onnx", batches(), show_progress=False)

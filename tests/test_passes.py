@@ -128,8 +128,8 @@ def test_running_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys)
     out, again = tmp_path / "out.onnx", tmp_path / "again.onnx"
     tc.optimize(path, out, batches(), show_progress=False)
     before = out.read_bytes()
-    message = (f"nothing to do: '{out}' is already optimized by tardis-compile (2 ai.tardis::GuardedFallback "
-               "block(s)) and has no other foldable block; nothing was written")
+    message = (f"nothing to do: '{out}' is already optimized by tardis-compile (2 block(s) rewritten into "
+               "ai.tardis fallback ops) and has no other foldable block; nothing was written")
     with pytest.raises(AlreadyOptimizedError) as err:
         tc.optimize(out, again, batches(), show_progress=False)
     assert str(err.value) == message
