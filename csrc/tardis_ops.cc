@@ -159,7 +159,8 @@ class Int4Weights {
   Int4Weights(const OrtApi* api, const OrtKernelInfo* info, const char* op, size_t first)
       : op_(op), K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
         bs_(IntAttribute(api, info, "block_size", -1)) {
-    const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4), bits = IntAttribute(api, info, "bits", 4);
+    const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4);
+    const int64_t bits = IntAttribute(api, info, "bits", 4);
     if (accuracy_level != 4)
       ORT_CXX_API_THROW(op_ + ": accuracy_level must be 4 (int8 activations), got " + std::to_string(accuracy_level),
                         ORT_INVALID_ARGUMENT);
@@ -419,7 +420,8 @@ struct GuardedFallbackKernel {
       wrong = CheckFallbackOperands<T>(d, D, "h_hat's last axis", lo, hi, w1t, b1, w2, alpha, beta);
       if (!wrong.empty()) return Error(wrong);
       const int64_t tokens = Rows(xs);
-      tardis::Operands op = FallbackOperands<T>(tokens, d, D, x, y_lin, lo, hi, w1t, b1, w2, alpha, beta, y.Allocate(xs));
+      tardis::Operands op =
+          FallbackOperands<T>(tokens, d, D, x, y_lin, lo, hi, w1t, b1, w2, alpha, beta, y.Allocate(xs));
       op.h_hat = h_hat.Data();
       tardis::RunInfo info;
       if (tokens > 0 && d > 0) RunFallback<T>(op, cfg_, OrtParallel(ctx), &info);
@@ -478,7 +480,8 @@ struct GuardedFallbackNBitsKernel {
       if (wrong.empty()) wrong = CheckFallbackOperands<T>(d, D, "attribute N", lo, hi, w1t, b1, w2, alpha, beta);
       if (!wrong.empty()) return Error(wrong);
       const int64_t tokens = Rows(xs);
-      tardis::Operands op = FallbackOperands<T>(tokens, d, D, x, y_lin, lo, hi, w1t, b1, w2, alpha, beta, y.Allocate(xs));
+      tardis::Operands op =
+          FallbackOperands<T>(tokens, d, D, x, y_lin, lo, hi, w1t, b1, w2, alpha, beta, y.Allocate(xs));
       tardis::RunInfo info;
       if (tokens > 0 && d > 0) {
         const std::shared_ptr<const tardis::Int4Packed> packed =
@@ -571,42 +574,31 @@ OrtStatusPtr InferNBits(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   return st;
 }
 
+// The ops, kept alive for the process: for each kernel its float and float16 op under one name, with its
+// type/shape inference function.
 struct Registry {
-  std::unique_ptr<OrtCustomOp> op_float;
-  std::unique_ptr<OrtCustomOp> op_half;
-  std::unique_ptr<OrtCustomOp> nbits_float;
-  std::unique_ptr<OrtCustomOp> nbits_half;
-  std::unique_ptr<OrtCustomOp> fused_float;
-  std::unique_ptr<OrtCustomOp> fused_half;
+  std::vector<std::unique_ptr<OrtCustomOp>> ops;
   Ort::CustomOpDomain domain{nullptr};
+
+  template <template <typename> class Kernel>
+  void Add(const char* name, OrtStatusPtr (*infer)(const OrtCustomOp*, OrtShapeInferContext*)) {
+    OrtCustomOp* f32 = Ort::Custom::CreateLiteCustomOp<Kernel<float>>(name, "CPUExecutionProvider");
+    OrtCustomOp* f16 = Ort::Custom::CreateLiteCustomOp<Kernel<Ort::Float16_t>>(name, "CPUExecutionProvider");
+    for (OrtCustomOp* op : {f32, f16}) {
+      op->InferOutputShapeFn = infer;
+      ops.emplace_back(op);
+      domain.Add(op);
+    }
+  }
 };
 
 Registry& GetRegistry() {
   static Registry* reg = [] {
     auto* r = new Registry;  // intentionally never freed: sessions may outlive static destruction
-    r->op_float.reset(Ort::Custom::CreateLiteCustomOp<GuardedFallbackKernel<float>>(kOpName, "CPUExecutionProvider"));
-    r->op_half.reset(
-        Ort::Custom::CreateLiteCustomOp<GuardedFallbackKernel<Ort::Float16_t>>(kOpName, "CPUExecutionProvider"));
-    r->op_float->InferOutputShapeFn = &InferTypeAndShape;
-    r->op_half->InferOutputShapeFn = &InferTypeAndShape;
-    r->nbits_float.reset(Ort::Custom::CreateLiteCustomOp<MatMulNBitsKernel<float>>(kNBitsName, "CPUExecutionProvider"));
-    r->nbits_half.reset(
-        Ort::Custom::CreateLiteCustomOp<MatMulNBitsKernel<Ort::Float16_t>>(kNBitsName, "CPUExecutionProvider"));
-    r->nbits_float->InferOutputShapeFn = &InferNBits;
-    r->nbits_half->InferOutputShapeFn = &InferNBits;
-    r->fused_float.reset(
-        Ort::Custom::CreateLiteCustomOp<GuardedFallbackNBitsKernel<float>>(kFusedName, "CPUExecutionProvider"));
-    r->fused_half.reset(
-        Ort::Custom::CreateLiteCustomOp<GuardedFallbackNBitsKernel<Ort::Float16_t>>(kFusedName, "CPUExecutionProvider"));
-    r->fused_float->InferOutputShapeFn = &InferTypeAndShape;
-    r->fused_half->InferOutputShapeFn = &InferTypeAndShape;
     r->domain = Ort::CustomOpDomain(kDomain);
-    r->domain.Add(r->op_float.get());
-    r->domain.Add(r->op_half.get());
-    r->domain.Add(r->nbits_float.get());
-    r->domain.Add(r->nbits_half.get());
-    r->domain.Add(r->fused_float.get());
-    r->domain.Add(r->fused_half.get());
+    r->Add<GuardedFallbackKernel>(kOpName, &InferTypeAndShape);
+    r->Add<MatMulNBitsKernel>(kNBitsName, &InferNBits);
+    r->Add<GuardedFallbackNBitsKernel>(kFusedName, &InferTypeAndShape);
     return r;
   }();
   return *reg;
