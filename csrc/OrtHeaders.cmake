@@ -6,8 +6,8 @@ if(DEFINED ENV{TARDIS_ORT_INCLUDE} AND NOT "$ENV{TARDIS_ORT_INCLUDE}" STREQUAL "
 else()
   set(_ort_default "${CMAKE_CURRENT_LIST_DIR}/../third_party/onnxruntime/include")
 endif()
-set(ORT_INCLUDE_DIR "${_ort_default}" CACHE PATH "Directory holding onnxruntime_c_api.h and onnxruntime_lite_custom_op.h")
-if(NOT ORT_INCLUDE_DIR OR NOT EXISTS "${ORT_INCLUDE_DIR}/onnxruntime_lite_custom_op.h")
+set(ORT_INCLUDE_DIR "${_ort_default}" CACHE PATH "Directory holding onnxruntime_c_api.h and onnxruntime_cxx_api.h")
+if(NOT ORT_INCLUDE_DIR OR NOT EXISTS "${ORT_INCLUDE_DIR}/onnxruntime_cxx_api.h")
   message(FATAL_ERROR "ORT_INCLUDE_DIR='${ORT_INCLUDE_DIR}' does not hold the ONNX Runtime API headers; "
                       "run scripts/fetch_ort_headers, or pass -DORT_INCLUDE_DIR=<dir> (or set TARDIS_ORT_INCLUDE)")
 endif()

@@ -3,8 +3,9 @@
 //
 // Built against the ORT C API version 21 headers, WITHOUT linking libonnxruntime: the API table is taken
 // from the OrtApiBase that ORT passes to RegisterCustomOps, so one build loads into onnxruntime
-// 1.21 ... current. Uses ORT's "lite" custom-op API (one struct per element type, both registered
-// under the same op name; ORT merges them into one schema with type constraints).
+// 1.21 ... current. Each kernel is registered once per element type (float, float16) under the same op name;
+// ORT merges them into one schema with type constraints. ort_io.h has the op descriptions and how the kernels
+// read their inputs (constant weights once per kernel, activations per call).
 //
 // Environment (read when a kernel is created, i.e. at session creation):
 //   TARDIS_OPS_FORCE_PORTABLE=1   use the portable C++ path even on AVX2 machines
@@ -16,7 +17,6 @@
 #define ORT_API_MANUAL_INIT
 #endif
 #include "onnxruntime_cxx_api.h"
-#include "onnxruntime_lite_custom_op.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -29,6 +29,7 @@
 
 #include "gf_kernel.h"
 #include "nbits_kernel.h"
+#include "ort_io.h"
 
 #define TARDIS_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -81,8 +82,9 @@ class OrtParallel final : public tardis::Parallel {
   Ort::KernelContext ctx_;
 };
 
-template <typename T>
-using In = const Ort::Custom::Tensor<T>&;
+using tardis_ort::In;
+using tardis_ort::NodeInputs;
+using tardis_ort::Output;
 
 // The instruction set a kernel created now may use: the best the CPU has, capped by the environment.
 tardis::Isa IsaFromEnv() {
@@ -123,32 +125,6 @@ Ort::Status Guarded(const char* op, Body&& body) {
 float ToFloat(float v) { return v; }
 float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
 
-// Every input of `names` present and non-empty, and no more: the lite custom-op API reads an omitted input
-// ("" in the node) as a tensor and would crash on it at run time, so the node is refused when the session
-// is created, naming the input.
-template <size_t N>
-void RequireInputs(const OrtApi* api, const OrtKernelInfo* info, const char* op, const char* const (&names)[N],
-                   const char* note) {
-  size_t count = 0;
-  Ort::ThrowOnError(api->KernelInfo_GetInputCount(info, &count));
-  for (size_t index = 0; index < N; ++index) {
-    size_t size = 0;
-    if (index < count) Ort::ThrowOnError(api->KernelInfo_GetInputName(info, index, nullptr, &size));
-    if (index >= count || size <= 1)
-      ORT_CXX_API_THROW(std::string(op) + ": input " + std::to_string(index) + " (" + names[index] +
-                            ") is required; the node has " + std::to_string(count) + " input(s)" +
-                            (index < count ? " and this one is empty" : ""),
-                        ORT_INVALID_ARGUMENT);
-  }
-  if (count != N) {
-    std::string list;
-    for (size_t index = 0; index < N; ++index) list += (index ? ", " : "") + std::string(names[index]);
-    ORT_CXX_API_THROW(std::string(op) + ": takes " + std::to_string(N) + " inputs (" + list + "; " + note +
-                          "), got " + std::to_string(count),
-                      ORT_INVALID_ARGUMENT);
-  }
-}
-
 // The int4 predictor's operands of a node: attributes K, N, bits, block_size, accuracy_level, inputs B,
 // scales, zero_points and bias at `first` .. first + 3. When B, scales and zero points are constant
 // initializers (as tardis-compile emits them) the weights are repacked on the first call and kept with the
@@ -184,8 +160,7 @@ class Int4Weights {
   int64_t N() const { return N_; }
 
   // "" when B, scales, zero points and bias have the shapes the attributes say, else what is wrong.
-  std::string Check(const Ort::Custom::Tensor<uint8_t>& b, In<T> scales, const Ort::Custom::Tensor<uint8_t>& zp,
-                    In<T> bias) const {
+  std::string Check(In<uint8_t> b, In<T> scales, In<uint8_t> zp, In<T> bias) const {
     const int64_t kb = Blocks();
     const std::vector<int64_t> b_shape{N_, kb, bs_ / 2}, s_shape{N_ * kb}, z_shape{N_ * ((kb + 1) / 2)}, n_shape{N_};
     if (b.Shape() != b_shape) return "B must have shape " + ShapeStr(b_shape) + ", got " + ShapeStr(b.Shape());
@@ -244,17 +219,22 @@ void PredictInt4(const tardis::Int4Packed& w, const T* a, int64_t M, const T* bi
 // run by nbits_kernel.
 template <typename T>
 struct MatMulNBitsKernel {
-  // All five inputs must be there: the contrib op's optional zero_points / bias (and its g_idx) are not
-  // (the lite API would read a missing one as a tensor), so a node without them is refused here.
-  MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
-      : weights_(api, info, kNBitsOp, 1), isa_(IsaFromEnv()) {
-    RequireInputs(api, info, kNBitsOp, kInputs, "no g_idx");
-  }
+  static constexpr size_t kInputCount = 5;
+  static constexpr unsigned kByteInputs = 0b01010;  // B, zero_points
 
-  Ort::Status Compute(OrtKernelContext* ctx, In<T> a, const Ort::Custom::Tensor<uint8_t>& b, In<T> scales,
-                      const Ort::Custom::Tensor<uint8_t>& zero_points, In<T> bias, Ort::Custom::Tensor<T>& y) {
+  // All five inputs must be there: the contrib op's optional zero_points / bias (and its g_idx) are not, so
+  // a node without them is refused here.
+  MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : weights_(api, info, kNBitsOp, 1), isa_(IsaFromEnv()), inputs_(api, info, kNBitsOp, kInputs, "no g_idx") {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     g_nbits_calls.fetch_add(1, std::memory_order_relaxed);
     return Guarded(kNBitsOp, [&] {
+      NodeInputs<kInputCount>::Call c;
+      inputs_.Read(ctx, &c);
+      const In<T> a(*c.at[0]), scales(*c.at[2]), bias(*c.at[4]);
+      const In<uint8_t> b(*c.at[1]), zero_points(*c.at[3]);
+      Output<T> y(ctx);
       const auto& as = a.Shape();
       const int64_t K = weights_.K();
       if (as.empty() || as.back() != K)
@@ -271,7 +251,7 @@ struct MatMulNBitsKernel {
       PredictInt4(*weights_.Packed(b.Data(), scales.Data(), zero_points.Data()), a.Data(), M, bias.Data(), out, isa_,
                   par);
       return Ort::Status{nullptr};
-    });
+    }).release();
   }
 
  private:
@@ -280,6 +260,7 @@ struct MatMulNBitsKernel {
 
   Int4Weights<T> weights_;
   tardis::Isa isa_;
+  NodeInputs<kInputCount> inputs_;
 };
 
 // What a fallback node computes with: its GELU (attribute `approximate`), the instruction set and the strategy
@@ -326,7 +307,7 @@ std::string CheckFallbackOperands(int64_t d, int64_t D, const char* from, In<T> 
                                   In<T> w2, In<T> alpha, In<T> beta) {
   const std::vector<int64_t> vecD{D}, matDd{D, d};
   const char* vec_names[] = {"lo", "hi", "b1", "alpha", "beta"};
-  const Ort::Custom::Tensor<T>* vecs[] = {&lo, &hi, &b1, &alpha, &beta};
+  const In<T>* vecs[] = {&lo, &hi, &b1, &alpha, &beta};
   for (int i = 0; i < 5; ++i)
     if (vecs[i]->Shape() != vecD)
       return std::string(vec_names[i]) + " must have shape [D] = " + ShapeStr(vecD) + " (D from " + from + "), got " +
@@ -398,15 +379,20 @@ int64_t Rows(const std::vector<int64_t>& shape) {
 
 template <typename T>
 struct GuardedFallbackKernel {
-  GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info) : cfg_(api, info, kOpName) {
-    static const char* const kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
-    RequireInputs(api, info, "ai.tardis::GuardedFallback", kInputs, "all required");
-  }
+  static constexpr size_t kInputCount = 10;
+  static constexpr unsigned kByteInputs = 0;
 
-  Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, In<T> h_hat, In<T> lo, In<T> hi, In<T> w1t,
-                      In<T> b1, In<T> w2, In<T> alpha, In<T> beta, Ort::Custom::Tensor<T>& y) {
+  GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : cfg_(api, info, kOpName), inputs_(api, info, "ai.tardis::GuardedFallback", kInputs, "all required") {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     g_calls.fetch_add(1, std::memory_order_relaxed);
     return Guarded(kOpName, [&] {
+      NodeInputs<kInputCount>::Call c;
+      inputs_.Read(ctx, &c);
+      const In<T> x(*c.at[0]), y_lin(*c.at[1]), h_hat(*c.at[2]), lo(*c.at[3]), hi(*c.at[4]), w1t(*c.at[5]),
+          b1(*c.at[6]), w2(*c.at[7]), alpha(*c.at[8]), beta(*c.at[9]);
+      Output<T> y(ctx);
       std::string wrong = CheckActivations<T>(x, y_lin);
       if (!wrong.empty()) return Error(wrong);
       const auto& xs = x.Shape();
@@ -427,13 +413,15 @@ struct GuardedFallbackKernel {
       if (tokens > 0 && d > 0) RunFallback<T>(op, cfg_, OrtParallel(ctx), &info);
       CountRun(info, cfg_.isa);
       return Ort::Status{nullptr};
-    });
+    }).release();
   }
 
  private:
+  static constexpr const char* kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
   static Ort::Status Error(const std::string& msg) { return OpError(kOpName, msg); }
 
   FallbackConfig cfg_;
+  NodeInputs<kInputCount> inputs_;
 };
 
 // The int4 predictor's h_hat for the fused path: x quantized once by the calling thread, tiles of 16
@@ -459,17 +447,23 @@ class Int4RangePredictor final : public tardis::RangePredictor {
 // neurons and adds their corrections in the same pass; otherwise h_hat first, then the fallback.
 template <typename T>
 struct GuardedFallbackNBitsKernel {
-  GuardedFallbackNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
-      : cfg_(api, info, kFusedName), weights_(api, info, kFusedOp, 2) {
-    RequireInputs(api, info, kFusedOp, kInputs, "all required");
-  }
+  static constexpr size_t kInputCount = 13;
+  static constexpr unsigned kByteInputs = 0b10100;  // B, zero_points
 
-  Ort::Status Compute(OrtKernelContext* ctx, In<T> x, In<T> y_lin, const Ort::Custom::Tensor<uint8_t>& b,
-                      In<T> scales, const Ort::Custom::Tensor<uint8_t>& zero_points, In<T> bias, In<T> lo, In<T> hi,
-                      In<T> w1t, In<T> b1, In<T> w2, In<T> alpha, In<T> beta, Ort::Custom::Tensor<T>& y) {
+  GuardedFallbackNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : cfg_(api, info, kFusedName), weights_(api, info, kFusedOp, 2),
+        inputs_(api, info, kFusedOp, kInputs, "all required") {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     g_calls.fetch_add(1, std::memory_order_relaxed);
     g_fused_calls.fetch_add(1, std::memory_order_relaxed);
     return Guarded(kFusedOp, [&] {
+      NodeInputs<kInputCount>::Call c;
+      inputs_.Read(ctx, &c);
+      const In<T> x(*c.at[0]), y_lin(*c.at[1]), scales(*c.at[3]), bias(*c.at[5]), lo(*c.at[6]), hi(*c.at[7]),
+          w1t(*c.at[8]), b1(*c.at[9]), w2(*c.at[10]), alpha(*c.at[11]), beta(*c.at[12]);
+      const In<uint8_t> b(*c.at[2]), zero_points(*c.at[4]);
+      Output<T> y(ctx);
       std::string wrong = CheckActivations<T>(x, y_lin);
       if (!wrong.empty()) return Error(wrong);
       const auto& xs = x.Shape();
@@ -507,7 +501,7 @@ struct GuardedFallbackNBitsKernel {
       }
       CountRun(info, cfg_.isa);
       return Ort::Status{nullptr};
-    });
+    }).release();
   }
 
  private:
@@ -517,10 +511,11 @@ struct GuardedFallbackNBitsKernel {
 
   FallbackConfig cfg_;
   Int4Weights<T> weights_;
+  NodeInputs<kInputCount> inputs_;
 };
 
 // Type and shape inference: output 0 has y_lin's element type and shape (x's when y_lin's rank is unknown).
-// Installed on both typed ops directly instead of the lite API's InferOutputShape: ORT builds ONE schema
+// Installed on both typed ops directly, not as a per-type InferOutputShape: ORT builds ONE schema
 // for the same-named float and float16 ops and uses the first op's function for both, so the element type
 // must come from the node's inputs, not from the op's template type (onnxruntime 1.21 checks it).
 OrtStatusPtr InferTypeAndShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
@@ -575,18 +570,16 @@ OrtStatusPtr InferNBits(const OrtCustomOp*, OrtShapeInferContext* ctx) {
 }
 
 // The ops, kept alive for the process: for each kernel its float and float16 op under one name, with its
-// type/shape inference function.
+// type/shape inference function. Like the registry, the ops are never freed.
 struct Registry {
-  std::vector<std::unique_ptr<OrtCustomOp>> ops;
   Ort::CustomOpDomain domain{nullptr};
 
   template <template <typename> class Kernel>
   void Add(const char* name, OrtStatusPtr (*infer)(const OrtCustomOp*, OrtShapeInferContext*)) {
-    OrtCustomOp* f32 = Ort::Custom::CreateLiteCustomOp<Kernel<float>>(name, "CPUExecutionProvider");
-    OrtCustomOp* f16 = Ort::Custom::CreateLiteCustomOp<Kernel<Ort::Float16_t>>(name, "CPUExecutionProvider");
+    OrtCustomOp* f32 = new tardis_ort::Op<Kernel, float>(name);
+    OrtCustomOp* f16 = new tardis_ort::Op<Kernel, Ort::Float16_t>(name);
     for (OrtCustomOp* op : {f32, f16}) {
       op->InferOutputShapeFn = infer;
-      ops.emplace_back(op);
       domain.Add(op);
     }
   }

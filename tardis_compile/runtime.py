@@ -63,9 +63,9 @@ LIB_NAME = "libtardis_ops.so"
 STAMP_NAME = "libtardis_ops.stamp"
 ENV_LIBRARY = "TARDIS_OPS_LIBRARY"
 ENV_ORT_INCLUDE = "TARDIS_ORT_INCLUDE"
-SOURCES = ("tardis_ops.cc", "gf_kernel.cc", "gf_kernel.h", "simd_tile.h", "nbits_kernel.cc", "nbits_kernel.h",
+SOURCES = ("tardis_ops.cc", "ort_io.h", "gf_kernel.cc", "gf_kernel.h", "simd_tile.h", "nbits_kernel.cc", "nbits_kernel.h",
            "tardis_ops.map", "CMakeLists.txt", "OrtHeaders.cmake")
-_REQUIRED_HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
+_REQUIRED_HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h")
 
 _PKG_DIR = Path(__file__).resolve().parent
 _warned_missing = False

@@ -530,8 +530,8 @@ def test_unknown_approximate_attribute_is_a_clear_error(lib):
 
 @pytest.mark.parametrize("index,name", [(6, "b1"), (9, "beta")])
 def test_an_omitted_input_is_refused_when_the_session_is_created(lib, index, name):
-    """An input left empty in the node ("") would reach the kernel as a missing tensor (a crash in ORT's
-    lite custom-op API); the kernel refuses the node when the session is created, naming the input."""
+    """An input left empty in the node ("") would reach the kernel as a missing tensor; the kernel refuses
+    the node when the session is created, naming the input."""
     model = fo.standalone_model(8, 16, with_function=False)
     model.graph.node[0].input[index] = ""
     with pytest.raises(Exception, match=rf"GuardedFallback: input {index} \({name}\) is required.*empty"):
