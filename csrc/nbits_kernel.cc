@@ -124,8 +124,12 @@ inline int32_t Quad(const int8_t* p) {
   return v;
 }
 
+// Each VPDPBUSD adds into its accumulator, so one chain of them waits out the instruction's latency at every
+// step: the low and high nibbles go to separate accumulators, and with one or two tokens (decode) the
+// block's byte groups alternate between two sets as well, so at least four chains are in flight.
 template <int MR>
 TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const Int4Acts& a, int64_t m0, float* out) {
+  constexpr int kSets = MR <= 2 ? 2 : 1;  // bs / 8 is even (bs is a power of two >= 16)
   const int64_t bb = bs * 8 + 80;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 h[MR];
@@ -134,23 +138,29 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
   for (int m = 0; m < MR; ++m) xq[m] = a.q + (m0 + m) * a.ld;
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
-    __m512i acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
-    for (int64_t p = 0; p < bs / 8; ++p) {
-      const __m512i v = _mm512_loadu_si512(blk + 64 * p);
-      const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      const int64_t k = b * bs + 8 * p;
-      for (int m = 0; m < MR; ++m) {
-        // broadcast straight from memory (a load-port uop; set1 of a register would take the shuffle port)
-        acc[m] = _mm512_dpbusd_epi32(acc[m], w0, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
-        acc[m] = _mm512_dpbusd_epi32(acc[m], w1, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k + 4)));
+    __m512i acc[MR][2 * kSets];
+    for (int m = 0; m < MR; ++m)
+      for (int c = 0; c < 2 * kSets; ++c) acc[m][c] = _mm512_setzero_si512();
+    for (int64_t p = 0; p < bs / 8; p += kSets) {
+      for (int u = 0; u < kSets; ++u) {
+        const __m512i v = _mm512_loadu_si512(blk + 64 * (p + u));
+        const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const int64_t k = b * bs + 8 * (p + u);
+        for (int m = 0; m < MR; ++m) {
+          // broadcast straight from memory (a load-port uop; set1 of a register would take the shuffle port)
+          acc[m][2 * u] = _mm512_dpbusd_epi32(acc[m][2 * u], w0, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
+          acc[m][2 * u + 1] =
+              _mm512_dpbusd_epi32(acc[m][2 * u + 1], w1, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k + 4)));
+        }
       }
     }
     const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + bs * 8));
     const __m512i zp = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + bs * 8 + 64)));
     for (int m = 0; m < MR; ++m) {
+      __m512i sum = _mm512_add_epi32(acc[m][0], acc[m][1]);
+      for (int c = 2; c < 2 * kSets; ++c) sum = _mm512_add_epi32(sum, acc[m][c]);
       const int64_t i = (m0 + m) * kb + b;
-      const __m512i t = _mm512_sub_epi32(acc[m], _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[i])));
+      const __m512i t = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[i])));
       h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[i])), h[m]);
     }
   }
