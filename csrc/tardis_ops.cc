@@ -19,6 +19,7 @@
 #include "onnxruntime_cxx_api.h"
 
 #include <atomic>
+#include <iterator>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -125,29 +126,21 @@ Ort::Status Guarded(const char* op, Body&& body) {
 float ToFloat(float v) { return v; }
 float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
 
-// The int4 predictor's operands of a node: attributes K, N, bits, block_size, accuracy_level, inputs B,
-// scales, zero_points and bias at `first` .. first + 3. When B, scales and zero points are constant
-// initializers (as tardis-compile emits them) the weights are repacked on the first call and kept with the
-// node; otherwise on every call.
+// The int4 predictor's operands of a node: attributes K, N, bits, block_size, accuracy_level, and inputs B,
+// scales, zero_points and bias. When B, scales and zero points are constant initializers (`constant`, as
+// tardis-compile emits them) the weights are repacked on the first call and kept with the node; otherwise
+// on every call.
 template <typename T>
 class Int4Weights {
  public:
-  Int4Weights(const OrtApi* api, const OrtKernelInfo* info, const char* op, size_t first)
+  Int4Weights(const OrtApi* api, const OrtKernelInfo* info, const char* op, bool constant)
       : op_(op), K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
-        bs_(IntAttribute(api, info, "block_size", -1)) {
+        bs_(IntAttribute(api, info, "block_size", -1)), constant_(constant) {
     const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4);
     const int64_t bits = IntAttribute(api, info, "bits", 4);
     if (accuracy_level != 4)
       ORT_CXX_API_THROW(op_ + ": accuracy_level must be 4 (int8 activations), got " + std::to_string(accuracy_level),
                         ORT_INVALID_ARGUMENT);
-    constant_ = true;
-    for (size_t index : {first, first + 1, first + 2}) {
-      int is_constant = 0;
-      const OrtValue* value = nullptr;
-      if (OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value))
-        api->ReleaseStatus(st);
-      constant_ = constant_ && is_constant != 0;
-    }
     if (bits != 4)
       ORT_CXX_API_THROW(op_ + ": only bits = 4 is implemented, got " + std::to_string(bits), ORT_INVALID_ARGUMENT);
     if (K_ <= 0 || N_ <= 0 || bs_ < 16 || bs_ > 128 || (bs_ & (bs_ - 1)) != 0)
@@ -191,7 +184,7 @@ class Int4Weights {
 
   std::string op_;
   int64_t K_, N_, bs_;
-  bool constant_ = false;  // B, scales and zero points are initializers: pack once
+  bool constant_;  // B, scales and zero points are initializers: pack once
   std::mutex mutex_;
   std::shared_ptr<const tardis::Int4Packed> packed_;
 };
@@ -219,18 +212,21 @@ void PredictInt4(const tardis::Int4Packed& w, const T* a, int64_t M, const T* bi
 // run by nbits_kernel.
 template <typename T>
 struct MatMulNBitsKernel {
-  static constexpr size_t kInputCount = 5;
-  static constexpr unsigned kByteInputs = 0b01010;  // B, zero_points
-
   // All five inputs must be there: the contrib op's optional zero_points / bias (and its g_idx) are not, so
   // a node without them is refused here.
+  static constexpr const char* kInputs[] = {"A", "B", "scales", "zero_points", "bias"};
+  static constexpr size_t kInputCount = std::size(kInputs);
+  static constexpr unsigned kByteInputs = 0b01010;  // B, zero_points
+
   MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
-      : weights_(api, info, kNBitsOp, 1), isa_(IsaFromEnv()), inputs_(api, info, kNBitsOp, kInputs, "no g_idx") {}
+      : inputs_(api, info, kNBitsOp, kInputs, "no g_idx"),
+        weights_(api, info, kNBitsOp, inputs_.Constant(1) && inputs_.Constant(2) && inputs_.Constant(3)),
+        isa_(IsaFromEnv()) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     g_nbits_calls.fetch_add(1, std::memory_order_relaxed);
     return Guarded(kNBitsOp, [&] {
-      NodeInputs<kInputCount>::Call c;
+      typename NodeInputs<kInputCount>::Call c;
       inputs_.Read(ctx, &c);
       const In<T> a(*c.at[0]), scales(*c.at[2]), bias(*c.at[4]);
       const In<uint8_t> b(*c.at[1]), zero_points(*c.at[3]);
@@ -255,12 +251,11 @@ struct MatMulNBitsKernel {
   }
 
  private:
-  static constexpr const char* kInputs[] = {"A", "B", "scales", "zero_points", "bias"};
   static Ort::Status Error(const std::string& msg) { return OpError(kNBitsOp, msg); }
 
+  NodeInputs<kInputCount> inputs_;
   Int4Weights<T> weights_;
   tardis::Isa isa_;
-  NodeInputs<kInputCount> inputs_;
 };
 
 // What a fallback node computes with: its GELU (attribute `approximate`), the instruction set and the strategy
@@ -379,7 +374,8 @@ int64_t Rows(const std::vector<int64_t>& shape) {
 
 template <typename T>
 struct GuardedFallbackKernel {
-  static constexpr size_t kInputCount = 10;
+  static constexpr const char* kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
+  static constexpr size_t kInputCount = std::size(kInputs);
   static constexpr unsigned kByteInputs = 0;
 
   GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info)
@@ -388,7 +384,7 @@ struct GuardedFallbackKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     g_calls.fetch_add(1, std::memory_order_relaxed);
     return Guarded(kOpName, [&] {
-      NodeInputs<kInputCount>::Call c;
+      typename NodeInputs<kInputCount>::Call c;
       inputs_.Read(ctx, &c);
       const In<T> x(*c.at[0]), y_lin(*c.at[1]), h_hat(*c.at[2]), lo(*c.at[3]), hi(*c.at[4]), w1t(*c.at[5]),
           b1(*c.at[6]), w2(*c.at[7]), alpha(*c.at[8]), beta(*c.at[9]);
@@ -417,7 +413,6 @@ struct GuardedFallbackKernel {
   }
 
  private:
-  static constexpr const char* kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
   static Ort::Status Error(const std::string& msg) { return OpError(kOpName, msg); }
 
   FallbackConfig cfg_;
@@ -447,18 +442,20 @@ class Int4RangePredictor final : public tardis::RangePredictor {
 // neurons and adds their corrections in the same pass; otherwise h_hat first, then the fallback.
 template <typename T>
 struct GuardedFallbackNBitsKernel {
-  static constexpr size_t kInputCount = 13;
+  static constexpr const char* kInputs[] = {"x",  "y_lin", "B",  "scales", "zero_points", "bias", "lo",
+                                            "hi", "w1t",   "b1", "w2",     "alpha",       "beta"};
+  static constexpr size_t kInputCount = std::size(kInputs);
   static constexpr unsigned kByteInputs = 0b10100;  // B, zero_points
 
   GuardedFallbackNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
-      : cfg_(api, info, kFusedName), weights_(api, info, kFusedOp, 2),
-        inputs_(api, info, kFusedOp, kInputs, "all required") {}
+      : cfg_(api, info, kFusedName), inputs_(api, info, kFusedOp, kInputs, "all required"),
+        weights_(api, info, kFusedOp, inputs_.Constant(2) && inputs_.Constant(3) && inputs_.Constant(4)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     g_calls.fetch_add(1, std::memory_order_relaxed);
     g_fused_calls.fetch_add(1, std::memory_order_relaxed);
     return Guarded(kFusedOp, [&] {
-      NodeInputs<kInputCount>::Call c;
+      typename NodeInputs<kInputCount>::Call c;
       inputs_.Read(ctx, &c);
       const In<T> x(*c.at[0]), y_lin(*c.at[1]), scales(*c.at[3]), bias(*c.at[5]), lo(*c.at[6]), hi(*c.at[7]),
           w1t(*c.at[8]), b1(*c.at[9]), w2(*c.at[10]), alpha(*c.at[11]), beta(*c.at[12]);
@@ -505,13 +502,11 @@ struct GuardedFallbackNBitsKernel {
   }
 
  private:
-  static constexpr const char* kInputs[] = {"x",  "y_lin", "B",  "scales", "zero_points", "bias", "lo",
-                                            "hi", "w1t",   "b1", "w2",     "alpha",       "beta"};
   static Ort::Status Error(const std::string& msg) { return OpError(kFusedOp, msg); }
 
   FallbackConfig cfg_;
-  Int4Weights<T> weights_;
   NodeInputs<kInputCount> inputs_;
+  Int4Weights<T> weights_;
 };
 
 // Type and shape inference: output 0 has y_lin's element type and shape (x's when y_lin's rank is unknown).
