@@ -28,8 +28,9 @@ d·d + 4·d) + d·D·(0.5 + 4/block) (int4 + float scales; int8: d·D + 4·D) + 
 W1ᵀ and W2): ``bound`` in the table.
 
 ``--fold-bits 8`` stores the folded matrix as int8 with a scale per output column (the tool's option of the
-same name); ONNX Runtime 1.25 and later fuse its ``DequantizeLinear`` + ``MatMul`` into an 8-bit
-``MatMulNBits``, which reads a quarter of the fold's bytes: the decode lever. ``--fold-activations int8``
+same name), a quarter of the fold's bytes: the decode lever. Its product is our ``ai.tardis::DequantizeMatMul``
+(an 8-bit VNNI / AVX2 kernel; without the library ONNX Runtime 1.25 and later run its function body as an
+8-bit ``MatMulNBits``). ``--fold-activations int8``
 also rounds the fold's input to uint8 per call (``com.microsoft::DynamicQuantizeMatMul``, MLAS's integer
 GEMM): faster at every token count, most at prefill.
 

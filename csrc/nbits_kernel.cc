@@ -1,11 +1,12 @@
-// Compute core of ai.tardis::MatMulNBits: the int4 predictor's product with int8 activations.
+// Compute core of ai.tardis::MatMulNBits and ai.tardis::DequantizeMatMul: the int4 predictor's and the int8
+// fold's products with int8 activations.
 //
 // Why our own: ONNX Runtime's MatMulNBits is as fast as this at one token but, from a few tokens on, runs
 // at about the speed of a float32 GEMM (it dequantizes), several times slower than the int8 predictor at
 // 128 tokens (csrc/README.md has the measurements). Here the weights are repacked once per node into
-// tiles of 16 neurons whose 4-bit levels sit where a 32-bit lane of a dot-product instruction wants them,
-// so every loaded byte feeds two multiply-adds of 4 lanes: VPDPBUSD (AVX-512 VNNI) or VPMADDUBSW +
-// VPMADDWD (AVX2). Per tile, the tokens go past in groups of up to kMr with their accumulators in
+// tiles of 16 neurons whose 4- or 8-bit levels sit where a 32-bit lane of a dot-product instruction wants
+// them, so every loaded byte feeds the multiply-adds as it is (8 bits) or after one mask or shift (4 bits):
+// VPDPBUSD (AVX-512 VNNI) or VPMADDUBSW + VPMADDWD (AVX2). Per tile, the tokens go past in groups of up to kMr with their accumulators in
 // registers, and a tile (a few KB for the whole K) stays in L1 while they do. Threads take ranges of tiles.
 
 #include "nbits_kernel.h"
@@ -31,7 +32,9 @@ namespace {
 
 constexpr int kMr = 8;                    // tokens per register group (AVX-512: 32 zmm registers)
 constexpr int kMrAvx2 = 4;                // AVX2: 16 ymm registers, 2 accumulators and 2 sums per token
-constexpr int64_t kUnit = int64_t{1} << 20;  // multiply-adds per work item, at least (one 384 x 1536 token: 1 item)
+// Multiply-adds per work item, at least (one 384 x 1536 token at 4 bits: 1 item); at 8 bits each counts
+// twice, since at a few tokens the time goes with the bytes read.
+constexpr int64_t kUnit = int64_t{1} << 20;
 // The tiles are read once, in order, from L3 or memory at decode: each 64-byte load also prefetches the
 // line this far ahead (about one tile at K = 384), which the hardware streamer alone did not keep up with
 // (1 token, 8 nodes of 384 x 1536: 16.1 -> 14.6 us per node; 2,048-8,192 bytes measured alike).
@@ -59,26 +62,31 @@ void QuantizeRowPortable(const float* x, int64_t K, int64_t bs, int64_t kb, int8
   }
 }
 
+// The level of neuron n at row k of a block (NBitsPacked's layout).
+template <int Bits>
+inline int Level(const uint8_t* blk, int n, int64_t k) {
+  if constexpr (Bits == 8) return blk[64 * (k / 4) + 4 * n + k % 4];
+  const int64_t r = k % 8;
+  return (blk[64 * (k / 8) + 4 * n + r % 4] >> (4 * (r / 4))) & 15;
+}
+
 // out[m * 16 + n] = sum_b sx[m, b] s[n, b] (sum_k q[m, k] level[n, k] - zp[n, b] sum[m, b]) for one tile.
-void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const Int4Acts& a, int64_t m0, int mr, float* out) {
-  const int64_t bb = bs * 8 + 80;
+template <int Bits>
+void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, int mr, float* out) {
+  const int64_t levels = bs * 2 * Bits, bb = levels + 80;
   std::fill(out, out + 16 * mr, 0.0f);
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
     float s[16];
-    std::memcpy(s, blk + bs * 8, sizeof(s));
-    const int8_t* zp = reinterpret_cast<const int8_t*>(blk + bs * 8 + 64);
+    std::memcpy(s, blk + levels, sizeof(s));
+    const uint8_t* zp = blk + levels + 64;
     for (int m = 0; m < mr; ++m) {
       const int8_t* xq = a.q + (m0 + m) * a.ld + b * bs;
       const int32_t xs = a.sum[(m0 + m) * kb + b];
       const float sx = a.sx[(m0 + m) * kb + b];
       for (int n = 0; n < 16; ++n) {
         int32_t acc = 0;
-        for (int64_t k = 0; k < bs; ++k) {
-          const int64_t p = k / 8, r = k % 8;
-          const int level = (blk[64 * p + 4 * n + r % 4] >> (4 * (r / 4))) & 15;
-          acc += level * xq[k];
-        }
+        for (int64_t k = 0; k < bs; ++k) acc += Level<Bits>(blk, n, k) * xq[k];
         out[16 * m + n] += static_cast<float>(acc - zp[n] * xs) * (s[n] * sx);
       }
     }
@@ -129,41 +137,49 @@ inline int32_t Quad(const int8_t* p) {
 }
 
 // Each VPDPBUSD adds into its accumulator, so one chain of them waits out the instruction's latency at every
-// step: the low and high nibbles go to separate accumulators, and with one or two tokens (decode) the
-// block's byte groups alternate between two sets as well, so at least four chains are in flight.
-template <int MR>
-TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const Int4Acts& a, int64_t m0, float* out) {
-  constexpr int kSets = MR <= 2 ? 2 : 1;  // bs / 8 is even (bs is a power of two >= 16)
-  const int64_t bb = bs * 8 + 80;
-  const __m512i low = _mm512_set1_epi8(0x0F);
+// step. 4 bits: the low and high nibbles go to separate accumulators, and with one or two tokens (decode)
+// the block's byte groups alternate between two sets as well; 8 bits: one token's vectors alternate between
+// four accumulators (two with more tokens). At least four chains are in flight at decode.
+template <int MR, int Bits>
+TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, float* out) {
+  constexpr int kChains = MR <= 2 ? 4 : 2;  // vectors per block (bs / 8 or bs / 4) are a multiple of 2 or 4
+  constexpr int kVecs = Bits == 8 ? kChains : kChains / 2;  // vectors per step (a 4-bit one feeds two chains)
+  constexpr int kRows = 32 / Bits;                           // rows of K per vector
+  const int64_t levels = bs * 2 * Bits, bb = levels + 80;
   __m512 h[MR];
   for (int m = 0; m < MR; ++m) h[m] = _mm512_setzero_ps();
   const int8_t* xq[MR];
   for (int m = 0; m < MR; ++m) xq[m] = a.q + (m0 + m) * a.ld;
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
-    __m512i acc[MR][2 * kSets];
+    __m512i acc[MR][kChains];
     for (int m = 0; m < MR; ++m)
-      for (int c = 0; c < 2 * kSets; ++c) acc[m][c] = _mm512_setzero_si512();
-    for (int64_t p = 0; p < bs / 8; p += kSets) {
-      for (int u = 0; u < kSets; ++u) {
+      for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_si512();
+    for (int64_t p = 0; p < bs / kRows; p += kVecs) {
+      for (int u = 0; u < kVecs; ++u) {
         _mm_prefetch(reinterpret_cast<const char*>(blk + 64 * (p + u) + kPrefetchBytes), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(blk + 64 * (p + u));
-        const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        const int64_t k = b * bs + 8 * (p + u);
-        for (int m = 0; m < MR; ++m) {
-          // broadcast straight from memory (a load-port uop; set1 of a register would take the shuffle port)
-          acc[m][2 * u] = _mm512_dpbusd_epi32(acc[m][2 * u], w0, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
-          acc[m][2 * u + 1] =
-              _mm512_dpbusd_epi32(acc[m][2 * u + 1], w1, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k + 4)));
+        const int64_t k = b * bs + kRows * (p + u);
+        // broadcast straight from memory (a load-port uop; set1 of a register would take the shuffle port)
+        if constexpr (Bits == 8) {
+          for (int m = 0; m < MR; ++m)
+            acc[m][u] = _mm512_dpbusd_epi32(acc[m][u], v, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
+        } else {
+          const __m512i low = _mm512_set1_epi8(0x0F);
+          const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          for (int m = 0; m < MR; ++m) {
+            acc[m][2 * u] = _mm512_dpbusd_epi32(acc[m][2 * u], w0, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
+            acc[m][2 * u + 1] =
+                _mm512_dpbusd_epi32(acc[m][2 * u + 1], w1, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k + 4)));
+          }
         }
       }
     }
-    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + bs * 8));
-    const __m512i zp = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + bs * 8 + 64)));
+    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + levels));
+    const __m512i zp = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + levels + 64)));
     for (int m = 0; m < MR; ++m) {
-      __m512i sum = _mm512_add_epi32(acc[m][0], acc[m][1]);
-      for (int c = 2; c < 2 * kSets; ++c) sum = _mm512_add_epi32(sum, acc[m][c]);
+      __m512i sum = acc[m][0];
+      for (int c = 1; c < kChains; ++c) sum = _mm512_add_epi32(sum, acc[m][c]);
       const int64_t i = (m0 + m) * kb + b;
       const __m512i t = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[i])));
       h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[i])), h[m]);
@@ -172,34 +188,44 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + 16 * m, h[m]);
 }
 
-template <int MR>
-TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const Int4Acts& a, int64_t m0, float* out) {
-  const int64_t bb = bs * 8 + 80;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+// VPMADDUBSW sums pairs of level x int8 in int16, which 8-bit levels (0..255 x 127, twice) would overflow:
+// an 8-bit level goes in as its two nibbles, the high one's pair sums weighted by 16 in VPMADDWD. The same
+// two nibble vectors that carry two groups of rows at 4 bits.
+template <int MR, int Bits>
+TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, float* out) {
+  constexpr int kRows = 32 / Bits;  // rows of K per 64-byte vector
+  const int64_t levels = bs * 2 * Bits, bb = levels + 80;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteens = _mm256_set1_epi16(16);
   __m256 h[MR][2];
   for (int m = 0; m < MR; ++m) h[m][0] = h[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
     __m256i acc[MR][2];
     for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int64_t p = 0; p < bs / 8; ++p) {
-      const int64_t k = b * bs + 8 * p;
+    for (int64_t p = 0; p < bs / kRows; ++p) {
+      const int64_t k = b * bs + kRows * p;
       _mm_prefetch(reinterpret_cast<const char*>(blk + 64 * p + kPrefetchBytes), _MM_HINT_T0);
       for (int half = 0; half < 2; ++half) {  // neurons 0-7, then 8-15
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * p + 32 * half));
         const __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         for (int m = 0; m < MR; ++m) {
           const int8_t* xq = a.q + (m0 + m) * a.ld + k;
-          // levels 0..15 times int8 0..127 in magnitude: a pair sums to at most 3810, no int16 saturation
+          // nibbles 0..15 times int8 0..127 in magnitude: a pair sums to at most 3810, no int16 saturation
           const __m256i p0 = _mm256_maddubs_epi16(w0, _mm256_set1_epi32(Quad(xq)));
-          const __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_set1_epi32(Quad(xq + 4)));
-          acc[m][half] = _mm256_add_epi32(acc[m][half], _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones));
+          if constexpr (Bits == 8) {  // low and high nibble of the same rows
+            const __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_set1_epi32(Quad(xq)));
+            acc[m][half] = _mm256_add_epi32(
+                acc[m][half], _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, sixteens)));
+          } else {  // rows k .. k + 3 and k + 4 .. k + 7
+            const __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_set1_epi32(Quad(xq + 4)));
+            acc[m][half] = _mm256_add_epi32(acc[m][half], _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones));
+          }
         }
       }
     }
     for (int half = 0; half < 2; ++half) {
-      const __m256 s = _mm256_loadu_ps(reinterpret_cast<const float*>(blk + bs * 8) + 8 * half);
-      const __m256i zp = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + bs * 8 + 64 + 8 * half)));
+      const __m256 s = _mm256_loadu_ps(reinterpret_cast<const float*>(blk + levels) + 8 * half);
+      const __m256i zp = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + levels + 64 + 8 * half)));
       for (int m = 0; m < MR; ++m) {
         const int64_t i = (m0 + m) * kb + b;
         const __m256i t = _mm256_sub_epi32(acc[m][half], _mm256_mullo_epi32(zp, _mm256_set1_epi32(a.sum[i])));
@@ -213,15 +239,15 @@ TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const 
   }
 }
 
-using TileFn = void (*)(const uint8_t*, int64_t, int64_t, const Int4Acts&, int64_t, float*);
+using TileFn = void (*)(const uint8_t*, int64_t, int64_t, const NBitsActs&, int64_t, float*);
 
-template <int... I>
+template <int Bits, int... I>
 constexpr std::array<TileFn, sizeof...(I)> VnniTable(std::integer_sequence<int, I...>) {
-  return {&TileVnni<I + 1>...};
+  return {&TileVnni<I + 1, Bits>...};
 }
-template <int... I>
+template <int Bits, int... I>
 constexpr std::array<TileFn, sizeof...(I)> Avx2Table(std::integer_sequence<int, I...>) {
-  return {&TileAvx2<I + 1>...};
+  return {&TileAvx2<I + 1, Bits>...};
 }
 #endif
 
@@ -240,23 +266,33 @@ bool HasVnni() {
 
 }  // namespace
 
-int Int4Level(Isa isa) {
+int NBitsLevel(Isa isa) {
   if (isa == Isa::kAvx512 && HasVnni()) return 2;
   if (isa != Isa::kPortable && CpuHasAvx2()) return 1;
   return 0;
 }
 
-void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points, int64_t K, int64_t N, int64_t bs,
-              Int4Packed* out) {
+namespace {
+
+// Sizes `out` for K x N at `bits` in blocks of bs, all bytes zero; returns the first tile.
+uint8_t* Allocate(int64_t K, int64_t N, int64_t bs, int bits, NBitsPacked* out) {
   out->K = K;
   out->N = N;
   out->bs = bs;
+  out->bits = bits;
   out->kb = (K + bs - 1) / bs;
   out->tiles = (N + 15) / 16;
   const size_t bytes = static_cast<size_t>(out->tiles * out->TileBytes());
   out->storage.assign(bytes + 64, 0);
   out->offset = (64 - reinterpret_cast<uintptr_t>(out->storage.data()) % 64) % 64;
-  uint8_t* base = out->storage.data() + out->offset;
+  return out->storage.data() + out->offset;
+}
+
+}  // namespace
+
+void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points, int64_t K, int64_t N, int64_t bs,
+              NBitsPacked* out) {
+  uint8_t* base = Allocate(K, N, bs, 4, out);
   const int64_t kb = out->kb, row = kb * bs / 2, zrow = (kb + 1) / 2;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t ln = n % 16;
@@ -267,17 +303,34 @@ void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points,
         const uint8_t level = (src[k / 2] >> (4 * (k % 2))) & 15;
         dst[64 * (k / 8) + 4 * ln + k % 4] |= static_cast<uint8_t>(level << (4 * ((k % 8) / 4)));
       }
-      std::memcpy(dst + bs * 8 + 4 * ln, scales + n * kb + blk, sizeof(float));
+      std::memcpy(dst + out->LevelBytes() + 4 * ln, scales + n * kb + blk, sizeof(float));
       const int zp = zero_points ? (zero_points[n * zrow + blk / 2] >> (4 * (blk % 2))) & 15 : 8;
-      dst[bs * 8 + 64 + ln] = static_cast<uint8_t>(zp);
+      dst[out->LevelBytes() + 64 + ln] = static_cast<uint8_t>(zp);
     }
   }
 }
 
-Int4Acts Int4Quantize(const Int4Packed& w, const float* x, int64_t M, Isa isa, std::unique_ptr<uint8_t[]>* big) {
-  Int4Acts a;
+void PackInt8Columns(const int8_t* b, const float* scales, int64_t K, int64_t N, int64_t bs, NBitsPacked* out) {
+  uint8_t* base = Allocate(K, N, bs, 8, out);
+  const int64_t levels = out->LevelBytes();
+  for (int64_t k = 0; k < K; ++k) {  // B's rows in order (contiguous reads)
+    const int64_t blk = k / bs, r = k % bs;
+    for (int64_t n = 0; n < N; ++n)
+      base[(n / 16) * out->TileBytes() + blk * out->BlockBytes() + 64 * (r / 4) + 4 * (n % 16) + r % 4] =
+          static_cast<uint8_t>(b[k * N + n] + 128);
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t blk = 0; blk < out->kb; ++blk) {
+      uint8_t* dst = base + (n / 16) * out->TileBytes() + blk * out->BlockBytes() + levels;
+      std::memcpy(dst + 4 * (n % 16), scales + n, sizeof(float));
+      dst[64 + n % 16] = 128;
+    }
+}
+
+NBitsActs NBitsQuantize(const NBitsPacked& w, const float* x, int64_t M, Isa isa, std::unique_ptr<uint8_t[]>* big) {
+  NBitsActs a;
   a.M = M;
-  a.level = Int4Level(isa);
+  a.level = NBitsLevel(isa);
   const int64_t K = w.K, bs = w.bs, kb = w.kb;
   a.ld = kb * bs;
   const size_t q_bytes = static_cast<size_t>(M * a.ld + 63) / 64 * 64, n_blocks = static_cast<size_t>(M * kb);
@@ -301,9 +354,10 @@ Int4Acts Int4Quantize(const Int4Packed& w, const float* x, int64_t M, Isa isa, s
   return a;
 }
 
-void Int4Tiles(const Int4Packed& w, const Int4Acts& a, const float* bias, int64_t t0, int64_t t1, float* h,
-               int64_t ldh) {
+void NBitsTiles(const NBitsPacked& w, const NBitsActs& a, const float* bias, int64_t t0, int64_t t1, float* h,
+                int64_t ldh) {
   const int mr_max = a.level == 1 ? kMrAvx2 : kMr;
+  const bool eight = w.bits == 8;
   float out[16 * kMr];
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tile = w.data() + t * w.TileBytes();
@@ -312,16 +366,18 @@ void Int4Tiles(const Int4Packed& w, const Int4Acts& a, const float* bias, int64_
       const int mr = static_cast<int>(std::min<int64_t>(mr_max, a.M - m0));
 #if TARDIS_X86
       if (a.level == 2) {
-        static constexpr auto table = VnniTable(std::make_integer_sequence<int, kMr>{});
-        table[mr - 1](tile, w.kb, w.bs, a, m0, out);
+        static constexpr auto t4 = VnniTable<4>(std::make_integer_sequence<int, kMr>{});
+        static constexpr auto t8 = VnniTable<8>(std::make_integer_sequence<int, kMr>{});
+        (eight ? t8 : t4)[mr - 1](tile, w.kb, w.bs, a, m0, out);
       } else if (a.level == 1) {
-        static constexpr auto table = Avx2Table(std::make_integer_sequence<int, kMrAvx2>{});
-        table[mr - 1](tile, w.kb, w.bs, a, m0, out);
+        static constexpr auto t4 = Avx2Table<4>(std::make_integer_sequence<int, kMrAvx2>{});
+        static constexpr auto t8 = Avx2Table<8>(std::make_integer_sequence<int, kMrAvx2>{});
+        (eight ? t8 : t4)[mr - 1](tile, w.kb, w.bs, a, m0, out);
       } else {
-        TilePortable(tile, w.kb, w.bs, a, m0, mr, out);
+        (eight ? TilePortable<8> : TilePortable<4>)(tile, w.kb, w.bs, a, m0, mr, out);
       }
 #else
-      TilePortable(tile, w.kb, w.bs, a, m0, mr, out);
+      (eight ? TilePortable<8> : TilePortable<4>)(tile, w.kb, w.bs, a, m0, mr, out);
 #endif
       for (int m = 0; m < mr; ++m) {
         float* dst = h + (m0 + m) * ldh + n0 - 16 * t0;
@@ -331,15 +387,15 @@ void Int4Tiles(const Int4Packed& w, const Int4Acts& a, const float* bias, int64_
   }
 }
 
-void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bias, float* h, Isa isa,
-                const Parallel& par) {
+void NBitsMatMul(const NBitsPacked& w, const float* x, int64_t M, const float* bias, float* h, Isa isa,
+                 const Parallel& par) {
   if (M <= 0 || w.N <= 0) return;
   std::unique_ptr<uint8_t[]> big;
-  const Int4Acts a = Int4Quantize(w, x, M, isa, &big);
-  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(w.tiles, M * w.N * w.K / kUnit));
+  const NBitsActs a = NBitsQuantize(w, x, M, isa, &big);
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(w.tiles, M * w.N * w.K * w.bits / 4 / kUnit));
   struct Work {
-    const Int4Packed* w;
-    const Int4Acts* a;
+    const NBitsPacked* w;
+    const NBitsActs* a;
     const float* bias;
     float* h;
     int64_t items;
@@ -348,7 +404,7 @@ void Int4MatMul(const Int4Packed& w, const float* x, int64_t M, const float* bia
     const Work& wk = *static_cast<const Work*>(data);
     const int64_t tiles = wk.w->tiles, i = static_cast<int64_t>(item);
     const int64_t t0 = tiles * i / wk.items, t1 = tiles * (i + 1) / wk.items;
-    Int4Tiles(*wk.w, *wk.a, wk.bias, t0, t1, wk.h + 16 * t0, wk.w->N);
+    NBitsTiles(*wk.w, *wk.a, wk.bias, t0, t1, wk.h + 16 * t0, wk.w->N);
   };
   if (items == 1)
     run(&work, 0);

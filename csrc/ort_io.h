@@ -155,7 +155,7 @@ constexpr ONNXTensorElementDataType kElementType = std::is_same<T, float>::value
                                                        : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 
 // The op ORT registers for Kernel<T> (T = float or Ort::Float16_t) on the CPU execution provider. Kernel<T>
-// provides kInputCount, kByteInputs (a bit per input of type uint8, the others are T), a constructor
+// provides kInputCount, kInputTypes (a character per input: 'T' for T, 'u' for uint8, 'i' for int8), a constructor
 // (api, info) that may throw (the error then fails session creation, naming the problem) and
 // `OrtStatusPtr ComputeV2(OrtKernelContext*)`. One output, of type T.
 template <template <typename> class Kernel, typename T>
@@ -166,7 +166,15 @@ struct Op : Ort::CustomOpBase<Op<Kernel, T>, Kernel<T>, true> {
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return Kernel<T>::kInputCount; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return (Kernel<T>::kByteInputs >> index) & 1u ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : kElementType<T>;
+    static_assert(sizeof(Kernel<T>::kInputTypes) == Kernel<T>::kInputCount + 1, "one type per input");
+    switch (Kernel<T>::kInputTypes[index]) {
+      case 'u':
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 'i':
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      default:
+        return kElementType<T>;
+    }
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return kElementType<T>; }

@@ -1,5 +1,6 @@
 // libtardis_ops: ONNX Runtime custom-op library with ai.tardis::GuardedFallback, ai.tardis::MatMulNBits (the
-// int4 predictor's product) and ai.tardis::GuardedFallbackNBits (the two in one node; OP_SPEC.md).
+// int4 predictor's product), ai.tardis::GuardedFallbackNBits (the two in one node) and
+// ai.tardis::DequantizeMatMul (the int8 fold's product; OP_SPEC.md).
 //
 // Built against the ORT C API version 21 headers, WITHOUT linking libonnxruntime: the API table is taken
 // from the OrtApiBase that ORT passes to RegisterCustomOps, so one build loads into onnxruntime
@@ -42,6 +43,8 @@ constexpr const char* kNBitsName = "MatMulNBits";
 constexpr const char* kNBitsOp = "ai.tardis::MatMulNBits";  // in error messages
 constexpr const char* kFusedName = "GuardedFallbackNBits";
 constexpr const char* kFusedOp = "ai.tardis::GuardedFallbackNBits";
+constexpr const char* kDqmmName = "DequantizeMatMul";
+constexpr const char* kDqmmOp = "ai.tardis::DequantizeMatMul";
 constexpr int kRequiredApi = 21;
 
 std::atomic<uint64_t> g_calls{0};
@@ -55,6 +58,7 @@ std::atomic<uint64_t> g_flagged_pairs{0};
 std::atomic<uint64_t> g_nbits_calls{0};
 std::atomic<uint64_t> g_fused_calls{0};
 std::atomic<uint64_t> g_fused_paths{0};
+std::atomic<uint64_t> g_dqmm_calls{0};
 
 // Ort::Float16_t is the IEEE binary16 bits (one uint16_t member); the compute cores take those bits.
 static_assert(sizeof(Ort::Float16_t) == sizeof(uint16_t), "Ort::Float16_t is not 16 bits");
@@ -72,6 +76,13 @@ std::string ShapeStr(const std::vector<int64_t>& s) {
   for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
   os << ']';
   return os.str();
+}
+
+// The rows of a [..., last axis] tensor: the product of its leading axes.
+int64_t Rows(const std::vector<int64_t>& shape) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  return rows;
 }
 
 class OrtParallel final : public tardis::Parallel {
@@ -126,16 +137,49 @@ Ort::Status Guarded(const char* op, Body&& body) {
 float ToFloat(float v) { return v; }
 float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
 
+template <typename T>
+std::vector<float> Floats(const T* p, int64_t n) {
+  std::vector<float> f(static_cast<size_t>(n));
+  for (size_t i = 0; i < f.size(); ++i) f[i] = ToFloat(p[i]);
+  return f;
+}
+
+// A node's weights repacked for nbits_kernel: once, on the first call, and kept with the node when they are
+// constant initializers (as tardis-compile emits them); otherwise on every call (weights fed as inputs may
+// change between calls).
+class PackedWeights {
+ public:
+  using Ptr = std::shared_ptr<const tardis::NBitsPacked>;
+  explicit PackedWeights(bool constant) : constant_(constant) {}
+
+  // `pack(NBitsPacked*)` fills a fresh one.
+  template <class Pack>
+  Ptr Get(Pack&& pack) {
+    auto fresh = [&] {
+      auto p = std::make_shared<tardis::NBitsPacked>();
+      pack(p.get());
+      return Ptr(std::move(p));
+    };
+    if (!constant_) return fresh();
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!packed_) packed_ = fresh();
+    return packed_;
+  }
+
+ private:
+  bool constant_;
+  std::mutex mutex_;
+  Ptr packed_;
+};
+
 // The int4 predictor's operands of a node: attributes K, N, bits, block_size, accuracy_level, and inputs B,
-// scales, zero_points and bias. When B, scales and zero points are constant initializers (`constant`, as
-// tardis-compile emits them) the weights are repacked on the first call and kept with the node; otherwise
-// on every call.
+// scales, zero_points and bias, repacked as PackedWeights says (`constant`: B, scales and zero points are).
 template <typename T>
 class Int4Weights {
  public:
   Int4Weights(const OrtApi* api, const OrtKernelInfo* info, const char* op, bool constant)
       : op_(op), K_(IntAttribute(api, info, "K", -1)), N_(IntAttribute(api, info, "N", -1)),
-        bs_(IntAttribute(api, info, "block_size", -1)), constant_(constant) {
+        bs_(IntAttribute(api, info, "block_size", -1)), packed_(constant) {
     const int64_t accuracy_level = IntAttribute(api, info, "accuracy_level", 4);
     const int64_t bits = IntAttribute(api, info, "bits", 4);
     if (accuracy_level != 4)
@@ -165,18 +209,10 @@ class Int4Weights {
     return "";
   }
 
-  std::shared_ptr<const tardis::Int4Packed> Packed(const uint8_t* b, const T* scales, const uint8_t* zp) {
-    auto pack = [&] {
-      std::vector<float> sf(static_cast<size_t>(N_ * Blocks()));
-      for (size_t i = 0; i < sf.size(); ++i) sf[i] = ToFloat(scales[i]);
-      auto fresh = std::make_shared<tardis::Int4Packed>();
-      tardis::PackInt4(b, sf.data(), zp, K_, N_, bs_, fresh.get());
-      return std::shared_ptr<const tardis::Int4Packed>(std::move(fresh));
-    };
-    if (!constant_) return pack();  // weights fed as inputs may change between calls
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!packed_) packed_ = pack();
-    return packed_;
+  PackedWeights::Ptr Packed(const uint8_t* b, const T* scales, const uint8_t* zp) {
+    return packed_.Get([&](tardis::NBitsPacked* out) {
+      tardis::PackInt4(b, Floats(scales, N_ * Blocks()).data(), zp, K_, N_, bs_, out);
+    });
   }
 
  private:
@@ -184,17 +220,15 @@ class Int4Weights {
 
   std::string op_;
   int64_t K_, N_, bs_;
-  bool constant_;  // B, scales and zero points are initializers: pack once
-  std::mutex mutex_;
-  std::shared_ptr<const tardis::Int4Packed> packed_;
+  PackedWeights packed_;
 };
 
-// h = Int4MatMul(a) for M rows of T into `out`; float16 goes through float32 in the calling thread's scratch.
+// h = NBitsMatMul(a) for M rows of T into `out`; float16 goes through float32 in the calling thread's scratch.
 template <typename T>
-void PredictInt4(const tardis::Int4Packed& w, const T* a, int64_t M, const T* bias, T* out, tardis::Isa isa,
+void NBitsProduct(const tardis::NBitsPacked& w, const T* a, int64_t M, const T* bias, T* out, tardis::Isa isa,
                  const tardis::Parallel& par) {
   if constexpr (std::is_same<T, float>::value) {
-    tardis::Int4MatMul(w, a, M, bias, out, isa, par);
+    tardis::NBitsMatMul(w, a, M, bias, out, isa, par);
   } else {  // A, bias and Y as float32 in the calling thread's kept scratch, converted with F16C
     const int64_t K = w.K, N = w.N;
     thread_local std::vector<float> keep;
@@ -203,7 +237,7 @@ void PredictInt4(const tardis::Int4Packed& w, const T* a, int64_t M, const T* bi
     float *bf = af + M * K, *yf = bf + N;
     tardis::HalfToFloatN(Bits(a), af, M * K, isa);
     tardis::HalfToFloatN(Bits(bias), bf, N, isa);
-    tardis::Int4MatMul(w, af, M, bf, yf, isa, par);
+    tardis::NBitsMatMul(w, af, M, bf, yf, isa, par);
     tardis::FloatToHalfN(yf, Bits(out), M * N, isa);
   }
 }
@@ -216,7 +250,7 @@ struct MatMulNBitsKernel {
   // a node without them is refused here.
   static constexpr const char* kInputs[] = {"A", "B", "scales", "zero_points", "bias"};
   static constexpr size_t kInputCount = std::size(kInputs);
-  static constexpr unsigned kByteInputs = 0b01010;  // B, zero_points
+  static constexpr char kInputTypes[] = "TuTuT";
 
   MatMulNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
       : inputs_(api, info, kNBitsOp, kInputs, "no g_idx"),
@@ -240,12 +274,11 @@ struct MatMulNBitsKernel {
       std::vector<int64_t> ys(as);
       ys.back() = weights_.N();
       T* out = y.Allocate(ys);
-      int64_t M = 1;
-      for (size_t i = 0; i + 1 < as.size(); ++i) M *= as[i];
+      const int64_t M = Rows(as);
       if (M == 0) return Ort::Status{nullptr};
       OrtParallel par(ctx);
-      PredictInt4(*weights_.Packed(b.Data(), scales.Data(), zero_points.Data()), a.Data(), M, bias.Data(), out, isa_,
-                  par);
+      NBitsProduct(*weights_.Packed(b.Data(), scales.Data(), zero_points.Data()), a.Data(), M, bias.Data(), out, isa_,
+                   par);
       return Ort::Status{nullptr};
     }).release();
   }
@@ -255,6 +288,63 @@ struct MatMulNBitsKernel {
 
   NodeInputs<kInputCount> inputs_;
   Int4Weights<T> weights_;
+  tardis::Isa isa_;
+};
+
+// ai.tardis::DequantizeMatMul: Y = A . DequantizeLinear(B, scale, axis=1) + bias for int8 B [K, N] with one
+// scale per column (the int8 fold of --fold-bits 8), A rounded to int8 per block of `block_size` values of K
+// as MatMulNBits does at accuracy_level 4, run by nbits_kernel at 8 bits.
+template <typename T>
+struct DequantizeMatMulKernel {
+  static constexpr const char* kInputs[] = {"A", "B", "scale", "bias"};
+  static constexpr size_t kInputCount = std::size(kInputs);
+  static constexpr char kInputTypes[] = "TiTT";
+
+  DequantizeMatMulKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : inputs_(api, info, kDqmmOp, kInputs, "B symmetric: no zero point"),
+        bs_(IntAttribute(api, info, "block_size", 32)), packed_(inputs_.Constant(1) && inputs_.Constant(2)),
+        isa_(IsaFromEnv()) {
+    if (bs_ < 16 || bs_ > 128 || (bs_ & (bs_ - 1)) != 0)
+      ORT_CXX_API_THROW(std::string(kDqmmOp) + ": block_size must be 16, 32, 64 or 128, got " + std::to_string(bs_),
+                        ORT_INVALID_ARGUMENT);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    g_dqmm_calls.fetch_add(1, std::memory_order_relaxed);
+    return Guarded(kDqmmOp, [&] {
+      typename NodeInputs<kInputCount>::Call c;
+      inputs_.Read(ctx, &c);
+      const In<T> a(*c.at[0]), scale(*c.at[2]), bias(*c.at[3]);
+      const In<int8_t> b(*c.at[1]);
+      const auto& as = a.Shape();
+      const auto& bs = b.Shape();
+      if (bs.size() != 2) return Error("B must have shape [K, N], got " + ShapeStr(bs));
+      const int64_t K = bs[0], N = bs[1];
+      if (as.empty() || as.back() != K)
+        return Error("A must have shape [..., K] with K = " + std::to_string(K) + " (B's rows), got " + ShapeStr(as));
+      if (scale.Shape() != std::vector<int64_t>{N})
+        return Error("scale must have shape [N] = [" + std::to_string(N) + "], got " + ShapeStr(scale.Shape()));
+      if (bias.Shape() != std::vector<int64_t>{N})
+        return Error("bias must have shape [N] = [" + std::to_string(N) + "], got " + ShapeStr(bias.Shape()));
+      std::vector<int64_t> ys(as);
+      ys.back() = N;
+      T* out = Output<T>(ctx).Allocate(ys);
+      const int64_t M = Rows(as);
+      if (M == 0 || N == 0) return Ort::Status{nullptr};
+      const PackedWeights::Ptr packed = packed_.Get([&](tardis::NBitsPacked* w) {
+        tardis::PackInt8Columns(b.Data(), Floats(scale.Data(), N).data(), K, N, bs_, w);
+      });
+      NBitsProduct(*packed, a.Data(), M, bias.Data(), out, isa_, OrtParallel(ctx));
+      return Ort::Status{nullptr};
+    }).release();
+  }
+
+ private:
+  static Ort::Status Error(const std::string& msg) { return OpError(kDqmmOp, msg); }
+
+  NodeInputs<kInputCount> inputs_;
+  int64_t bs_;
+  PackedWeights packed_;
   tardis::Isa isa_;
 };
 
@@ -366,17 +456,11 @@ std::string CheckActivations(In<T> x, In<T> y_lin) {
   return "";
 }
 
-int64_t Rows(const std::vector<int64_t>& shape) {
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-  return rows;
-}
-
 template <typename T>
 struct GuardedFallbackKernel {
   static constexpr const char* kInputs[] = {"x", "y_lin", "h_hat", "lo", "hi", "w1t", "b1", "w2", "alpha", "beta"};
   static constexpr size_t kInputCount = std::size(kInputs);
-  static constexpr unsigned kByteInputs = 0;
+  static constexpr char kInputTypes[] = "TTTTTTTTTT";
 
   GuardedFallbackKernel(const OrtApi* api, const OrtKernelInfo* info)
       : cfg_(api, info, kOpName), inputs_(api, info, "ai.tardis::GuardedFallback", kInputs, "all required") {}
@@ -423,17 +507,17 @@ struct GuardedFallbackKernel {
 // neurons per range.
 class Int4RangePredictor final : public tardis::RangePredictor {
  public:
-  Int4RangePredictor(const tardis::Int4Packed& w, const float* x, int64_t M, const float* bias, tardis::Isa isa)
-      : w_(w), acts_(tardis::Int4Quantize(w, x, M, isa, &big_)), bias_(bias) {}
+  Int4RangePredictor(const tardis::NBitsPacked& w, const float* x, int64_t M, const float* bias, tardis::Isa isa)
+      : w_(w), acts_(tardis::NBitsQuantize(w, x, M, isa, &big_)), bias_(bias) {}
   int64_t Align() const override { return 16; }
   void Predict(int64_t j0, int64_t j1, float* h) const override {
-    tardis::Int4Tiles(w_, acts_, bias_, j0 / 16, (j1 + 15) / 16, h, j1 - j0);
+    tardis::NBitsTiles(w_, acts_, bias_, j0 / 16, (j1 + 15) / 16, h, j1 - j0);
   }
 
  private:
-  const tardis::Int4Packed& w_;
+  const tardis::NBitsPacked& w_;
   std::unique_ptr<uint8_t[]> big_;
-  tardis::Int4Acts acts_;
+  tardis::NBitsActs acts_;
   const float* bias_;
 };
 
@@ -445,7 +529,7 @@ struct GuardedFallbackNBitsKernel {
   static constexpr const char* kInputs[] = {"x",  "y_lin", "B",  "scales", "zero_points", "bias", "lo",
                                             "hi", "w1t",   "b1", "w2",     "alpha",       "beta"};
   static constexpr size_t kInputCount = std::size(kInputs);
-  static constexpr unsigned kByteInputs = 0b10100;  // B, zero_points
+  static constexpr char kInputTypes[] = "TTuTuTTTTTTTT";
 
   GuardedFallbackNBitsKernel(const OrtApi* api, const OrtKernelInfo* info)
       : cfg_(api, info, kFusedName), inputs_(api, info, kFusedOp, kInputs, "all required"),
@@ -475,8 +559,7 @@ struct GuardedFallbackNBitsKernel {
           FallbackOperands<T>(tokens, d, D, x, y_lin, lo, hi, w1t, b1, w2, alpha, beta, y.Allocate(xs));
       tardis::RunInfo info;
       if (tokens > 0 && d > 0) {
-        const std::shared_ptr<const tardis::Int4Packed> packed =
-            weights_.Packed(b.Data(), scales.Data(), zero_points.Data());
+        const PackedWeights::Ptr packed = weights_.Packed(b.Data(), scales.Data(), zero_points.Data());
         const OrtParallel par(ctx);
         bool fused = false;
         if constexpr (std::is_same<T, float>::value) {
@@ -491,7 +574,7 @@ struct GuardedFallbackNBitsKernel {
           thread_local std::vector<T> keep;
           std::unique_ptr<T[]> big;
           T* h_hat = tardis::Scratch(keep, static_cast<size_t>(tokens * D), &big);
-          PredictInt4(*packed, x.Data(), tokens, bias.Data(), h_hat, cfg_.isa, par);
+          NBitsProduct(*packed, x.Data(), tokens, bias.Data(), h_hat, cfg_.isa, par);
           op.h_hat = h_hat;
           RunFallback<T>(op, cfg_, par, &info);
         }
@@ -530,8 +613,8 @@ OrtStatusPtr InferTypeAndShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   return nullptr;  // rank unknown: leave the output to the graph's declaration
 }
 
-// MatMulNBits: A's element type and shape with the last axis N (the attribute).
-OrtStatusPtr InferNBits(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+// Output 0: input 0's element type and shape with the last axis n (-1: unknown).
+OrtStatusPtr SetLastAxis(OrtShapeInferContext* ctx, int64_t n) {
   const OrtApi& api = Ort::GetApi();
   OrtTensorTypeAndShapeInfo* info = nullptr;
   if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) {
@@ -543,11 +626,6 @@ OrtStatusPtr InferNBits(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   if (OrtStatus* st = api.GetDimensionsCount(info, &rank)) return st;
   if (OrtStatus* st = api.GetTensorElementType(info, &type)) return st;
   if (rank == 0) return nullptr;
-  const OrtOpAttr* attr = nullptr;
-  int64_t n = 0;
-  size_t len = 0;
-  if (OrtStatus* st = api.ShapeInferContext_GetAttribute(ctx, "N", &attr)) return st;
-  if (OrtStatus* st = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &len)) return st;
   std::vector<int64_t> dims(rank);
   std::vector<const char*> names(rank, "");
   if (OrtStatus* st = api.GetDimensions(info, dims.data(), rank)) return st;
@@ -562,6 +640,36 @@ OrtStatusPtr InferNBits(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   if (st == nullptr) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
   api.ReleaseTensorTypeAndShapeInfo(out);
   return st;
+}
+
+// MatMulNBits: A's element type and shape with the last axis N (the attribute).
+OrtStatusPtr InferNBits(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  const OrtOpAttr* attr = nullptr;
+  int64_t n = 0;
+  size_t len = 0;
+  if (OrtStatus* st = api.ShapeInferContext_GetAttribute(ctx, "N", &attr)) return st;
+  if (OrtStatus* st = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &len)) return st;
+  return SetLastAxis(ctx, n);
+}
+
+// DequantizeMatMul: A's element type and shape with the last axis N, B's columns (unknown when B's shape is).
+OrtStatusPtr InferDequantizeMatMul(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  int64_t n = -1;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, 1, &info)) {
+    api.ReleaseStatus(st);
+  } else {
+    size_t rank = 0;
+    if (OrtStatus* st = api.GetDimensionsCount(info, &rank)) return st;
+    if (rank == 2) {
+      int64_t dims[2];
+      if (OrtStatus* st = api.GetDimensions(info, dims, 2)) return st;
+      n = dims[1];
+    }
+  }
+  return SetLastAxis(ctx, n);
 }
 
 // The ops, kept alive for the process: for each kernel its float and float16 op under one name, with its
@@ -587,6 +695,7 @@ Registry& GetRegistry() {
     r->Add<GuardedFallbackKernel>(kOpName, &InferTypeAndShape);
     r->Add<MatMulNBitsKernel>(kNBitsName, &InferNBits);
     r->Add<GuardedFallbackNBitsKernel>(kFusedName, &InferTypeAndShape);
+    r->Add<DequantizeMatMulKernel>(kDqmmName, &InferDequantizeMatMul);
     return r;
   }();
   return *reg;
@@ -637,8 +746,10 @@ TARDIS_EXPORT uint64_t TardisOpsFusedCalls() { return g_fused_calls.load(); }
 TARDIS_EXPORT uint64_t TardisOpsFusedPaths() { return g_fused_paths.load(); }
 // Number of ai.tardis::MatMulNBits kernel invocations in this process.
 TARDIS_EXPORT uint64_t TardisOpsNBitsCalls() { return g_nbits_calls.load(); }
-// The instruction set ai.tardis::MatMulNBits uses here: 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable.
-TARDIS_EXPORT int TardisOpsNBitsLevel() { return tardis::Int4Level(IsaFromEnv()); }
+// Number of ai.tardis::DequantizeMatMul kernel invocations in this process.
+TARDIS_EXPORT uint64_t TardisOpsDequantizeMatMulCalls() { return g_dqmm_calls.load(); }
+// The instruction set ai.tardis::MatMulNBits and DequantizeMatMul use here: 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable.
+TARDIS_EXPORT int TardisOpsNBitsLevel() { return tardis::NBitsLevel(IsaFromEnv()); }
 // 1 when the AVX2/FMA/F16C path is available on this CPU.
 TARDIS_EXPORT int TardisOpsCpuHasAvx2() { return tardis::CpuHasAvx2() ? 1 : 0; }
 // 1 when the CPU also has AVX-512F (block kernels of the neuron path).

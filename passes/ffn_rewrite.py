@@ -9,8 +9,9 @@ Emitted graph (the block's output keeps its original tensor name, so consumers a
        │                                                                    │  no margin: ranges go straight in)
        └───────────────────────────────────────────────────────────────────┴─► ai.tardis::GuardedFallback ─► y
 
-The folded part is standard ``MatMul``/``Add`` (int8 W_f: :func:`_fold`); ``GuardedFallback`` is our
-compiled kernel when ``libtardis_ops`` is registered and the model-local function body otherwise. An int4
+The folded part is standard ``MatMul``/``Add`` (int8 W_f: our ``DequantizeMatMul``, see :func:`_fold`);
+``GuardedFallback`` and ``DequantizeMatMul`` are our compiled kernels when ``libtardis_ops`` is registered and
+their model-local function bodies otherwise. An int4
 predictor (``ai.tardis::MatMulNBits``) whose ``ĥ`` nothing else reads is then fused with the fallback into
 one ``ai.tardis::GuardedFallbackNBits`` node (:mod:`tardis_compile.fused_op`).
 The guards are the fitted range shrunk by the predictor's safety margin; they are spelled as
@@ -27,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tardis_compile import fallback_op, fused_op, nbits_op, quantize
+from tardis_compile import dequantize_matmul_op, fallback_op, fused_op, nbits_op, quantize
 from tardis_compile.fit import Lines
 from tardis_compile.passes.ffn_match import FfnBlock, describe
 from tardis_compile.predictor import MS_DOMAIN, AddInitializer, deferred
@@ -80,32 +81,33 @@ def _fold(folded: FoldedBlock, add: AddInitializer, prefix: str, x: ir.Value,
     """The folded product ``y_lin = x·W_f + b_f`` as nodes, by how W_f is stored::
 
         float (model dtype)   x ─► MatMul(W_f) ─► Add(b_f) ─► y_lin
-        --fold-bits 8         x ─► MatMul(DequantizeLinear(W_f_int8, scale per column)) ─► Add(b_f) ─► y_lin
+        --fold-bits 8         x ─► ai.tardis::DequantizeMatMul(W_f_int8, scale per column, b_f) ─► y_lin
         + --fold-activations int8
                               x ─► com.microsoft::DynamicQuantizeMatMul(W_f_int8, scale, b_f) ─► y_lin
 
-    ORT does not constant-fold the ``DequantizeLinear``; 1.25 and later fuse it with the ``MatMul`` into an
-    8-bit ``MatMulNBits`` (a quarter of the bytes read), older versions dequantize on every call.
-    ``DynamicQuantizeMatMul`` also rounds x to uint8 (one scale per call) and runs MLAS's integer GEMM (AMX
-    or VNNI where the CPU has them) on every ONNX Runtime version.
+    ``DequantizeMatMul`` (:mod:`tardis_compile.dequantize_matmul_op`) is our 8-bit kernel, which rounds x to
+    int8 per block of K; without ``libtardis_ops`` its body is ``MatMul(DequantizeLinear(W_f_int8, scale))
+    + b_f``, which ORT 1.25 and later fuse into an 8-bit ``MatMulNBits`` and older versions dequantize on
+    every call. ``DynamicQuantizeMatMul`` rounds x to uint8 (one scale per call) and runs MLAS's integer
+    GEMM (AMX or VNNI where the CPU has them) on every ONNX Runtime version.
     """
     b_f = add(f"{prefix}/b_f", folded.b_f.astype(dtype))
-    dequantize = []
     if folded.fold_bits == 8:
         q, scale = quantize.int8_columns(folded.w_f)
         w_q, w_scale = add(f"{prefix}/W_f_int8", q), add(f"{prefix}/W_f_scale", scale.astype(dtype))
         if folded.fold_activations == "int8":
             dqmm = _node("DynamicQuantizeMatMul", [x, w_q, w_scale, None, b_f],
                          f"{prefix}/folded/DynamicQuantizeMatMul", f"{prefix}/y_lin", domain=MS_DOMAIN)
-            return [dqmm], dqmm.outputs[0]
-        dequantize = [_node("DequantizeLinear", [w_q, w_scale], f"{prefix}/folded/DequantizeLinear", f"{prefix}/W_f",
-                            axis=1)]
-        w_f = dequantize[0].outputs[0]
-    else:  # the big new weights are deferred: computed one at a time while the model is written
-        w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
+        else:
+            dqmm = _node(dequantize_matmul_op.OP_TYPE, [x, w_q, w_scale, b_f], f"{prefix}/folded/DequantizeMatMul",
+                         f"{prefix}/y_lin", domain=dequantize_matmul_op.DOMAIN,
+                         block_size=dequantize_matmul_op.BLOCK_SIZE)
+        return [dqmm], dqmm.outputs[0]
+    # the big new weights are deferred: computed one at a time while the model is written
+    w_f = add(f"{prefix}/W_f", deferred(folded.w_f.shape, dtype, lambda: folded.w_f.astype(dtype)))
     mm = _node("MatMul", [x, w_f], f"{prefix}/folded/MatMul", f"{prefix}/xW_f")
     y_lin = _node("Add", [mm.outputs[0], b_f], f"{prefix}/folded/Add", f"{prefix}/y_lin")
-    return [*dequantize, mm, y_lin], y_lin.outputs[0]
+    return [mm, y_lin], y_lin.outputs[0]
 
 
 def rewrite_block(graph: ir.Graph, folded: FoldedBlock) -> ir.Node:
@@ -222,6 +224,7 @@ def rewrite(model: ir.Model, blocks: list[FoldedBlock]) -> list[ir.Node]:
     function = ir.serde.deserialize_function(proto)
     model.functions[function.identifier()] = function
     nbits_op.register(model)
+    dequantize_matmul_op.register(model)
     fused_op.fuse(model)
     names = {n.name for n in nodes}  # the fused nodes keep their fallback's name
     nodes = [n for n in fallback_op.fallback_nodes(model.graph) if n.name in names]

@@ -190,7 +190,7 @@ class ExactPredictor:
         return float(self.w1.size)
 
 
-def _int8_activations(x: np.ndarray, block_size: int) -> np.ndarray:
+def int8_activations(x: np.ndarray, block_size: int) -> np.ndarray:
     """MLAS's accuracy-level-4 rounding of the activations: symmetric int8 per block of K, levels
     ``round(x · (127 / max|x|))`` computed in float32 as both kernels do (a float64 product can round a tie
     the other way), scale ``max|x| / 127``."""
@@ -222,7 +222,7 @@ class LowBitPredictor:
                                  f"({self.quant.n},)")
 
     def estimate(self, x: np.ndarray) -> np.ndarray:
-        xq = _int8_activations(np.asarray(x, np.float64), self.quant.block_size)
+        xq = int8_activations(np.asarray(x, np.float64), self.quant.block_size)
         return xq @ self.weights() + self.b1
 
     def weights(self) -> np.ndarray:

@@ -305,7 +305,7 @@ def session_options(so: ort.SessionOptions | None = None, require: bool = False,
         lib = build_library(quiet=not require and _warned_missing)
     if lib is None:
         msg = (f"{LIB_NAME} is not available ({_unavailable_reason(tried)}); the ai.tardis nodes "
-               "(GuardedFallback, MatMulNBits, GuardedFallbackNBits) run through their ONNX function bodies")
+               "(GuardedFallback, MatMulNBits, GuardedFallbackNBits, DequantizeMatMul) run through their ONNX function bodies")
         if require:
             raise LibraryUnavailableError(msg)
         if not _warned_missing:
@@ -333,7 +333,7 @@ def _cdll(lib: Path | None = None) -> ctypes.CDLL | None:
     handle = ctypes.CDLL(str(lib))
     for name in ("TardisOpsKernelCalls", "TardisOpsUnionCalls", "TardisOpsNeuronCalls", "TardisOpsTileCalls",
                  "TardisOpsPanelCalls", "TardisOpsPortableCalls", "TardisOpsAvx512Calls", "TardisOpsFlaggedPairs",
-                 "TardisOpsNBitsCalls", "TardisOpsFusedCalls", "TardisOpsFusedPaths"):
+                 "TardisOpsNBitsCalls", "TardisOpsFusedCalls", "TardisOpsFusedPaths", "TardisOpsDequantizeMatMulCalls"):
         getattr(handle, name).restype = ctypes.c_uint64
     return handle
 
@@ -353,7 +353,8 @@ def kernel_stats(lib: Path | None = None) -> dict[str, int]:
     """All counters of the library: ``calls``, ``union_calls`` (union-gather strategy), ``neuron_calls``
     (neuron-major strategy), ``tile_calls`` (tile strategy, AVX-512 or AVX2), ``panel_calls`` (of those, in
     column-panel order), ``portable_calls`` (non-AVX2 code), ``avx512_calls`` (AVX-512 block kernels),
-    ``flagged_pairs`` (all of them), ``nbits_calls`` (ai.tardis::MatMulNBits), ``fused_calls``
+    ``flagged_pairs`` (all of them), ``nbits_calls`` (ai.tardis::MatMulNBits), ``dqmm_calls``
+    (ai.tardis::DequantizeMatMul), ``fused_calls``
     (GuardedFallbackNBits, also counted in ``calls``), ``fused_paths`` (of those, predicted inside the
     fallback's work items), plus
     ``cpu_has_avx2``, ``cpu_has_avx512``, ``nbits_level`` (2 = AVX-512 VNNI, 1 = AVX2, 0 = portable) and
@@ -367,6 +368,7 @@ def kernel_stats(lib: Path | None = None) -> dict[str, int]:
             "portable_calls": int(handle.TardisOpsPortableCalls()),
             "avx512_calls": int(handle.TardisOpsAvx512Calls()),
             "flagged_pairs": int(handle.TardisOpsFlaggedPairs()), "nbits_calls": int(handle.TardisOpsNBitsCalls()),
+            "dqmm_calls": int(handle.TardisOpsDequantizeMatMulCalls()),
             "fused_calls": int(handle.TardisOpsFusedCalls()), "fused_paths": int(handle.TardisOpsFusedPaths()),
             "nbits_level": int(handle.TardisOpsNBitsLevel()),
             "cpu_has_avx2": int(handle.TardisOpsCpuHasAvx2()), "cpu_has_avx512": int(handle.TardisOpsCpuHasAvx512()),

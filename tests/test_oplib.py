@@ -646,13 +646,15 @@ def test_int4_predictor_op_runs_in_onnxruntime_1_21(lib, tmp_path):
 @pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("TARDIS_TEST_ORT_MIN")),
                     reason="installs onnxruntime 1.21 into a side venv (~1 min once): runs under CI or with "
                            "TARDIS_TEST_ORT_MIN=1")
-@pytest.mark.parametrize("options,counter,op_type", [
-    ({"predictor": "int8", "fold_bits": 8, "fold_activations": "int8"}, "TardisOpsKernelCalls", "GuardedFallback"),
-    ({"predictor": "int4"}, "TardisOpsFusedCalls", "GuardedFallbackNBits")], ids=["int8-fold-input", "int4-fused"])
-def test_written_model_runs_in_onnxruntime_1_21(lib, tmp_path, options, counter, op_type):
-    """A model written with ``--fold-bits 8 --fold-activations int8`` (the fold a DynamicQuantizeMatMul), or
-    with the int4 predictor fused into the fallback, gives in onnxruntime 1.21 what it gives in the installed
-    one, our kernel running in both."""
+@pytest.mark.parametrize("options,counter,op_types", [
+    ({"predictor": "int8", "fold_bits": 8, "fold_activations": "int8"}, "TardisOpsKernelCalls", ["GuardedFallback"]),
+    ({"predictor": "int4"}, "TardisOpsFusedCalls", ["GuardedFallbackNBits"]),
+    ({"predictor": "int4", "fold_bits": 8}, "TardisOpsDequantizeMatMulCalls", ["DequantizeMatMul", "GuardedFallbackNBits"])],
+    ids=["int8-fold-input", "int4-fused", "int8-fold"])
+def test_written_model_runs_in_onnxruntime_1_21(lib, tmp_path, options, counter, op_types):
+    """A model written with ``--fold-bits 8 --fold-activations int8`` (the fold a DynamicQuantizeMatMul), with
+    the int4 predictor fused into the fallback, or with ``--fold-bits 8`` (the fold our DequantizeMatMul) gives
+    in onnxruntime 1.21 what it gives in the installed one, our kernel running in both."""
     import subprocess
 
     import tardis_compile as tc
@@ -662,7 +664,7 @@ def test_written_model_runs_in_onnxruntime_1_21(lib, tmp_path, options, counter,
     out = tmp_path / "out.onnx"
     tc.optimize(path, out, batches(d=32, n=8), show_progress=False,
                 settings=tc.Settings(target_fallback=0.2, **options))
-    assert [n.op_type for n in onnx.load(str(out)).graph.node if n.domain == fo.DOMAIN] == [op_type]
+    assert [n.op_type for n in onnx.load(str(out)).graph.node if n.domain == fo.DOMAIN] == op_types
     x = batches(d=32, n=1, seed=5)[0]["x"]
     np.savez(tmp_path / "in.npz", ref=run(out, {"x": x}, runtime.session_options()).astype(np.float64), x=x)
     res = subprocess.run([_ort_min_python(), "-c", _CHILD, str(lib), str(out), str(tmp_path / "in.npz"), ORT_MIN,
