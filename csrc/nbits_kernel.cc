@@ -70,16 +70,26 @@ inline int Level(const uint8_t* blk, int n, int64_t k) {
   return (blk[64 * (k / 8) + 4 * n + r % 4] >> (4 * (r / 4))) & 15;
 }
 
-// out[m * 16 + n] = sum_b sx[m, b] s[n, b] (sum_k q[m, k] level[n, k] - zp[n, b] sum[m, b]) for one tile.
+// Bytes per block of a tile: the levels, and at 4 bits the block's scales and zero points (NBitsPacked).
+constexpr int64_t BlockBytes(int bits, int64_t bs) { return bs * 2 * bits + (bits == 4 ? 80 : 0); }
+
+// out[m * 16 + n] = sum_b sx[m, b] s[n, b] (sum_k q[m, k] level[n, k] - zp[n, b] sum[m, b]) for one tile
+// (8 bits: s[n, b] = s[n], zp = 128).
 template <int Bits>
 void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, int mr, float* out) {
-  const int64_t levels = bs * 2 * Bits, bb = levels + 80;
+  const int64_t levels = bs * 2 * Bits, bb = BlockBytes(Bits, bs);
   std::fill(out, out + 16 * mr, 0.0f);
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
     float s[16];
-    std::memcpy(s, blk + levels, sizeof(s));
-    const uint8_t* zp = blk + levels + 64;
+    uint8_t zp[16];
+    if constexpr (Bits == 8) {
+      std::memcpy(s, tile + kb * bb, sizeof(s));
+      std::fill(zp, zp + 16, uint8_t{128});
+    } else {
+      std::memcpy(s, blk + levels, sizeof(s));
+      std::memcpy(zp, blk + levels + 64, sizeof(zp));
+    }
     for (int m = 0; m < mr; ++m) {
       const int8_t* xq = a.q + (m0 + m) * a.ld + b * bs;
       const int32_t xs = a.sum[(m0 + m) * kb + b];
@@ -145,7 +155,7 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
   constexpr int kChains = MR <= 2 ? 4 : 2;  // vectors per block (bs / 8 or bs / 4) are a multiple of 2 or 4
   constexpr int kVecs = Bits == 8 ? kChains : kChains / 2;  // vectors per step (a 4-bit one feeds two chains)
   constexpr int kRows = 32 / Bits;                           // rows of K per vector
-  const int64_t levels = bs * 2 * Bits, bb = levels + 80;
+  const int64_t levels = bs * 2 * Bits, bb = BlockBytes(Bits, bs);
   __m512 h[MR];
   for (int m = 0; m < MR; ++m) h[m] = _mm512_setzero_ps();
   const int8_t* xq[MR];
@@ -175,15 +185,24 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
         }
       }
     }
-    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + levels));
-    const __m512i zp = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + levels + 64)));
     for (int m = 0; m < MR; ++m) {
       __m512i sum = acc[m][0];
       for (int c = 1; c < kChains; ++c) sum = _mm512_add_epi32(sum, acc[m][c]);
       const int64_t i = (m0 + m) * kb + b;
-      const __m512i t = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[i])));
-      h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[i])), h[m]);
+      if constexpr (Bits == 8) {  // zero point 128 for all; the neurons' scales once, after the last block
+        const __m512i t = _mm512_sub_epi32(sum, _mm512_set1_epi32(a.sum[i] * 128));
+        h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(a.sx[i]), h[m]);
+      } else {
+        const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + levels));
+        const __m512i zp = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + levels + 64)));
+        const __m512i t = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[i])));
+        h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[i])), h[m]);
+      }
     }
+  }
+  if constexpr (Bits == 8) {
+    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + kb * bb));
+    for (int m = 0; m < MR; ++m) h[m] = _mm512_mul_ps(h[m], s);
   }
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + 16 * m, h[m]);
 }
@@ -194,7 +213,7 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
 template <int MR, int Bits>
 TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, float* out) {
   constexpr int kRows = 32 / Bits;  // rows of K per 64-byte vector
-  const int64_t levels = bs * 2 * Bits, bb = levels + 80;
+  const int64_t levels = bs * 2 * Bits, bb = BlockBytes(Bits, bs);
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteens = _mm256_set1_epi16(16);
   __m256 h[MR][2];
   for (int m = 0; m < MR; ++m) h[m][0] = h[m][1] = _mm256_setzero_ps();
@@ -224,13 +243,25 @@ TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const 
       }
     }
     for (int half = 0; half < 2; ++half) {
-      const __m256 s = _mm256_loadu_ps(reinterpret_cast<const float*>(blk + levels) + 8 * half);
-      const __m256i zp = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + levels + 64 + 8 * half)));
       for (int m = 0; m < MR; ++m) {
         const int64_t i = (m0 + m) * kb + b;
-        const __m256i t = _mm256_sub_epi32(acc[m][half], _mm256_mullo_epi32(zp, _mm256_set1_epi32(a.sum[i])));
-        h[m][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(s, _mm256_set1_ps(a.sx[i])), h[m][half]);
+        if constexpr (Bits == 8) {  // as TileVnni
+          const __m256i t = _mm256_sub_epi32(acc[m][half], _mm256_set1_epi32(a.sum[i] * 128));
+          h[m][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(a.sx[i]), h[m][half]);
+        } else {
+          const __m256 s = _mm256_loadu_ps(reinterpret_cast<const float*>(blk + levels) + 8 * half);
+          const __m256i zp =
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + levels + 64 + 8 * half)));
+          const __m256i t = _mm256_sub_epi32(acc[m][half], _mm256_mullo_epi32(zp, _mm256_set1_epi32(a.sum[i])));
+          h[m][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(s, _mm256_set1_ps(a.sx[i])), h[m][half]);
+        }
       }
+    }
+  }
+  if constexpr (Bits == 8) {
+    for (int half = 0; half < 2; ++half) {
+      const __m256 s = _mm256_loadu_ps(reinterpret_cast<const float*>(tile + kb * bb) + 8 * half);
+      for (int m = 0; m < MR; ++m) h[m][half] = _mm256_mul_ps(h[m][half], s);
     }
   }
   for (int m = 0; m < MR; ++m) {
@@ -312,7 +343,6 @@ void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points,
 
 void PackInt8Columns(const int8_t* b, const float* scales, int64_t K, int64_t N, int64_t bs, NBitsPacked* out) {
   uint8_t* base = Allocate(K, N, bs, 8, out);
-  const int64_t levels = out->LevelBytes();
   for (int64_t k = 0; k < K; ++k) {  // B's rows in order (contiguous reads)
     const int64_t blk = k / bs, r = k % bs;
     for (int64_t n = 0; n < N; ++n)
@@ -320,11 +350,8 @@ void PackInt8Columns(const int8_t* b, const float* scales, int64_t K, int64_t N,
           static_cast<uint8_t>(b[k * N + n] + 128);
   }
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t blk = 0; blk < out->kb; ++blk) {
-      uint8_t* dst = base + (n / 16) * out->TileBytes() + blk * out->BlockBytes() + levels;
-      std::memcpy(dst + 4 * (n % 16), scales + n, sizeof(float));
-      dst[64 + n % 16] = 128;
-    }
+    std::memcpy(base + (n / 16) * out->TileBytes() + out->kb * out->BlockBytes() + 4 * (n % 16), scales + n,
+                sizeof(float));
 }
 
 NBitsActs NBitsQuantize(const NBitsPacked& w, const float* x, int64_t M, Isa isa, std::unique_ptr<uint8_t[]>* big) {

@@ -13,11 +13,15 @@
 
 namespace tardis {
 
-// The weights repacked once per node for the int8 dot-product kernels. Per tile of 16 neurons, per block of
-// `bs` rows of K: the levels, then the 16 neurons' scales (float32) and zero points (uint8). The levels are
-// vectors of 64 bytes, byte 4 n + i for neuron n:
-//   4 bits: bs / 8 vectors; in vector p, the low nibble holds row 8 p + i of the block, the high one 8 p + 4 + i;
-//   8 bits: bs / 4 vectors; in vector p, row 4 p + i.
+// The weights repacked once per node for the int8 dot-product kernels, in tiles of 16 neurons:
+//   4 bits (MatMulNBits): per block of `bs` rows of K, the levels, then the 16 neurons' scales (float32) and
+//     zero points (uint8);
+//   8 bits (DequantizeMatMul): the levels of every block, then the 16 neurons' scales (float32), one per
+//     neuron for all of K; the zero point is 128 (levels B + 128).
+// The levels are vectors of 64 bytes, byte 4 n + i for neuron n:
+//   4 bits: bs / 8 vectors per block; in vector p, the low nibble holds row 8 p + i of the block, the high
+//     one row 8 p + 4 + i;
+//   8 bits: bs / 4 vectors per block; in vector p, row 4 p + i.
 // Neurons past N and rows past K are zero (their outputs are not stored; their activations are 0).
 struct NBitsPacked {
   int64_t K = 0, N = 0, bs = 0, kb = 0, tiles = 0;
@@ -27,8 +31,8 @@ struct NBitsPacked {
 
   const uint8_t* data() const { return storage.data() + offset; }
   int64_t LevelBytes() const { return bs * 2 * bits; }  // 16 neurons x bs rows x bits / 8
-  int64_t BlockBytes() const { return LevelBytes() + 16 * 4 + 16; }
-  int64_t TileBytes() const { return kb * BlockBytes(); }
+  int64_t BlockBytes() const { return LevelBytes() + (bits == 4 ? 16 * 4 + 16 : 0); }
+  int64_t TileBytes() const { return kb * BlockBytes() + (bits == 8 ? 16 * 4 : 0); }
 };
 
 // Repack MatMulNBits inputs: B [N, kb, bs / 2] (two levels per byte, low nibble first), scales [N * kb]
@@ -38,7 +42,7 @@ void PackInt4(const uint8_t* b, const float* scales, const uint8_t* zero_points,
               NBitsPacked* out);
 
 // Repack the operands of x . DequantizeLinear(B, scale, axis=1): B int8 [K, N], one scale per column [N]
-// (float32). Stored as 8-bit levels B + 128 with zero point 128; `bs` rows of K share an activation scale.
+// (float32). Stored as 8-bit levels B + 128; `bs` rows of K share an activation scale.
 void PackInt8Columns(const int8_t* b, const float* scales, int64_t K, int64_t N, int64_t bs, NBitsPacked* out);
 
 // The int8 activations of M rows for NBitsTiles: levels padded to kb * bs per row, one scale and one level
