@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,3 +28,21 @@ def batches(d: int = 16, n: int = 12, rank: int = 3, seed: int = 1) -> list[dict
 def run(path: Path, feed: dict[str, np.ndarray], options: ort.SessionOptions | None = None) -> np.ndarray:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)[0]
+
+
+def op_session(model: bytes, library: bool, env: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A session for a model of our ops, with ``libtardis_ops`` (required) or without (the function bodies);
+    ``env`` is set while the session creates its kernels (they read ``TARDIS_OPS_ISA`` then), then restored."""
+    from tardis_compile import runtime
+
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        so = runtime.session_options(require=True) if library else ort.SessionOptions()
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v

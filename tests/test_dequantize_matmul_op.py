@@ -5,7 +5,6 @@ block of K, ``predictor.int8_activations``, times ``B · scale``), the function 
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -17,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tardis_compile import dequantize_matmul_op as dqmm
 from tardis_compile import quantize, runtime
 from tardis_compile.predictor import int8_activations
+from tests.helpers import op_session
 
 F32, F16, I8 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8
 # onnxruntime 1.25 and later fuse DequantizeLinear + MatMul into MatMulNBits (accuracy level 4) by default
@@ -64,20 +64,6 @@ def _reference(x: np.ndarray, K: int, N: int, block: int, dtype=np.float32, seed
     return (a @ w + bias.astype(dtype)).reshape(*x.shape[:-1], N)
 
 
-def _session(model: bytes, library: bool, env: dict | None = None) -> ort.InferenceSession:
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:  # the kernel reads TARDIS_OPS_ISA when the session creates it
-        so = runtime.session_options(require=True) if library else ort.SessionOptions()
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
-
-
 def _calls(lib) -> int:
     return runtime.kernel_stats(lib)["dqmm_calls"]
 
@@ -90,9 +76,9 @@ def test_kernel_matches_the_rounded_arithmetic_and_the_body_the_float_product(li
     x = np.random.default_rng(1).standard_normal((tokens, K)).astype(np.float32)
     model = _model(K, N, block)
     before = _calls(lib)
-    ours = _session(model, library=True).run(None, {"A": x})[0]
+    ours = op_session(model, library=True).run(None, {"A": x})[0]
     assert _calls(lib) == before + 1
-    body = _session(model, library=False).run(None, {"A": x})[0]
+    body = op_session(model, library=False).run(None, {"A": x})[0]
     assert ours.shape == body.shape == (tokens, N)
     ref = _reference(x, K, N, block)
     scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
@@ -110,13 +96,13 @@ def test_every_instruction_set_float16_and_leading_axes(lib, isa, dtype):
     Y, batch x sequence axes, against the emulation; float32 results alike across instruction sets."""
     K, N, block = 200, 61, 64
     x = np.random.default_rng(2).standard_normal((2, 5, K)).astype(dtype)
-    out = _session(_model(K, N, block, dtype, leading=2), True, {"TARDIS_OPS_ISA": isa}).run(None, {"A": x})[0]
+    out = op_session(_model(K, N, block, dtype, leading=2), True, {"TARDIS_OPS_ISA": isa}).run(None, {"A": x})[0]
     assert out.dtype == dtype and out.shape == (2, 5, N)
     ref = _reference(x.astype(np.float32), K, N, block, dtype)
     tol = 2e-6 if dtype == np.float32 else 2e-3
     assert np.abs(out.astype(np.float64) - ref).max() < tol * np.abs(ref).max()
     if dtype == np.float32:
-        best = _session(_model(K, N, block, leading=2), True).run(None, {"A": x})[0]
+        best = op_session(_model(K, N, block, leading=2), True).run(None, {"A": x})[0]
         np.testing.assert_allclose(out, best, rtol=1e-6, atol=1e-6)  # integer products exact, float sums reordered
 
 
@@ -138,7 +124,7 @@ def test_extreme_levels_do_not_saturate(lib):
     x = np.full((1, K), 3.0, np.float32)
     expected = 3.0 * q.astype(np.float64).sum(axis=0)
     for isa in ("avx512", "avx2", "portable"):
-        np.testing.assert_allclose(_session(model, True, {"TARDIS_OPS_ISA": isa}).run(None, {"A": x})[0][0], expected,
+        np.testing.assert_allclose(op_session(model, True, {"TARDIS_OPS_ISA": isa}).run(None, {"A": x})[0][0], expected,
                                    rtol=1e-6)
     assert expected[0] == 3.0 * 127 * K
 
@@ -146,21 +132,21 @@ def test_extreme_levels_do_not_saturate(lib):
 def test_weights_fed_as_inputs_are_read_on_every_call(lib):
     """Only initializer weights are repacked once: weights that are graph inputs may change (even in place)."""
     K, N, block = 64, 32, 32
-    sess = _session(_model(K, N, block, constant=False), library=True)
+    sess = op_session(_model(K, N, block, constant=False), library=True)
     rng = np.random.default_rng(8)
     feed = {"A": rng.standard_normal((3, K)).astype(np.float32), "B": rng.integers(-127, 128, (K, N), dtype=np.int8),
             "scale": rng.random(N).astype(np.float32), "bias": np.zeros(N, np.float32)}
     first = sess.run(None, feed)[0]
     feed["B"][:] = rng.integers(-127, 128, feed["B"].shape, dtype=np.int8)  # same buffer, new levels
     second = sess.run(None, feed)[0]
-    fresh = _session(_model(K, N, block, constant=False), library=True).run(None, feed)[0]
+    fresh = op_session(_model(K, N, block, constant=False), library=True).run(None, feed)[0]
     assert np.abs(second - first).max() > 0.1
     np.testing.assert_array_equal(second, fresh)
 
 
 def test_malformed_inputs_are_clear_errors(lib):
     K, N, block = 64, 32, 32
-    sess = _session(_model(K, N, block, constant=False), library=True)
+    sess = op_session(_model(K, N, block, constant=False), library=True)
     good = {"A": np.ones((3, K), np.float32), "B": np.zeros((K, N), np.int8), "scale": np.ones(N, np.float32),
             "bias": np.zeros(N, np.float32)}
     assert sess.run(None, good)[0].shape == (3, N)
@@ -178,5 +164,5 @@ def test_malformed_inputs_are_clear_errors(lib):
     for kwargs, needle in refused:  # at session creation, not a crash or a garbled read at run time
         args = {"K": K, "N": N, "block": block, **kwargs}
         with pytest.raises(Exception, match=needle):
-            _session(_model(**args), library=True)
+            op_session(_model(**args), library=True)
 

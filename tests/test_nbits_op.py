@@ -5,7 +5,6 @@ arithmetic (``LowBitPredictor.estimate``) and against ONNX Runtime's own contrib
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +16,7 @@ from onnx import TensorProto, helper
 
 from tardis_compile import nbits_op, quantize, runtime
 from tardis_compile import predictor as predictors
+from tests.helpers import op_session
 
 
 def _predictor(d: int, D: int, block: int, dtype=np.float32, seed: int = 0) -> predictors.LowBitPredictor:
@@ -27,18 +27,7 @@ def _predictor(d: int, D: int, block: int, dtype=np.float32, seed: int = 0) -> p
 
 
 def _session(pred: predictors.LowBitPredictor, d: int, library: bool, env: dict | None = None):
-    proto = ir.to_proto(predictors.standalone_model(pred, d)).SerializeToString()
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:  # the kernel reads TARDIS_OPS_ISA when the session creates it
-        so = runtime.session_options(require=True) if library else ort.SessionOptions()
-        return ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
+    return op_session(ir.to_proto(predictors.standalone_model(pred, d)).SerializeToString(), library, env)
 
 
 def _calls(lib) -> int:
