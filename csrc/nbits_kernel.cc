@@ -32,9 +32,10 @@ namespace {
 
 constexpr int kMr = 8;                    // tokens per register group (AVX-512: 32 zmm registers)
 constexpr int kMrAvx2 = 4;                // AVX2: 16 ymm registers, 2 accumulators and 2 sums per token
-// Multiply-adds per work item, at least (one 384 x 1536 token at 4 bits: 1 item); at 8 bits each counts
-// twice, since at a few tokens the time goes with the bytes read.
-constexpr int64_t kUnit = int64_t{1} << 20;
+// Multiply-adds per work item, at least: at 4 bits 1 M (one 384 x 1536 token: 1 item); at 8 bits, the fold
+// right after a fallback node whose worker threads still spin, 64 K (a 384 x 384 token: 2 items; 8 blocks
+// of 384 x 1536 at 1 token with 2 threads ran 2-15% faster than with the fold on one thread).
+constexpr int64_t kUnit = int64_t{1} << 20, kUnit8 = int64_t{1} << 16;
 // The tiles are read once, in order, from L3 or memory at decode: each 64-byte load also prefetches the
 // line this far ahead (about one tile at K = 384), which the hardware streamer alone did not keep up with
 // (1 token, 8 nodes of 384 x 1536: 16.1 -> 14.6 us per node; 2,048-8,192 bytes measured alike).
@@ -419,7 +420,7 @@ void NBitsMatMul(const NBitsPacked& w, const float* x, int64_t M, const float* b
   if (M <= 0 || w.N <= 0) return;
   std::unique_ptr<uint8_t[]> big;
   const NBitsActs a = NBitsQuantize(w, x, M, isa, &big);
-  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(w.tiles, M * w.N * w.K * w.bits / 4 / kUnit));
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(w.tiles, M * w.N * w.K / (w.bits == 8 ? kUnit8 : kUnit)));
   struct Work {
     const NBitsPacked* w;
     const NBitsActs* a;
