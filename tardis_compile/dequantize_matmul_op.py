@@ -5,8 +5,8 @@ one scale per output column, as :func:`tardis_compile.quantize.int8_columns` sto
 (``csrc/nbits_kernel.cc`` at 8 bits) rounds ``A`` to int8 in blocks of ``block_size`` values of K, as ONNX
 Runtime's ``MatMulNBits`` does at ``accuracy_level=4``, and keeps ``B`` in 8 bits all the way into the integer
 dot products. Why our own: ONNX Runtime 1.25 and later fuse the standard spelling into an 8-bit
-``MatMulNBits``, which at one token took 6-7 µs per 384×384 fold against 4.5 µs here (8 folds per model,
-2026-12-01), a twentieth of a whole rewritten block; older versions dequantize ``B`` on every call.
+``MatMulNBits``, 1.24-1.48x slower than ours at one token and 1.27-2.06x from 16 tokens on
+(``bench/results/nbits8.md``); older versions dequantize ``B`` on every call.
 
 The op is also a model-local function whose body is that standard spelling, so a runtime without
 ``libtardis_ops`` computes the same product: in float before ONNX Runtime 1.25, from 1.25 on as an 8-bit
