@@ -71,14 +71,11 @@ inline int Level(const uint8_t* blk, int n, int64_t k) {
   return (blk[64 * (k / 8) + 4 * n + r % 4] >> (4 * (r / 4))) & 15;
 }
 
-// Bytes per block of a tile: the levels, and at 4 bits the block's scales and zero points (NBitsPacked).
-constexpr int64_t BlockBytes(int bits, int64_t bs) { return bs * 2 * bits + (bits == 4 ? 80 : 0); }
-
 // out[m * 16 + n] = sum_b sx[m, b] s[n, b] (sum_k q[m, k] level[n, k] - zp[n, b] sum[m, b]) for one tile
 // (8 bits: s[n, b] = s[n], zp = 128).
 template <int Bits>
 void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, int mr, float* out) {
-  const int64_t levels = bs * 2 * Bits, bb = BlockBytes(Bits, bs);
+  const int64_t levels = NBitsPacked::LevelBytes(Bits, bs), bb = NBitsPacked::BlockBytes(Bits, bs);
   std::fill(out, out + 16 * mr, 0.0f);
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
@@ -156,7 +153,7 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
   constexpr int kChains = MR <= 2 ? 4 : 2;  // vectors per block (bs / 8 or bs / 4) are a multiple of 2 or 4
   constexpr int kVecs = Bits == 8 ? kChains : kChains / 2;  // vectors per step (a 4-bit one feeds two chains)
   constexpr int kRows = 32 / Bits;                           // rows of K per vector
-  const int64_t levels = bs * 2 * Bits, bb = BlockBytes(Bits, bs);
+  const int64_t levels = NBitsPacked::LevelBytes(Bits, bs), bb = NBitsPacked::BlockBytes(Bits, bs);
   __m512 h[MR];
   for (int m = 0; m < MR; ++m) h[m] = _mm512_setzero_ps();
   const int8_t* xq[MR];
@@ -214,7 +211,7 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
 template <int MR, int Bits>
 TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, float* out) {
   constexpr int kRows = 32 / Bits;  // rows of K per 64-byte vector
-  const int64_t levels = bs * 2 * Bits, bb = BlockBytes(Bits, bs);
+  const int64_t levels = NBitsPacked::LevelBytes(Bits, bs), bb = NBitsPacked::BlockBytes(Bits, bs);
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteens = _mm256_set1_epi16(16);
   __m256 h[MR][2];
   for (int m = 0; m < MR; ++m) h[m][0] = h[m][1] = _mm256_setzero_ps();

@@ -29,9 +29,13 @@ struct NBitsPacked {
   std::vector<uint8_t> storage;  // data() starts at the first 64-byte boundary in it (whole-line loads)
   size_t offset = 0;
 
+  // 16 neurons x bs rows x bits / 8; at 4 bits a block also holds its scales and zero points
+  static constexpr int64_t LevelBytes(int bits, int64_t bs) { return bs * 2 * bits; }
+  static constexpr int64_t BlockBytes(int bits, int64_t bs) { return LevelBytes(bits, bs) + (bits == 4 ? 16 * 4 + 16 : 0); }
+
   const uint8_t* data() const { return storage.data() + offset; }
-  int64_t LevelBytes() const { return bs * 2 * bits; }  // 16 neurons x bs rows x bits / 8
-  int64_t BlockBytes() const { return LevelBytes() + (bits == 4 ? 16 * 4 + 16 : 0); }
+  int64_t LevelBytes() const { return LevelBytes(bits, bs); }
+  int64_t BlockBytes() const { return BlockBytes(bits, bs); }
   int64_t TileBytes() const { return kb * BlockBytes() + (bits == 8 ? 16 * 4 : 0); }
 };
 

@@ -220,9 +220,7 @@ def rewrite(model: ir.Model, blocks: list[FoldedBlock]) -> list[ir.Node]:
     for node in model.graph:  # predictors may use ONNX Runtime contrib ops (MatMulNBits)
         if node.domain not in model.opset_imports:
             model.opset_imports[node.domain] = 1
-    proto = fallback_op.fallback_function(variants.pop(), opset, int(dtypes.pop()))
-    function = ir.serde.deserialize_function(proto)
-    model.functions[function.identifier()] = function
+    fallback_op.add_function(model, fallback_op.fallback_function(variants.pop(), opset, int(dtypes.pop())))
     nbits_op.register(model)
     dequantize_matmul_op.register(model)
     fused_op.fuse(model)

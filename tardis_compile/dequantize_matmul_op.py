@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from tardis_compile.fallback_op import DOMAIN, OPSET_VERSION
+from tardis_compile.fallback_op import DOMAIN, add_function
 
 OP_TYPE = "DequantizeMatMul"
 INPUT_NAMES = ("A", "B", "scale", "bias")
@@ -48,7 +48,4 @@ def register(model: ir.Model) -> None:
     """Give ``model`` the function (and opset) when any of its nodes is this op; no-op otherwise."""
     if not any(node.domain == DOMAIN and node.op_type == OP_TYPE for node in model.graph):
         return
-    model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
-    proto = function(model.opset_imports.get("", 17))
-    fn = ir.serde.deserialize_function(proto)
-    model.functions[fn.identifier()] = fn
+    add_function(model, function(model.opset_imports.get("", 17)))

@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
 
 from tardis_compile.gelu import VARIANTS as GELU_VARIANTS
@@ -103,6 +104,14 @@ def fallback_function(variant: str, opset: int, dtype: int = TensorProto.FLOAT) 
         attributes=["approximate"],
         doc_string=FORMULA,
     )
+
+
+def add_function(model: ir.Model, proto: onnx.FunctionProto) -> None:
+    """Store ``proto`` as a model-local function of ``model`` (replacing one of the same identifier), with the
+    ``ai.tardis`` opset imported."""
+    model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
+    function = ir.serde.deserialize_function(proto)
+    model.functions[function.identifier()] = function
 
 
 def fallback_nodes(graph) -> list:

@@ -125,6 +125,4 @@ def _register(model: ir.Model, node: ir.Node) -> None:
         return
     variant, dtype = fallback_op.kind(node)
     model.opset_imports.setdefault(nbits_op.CONTRIB_DOMAIN, 1)
-    proto = fused_function(variant, model.opset_imports[""], int(dtype))
-    function = ir.serde.deserialize_function(proto)
-    model.functions[function.identifier()] = function
+    fallback_op.add_function(model, fused_function(variant, model.opset_imports[""], int(dtype)))

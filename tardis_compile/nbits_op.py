@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from tardis_compile.fallback_op import DOMAIN, OPSET_VERSION
+from tardis_compile.fallback_op import DOMAIN, add_function
 
 OP_TYPE = "MatMulNBits"
 CONTRIB_DOMAIN = "com.microsoft"
@@ -49,7 +49,5 @@ def register(model: ir.Model) -> None:
     """Give ``model`` the function (and opsets) when any of its nodes is this op; no-op otherwise."""
     if not any(node.domain == DOMAIN and node.op_type == OP_TYPE for node in model.graph):
         return
-    model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
     model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
-    function = ir.serde.deserialize_function(nbits_function())
-    model.functions[function.identifier()] = function
+    add_function(model, nbits_function())

@@ -11,6 +11,10 @@ import onnxruntime as ort
 
 from tardis_compile.models import tiny
 
+# onnxruntime 1.25 and later fuse DequantizeLinear + MatMul into MatMulNBits (accuracy level 4: the
+# activations rounded to int8 per block of 32) by default
+ORT_FUSES_DQ_MATMUL = tuple(int(p) for p in ort.__version__.split(".")[:2]) >= (1, 25)
+
 
 def save_tiny(tmp: Path, name: str = "tiny.onnx", **kwargs) -> tuple[Path, list[dict]]:
     model, params = tiny.ffn_model(return_params=True, **kwargs)

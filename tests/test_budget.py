@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 import tardis_compile as tc
@@ -16,7 +15,7 @@ from tardis_compile.histogram import NeuronStats
 from tardis_compile.models import tiny
 from tardis_compile.passes.ffn_match import find_blocks
 from tardis_compile.verify import fallback_sites
-from tests.helpers import batches, run, save_tiny
+from tests.helpers import ORT_FUSES_DQ_MATMUL, batches, run, save_tiny
 
 
 def _optimize(tmp_path, path, **settings):
@@ -133,8 +132,7 @@ def test_int8_fold_stores_a_quarter_of_w_f_at_the_same_accuracy(tmp_path, lib):
     assert runtime.kernel_stats(lib)["dqmm_calls"] == before + 2
     # the kernel rounds the fold's input to int8 per block of 32; so does the body on ONNX Runtime 1.25+
     # (fused into MatMulNBits), older versions compute it in float
-    fused = tuple(int(p) for p in ort.__version__.split(".")[:2]) >= (1, 25)
-    assert np.abs(ours - body).max() < (1e-5 if fused else 1e-2) * np.abs(body).max()
+    assert np.abs(ours - body).max() < (1e-5 if ORT_FUSES_DQ_MATMUL else 1e-2) * np.abs(body).max()
 
 
 def test_int8_activation_fold_is_one_dynamic_quantize_matmul_computing_the_rounded_product(tmp_path):

@@ -16,11 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tardis_compile import dequantize_matmul_op as dqmm
 from tardis_compile import quantize, runtime
 from tardis_compile.predictor import int8_activations
-from tests.helpers import op_session
+from tests.helpers import ORT_FUSES_DQ_MATMUL, op_session
 
 F32, F16, I8 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8
-# onnxruntime 1.25 and later fuse DequantizeLinear + MatMul into MatMulNBits (accuracy level 4) by default
-_ORT_FUSES_THE_BODY = tuple(int(p) for p in ort.__version__.split(".")[:2]) >= (1, 25)
 
 
 def _operands(K: int, N: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,7 +81,7 @@ def test_kernel_matches_the_rounded_arithmetic_and_the_body_the_float_product(li
     ref = _reference(x, K, N, block)
     scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
     assert np.abs(ours - ref).max(initial=0.0) < 2e-6 * scale
-    if _ORT_FUSES_THE_BODY:  # an 8-bit MatMulNBits that rounds A in blocks of 32, as the kernel at 32
+    if ORT_FUSES_DQ_MATMUL:  # an 8-bit MatMulNBits that rounds A in blocks of 32, as the kernel at 32
         assert np.abs(body - _reference(x, K, N, 32)).max(initial=0.0) < 2e-6 * scale
     else:  # the float product
         assert np.abs(body - _reference(x, K, N, block, rounded=False)).max(initial=0.0) < 2e-6 * scale
