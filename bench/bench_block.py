@@ -237,7 +237,7 @@ def run_size(d: int, D: int, tokens_list, shares, threads_list, min_time: float,
     for run in range(runs):
         for share, paths in models.items():
             for threads in threads_list:
-                sess = {k: session(p, threads, k in ("tardis", "predictor")) for k, p in paths.items()}
+                sess = {k: session(p, threads, k != "dense") for k, p in paths.items()}
                 for t in tokens_list:
                     key, feeds = (share, threads, t), {"x": xs[t]}
                     if key not in checks:
