@@ -31,6 +31,7 @@ namespace tardis {
 namespace {
 
 constexpr int kMr = 8;                    // tokens per register group (AVX-512: 32 zmm registers)
+constexpr int kMr8 = 12;                  // the same at 8 bits (one accumulator per token, TileVnni8)
 constexpr int kMrAvx2 = 4;                // AVX2: 16 ymm registers, 2 accumulators and 2 sums per token
 // Multiply-adds per work item, at least: at 4 bits 1 M (one 384 x 1536 token: 1 item); at 8 bits, the fold
 // right after a fallback node whose worker threads still spin, 64 K (a 384 x 384 token: 2 items; 8 blocks
@@ -80,10 +81,9 @@ void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& 
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = tile + b * bb;
     float s[16];
-    uint8_t zp[16];
+    uint8_t zp[16] = {};
     if constexpr (Bits == 8) {
       std::memcpy(s, tile + kb * bb, sizeof(s));
-      std::fill(zp, zp + 16, uint8_t{128});
     } else {
       std::memcpy(s, blk + levels, sizeof(s));
       std::memcpy(zp, blk + levels + 64, sizeof(zp));
@@ -93,9 +93,9 @@ void TilePortable(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& 
       const int32_t xs = a.sum[(m0 + m) * kb + b];
       const float sx = a.sx[(m0 + m) * kb + b];
       for (int n = 0; n < 16; ++n) {
-        int32_t acc = 0;
+        int32_t acc = Bits == 8 ? xs : -zp[n] * xs;  // 8 bits: xs is already -128 x the level sum
         for (int64_t k = 0; k < bs; ++k) acc += Level<Bits>(blk, n, k) * xq[k];
-        out[16 * m + n] += static_cast<float>(acc - zp[n] * xs) * (s[n] * sx);
+        out[16 * m + n] += static_cast<float>(acc) * (s[n] * sx);
       }
     }
   }
@@ -112,29 +112,89 @@ TARDIS_NB_VNNI inline __m512 LoadFinite0(const float* p, int64_t left) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
 }
 
+struct MaxPs {
+  TARDIS_NB_VNNI __m512 operator()(__m512 a, __m512 b) const { return _mm512_max_ps(a, b); }
+};
+struct AddEpi32 {  // int32 lanes in float registers
+  TARDIS_NB_VNNI __m512 operator()(__m512 a, __m512 b) const {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
+};
+
+// Lane b of the result = op over the 16 lanes of v[b], for 16 vectors at once: four rounds of pairing
+// halves, quarters, pairs and lanes of two vectors (30 shuffles and 15 ops for 16 reductions, against ~8
+// dependent steps each one at a time), then one permute into block order.
+template <class Op>
+TARDIS_NB_VNNI inline __m512 Reduce16(__m512 (&v)[16], Op op) {
+  for (int i = 0; i < 8; ++i)  // 128-bit quarters: [A0 A1 B0 B1] op [A2 A3 B2 B3]
+    v[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // quarter q of the result holds vector 4 i + q
+    v[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x88), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // within quarters: lanes 0-1 from the first vector, 2-3 from the second
+    v[i] = op(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0xEE));
+  const __m512 r = op(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
+  // lane 4 k + j now holds vector 4 j + k
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+// QuantizeRowPortable's results, 16 blocks at a time: the blocks' maxima reduced together, one division for
+// their 16 scales, then the levels with each block's 127 / max broadcast from memory and the level sums
+// reduced together as well. Values that are all finite and whole vectors inside K (the usual case, checked
+// per 16 blocks) skip the NaN and infinity handling.
 TARDIS_NB_VNNI void QuantizeRowVnni(const float* x, int64_t K, int64_t bs, int64_t kb, int8_t* q, float* sx,
                                     int32_t* sum) {
-  for (int64_t b = 0; b < kb; ++b) {
-    const int64_t k0 = b * bs;
-    __m512 mx = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k0 + bs; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(LoadFinite0(x + k, K - k)));
-    const float amax = _mm512_reduce_max_ps(mx);
-    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-    __m512i acc = _mm512_setzero_si512();
-    const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
-    for (int64_t k = k0; k < k0 + bs; k += 16) {
-      const __m512 xv = LoadFinite0(x + k, K - k);
-      // an infinite x is ±127 by its sign, as in the portable path (inf · 0 would be NaN, then INT_MIN)
-      const __mmask16 inf = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
-      const __m512 signed127 = _mm512_castsi512_ps(
-          _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(xv), sign), _mm512_castps_si512(_mm512_set1_ps(127.0f))));
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mask_mov_ps(_mm512_mul_ps(xv, inv), inf, signed127));
-      const __m512i c = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), v));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(c));
-      acc = _mm512_add_epi32(acc, c);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t b0 = 0; b0 < kb; b0 += 16) {
+    const int nb = static_cast<int>(std::min<int64_t>(16, kb - b0));
+    const int64_t k0 = b0 * bs, k1 = (b0 + nb) * bs;
+    const bool whole = k1 <= K;
+    __mmask16 finite = 0xFFFF;
+    __m512 part[16];
+    for (int j = 0; j < 16; ++j) {
+      part[j] = _mm512_setzero_ps();
+      if (j >= nb) continue;
+      for (int64_t k = k0 + j * bs; k < k0 + (j + 1) * bs; k += 16) {
+        const __m512 a = whole ? _mm512_abs_ps(_mm512_loadu_ps(x + k)) : _mm512_abs_ps(LoadFinite0(x + k, K - k));
+        finite &= _mm512_cmp_ps_mask(a, inf, _CMP_LT_OQ);  // false for NaN and ±inf
+        part[j] = _mm512_max_ps(part[j], a);
+      }
     }
-    sx[b] = amax / 127.0f;
-    sum[b] = _mm512_reduce_add_epi32(acc);
+    if (whole && finite != 0xFFFF) {  // redo with NaN read as 0
+      for (int j = 0; j < nb; ++j) {
+        part[j] = _mm512_setzero_ps();
+        for (int64_t k = k0 + j * bs; k < k0 + (j + 1) * bs; k += 16)
+          part[j] = _mm512_max_ps(part[j], _mm512_abs_ps(LoadFinite0(x + k, K - k)));
+      }
+    }
+    const bool fast = whole && finite == 0xFFFF;
+    const __m512 amax = Reduce16(part, MaxPs{});
+    _mm512_mask_storeu_ps(sx + b0, Mask16(nb), _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
+    alignas(64) float inv[16];  // 127 / amax, 0 where amax is 0
+    _mm512_store_ps(inv, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                             _mm512_set1_ps(127.0f), amax));
+    for (int j = 0; j < 16; ++j) {
+      __m512i acc = _mm512_setzero_si512();
+      const __m512 iv = _mm512_set1_ps(inv[j]);
+      for (int64_t k = k0 + j * bs; j < nb && k < k0 + (j + 1) * bs; k += 16) {
+        __m512 r;
+        if (fast) {
+          r = _mm512_mul_ps(_mm512_loadu_ps(x + k), iv);
+        } else {  // an infinite x is ±127 by its sign, as in the portable path (inf · 0 would be NaN)
+          const __m512 xv = LoadFinite0(x + k, K - k);
+          const __m512 signed127 = _mm512_castsi512_ps(
+              _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(xv), sign), _mm512_castps_si512(_mm512_set1_ps(127.0f))));
+          r = _mm512_mask_mov_ps(_mm512_mul_ps(xv, iv), _mm512_cmp_ps_mask(_mm512_abs_ps(xv), inf, _CMP_EQ_OQ), signed127);
+        }
+        // the clamp matters only where 127 / amax overflows (amax subnormal)
+        const __m512i c = _mm512_max_epi32(lo, _mm512_min_epi32(hi, _mm512_cvtps_epi32(r)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(c));
+        acc = _mm512_add_epi32(acc, c);
+      }
+      part[j] = _mm512_castsi512_ps(acc);
+    }
+    _mm512_mask_storeu_epi32(sum + b0, Mask16(nb), _mm512_castps_si512(Reduce16(part, AddEpi32{})));
   }
 }
 
@@ -144,16 +204,15 @@ inline int32_t Quad(const int8_t* p) {
   return v;
 }
 
-// Each VPDPBUSD adds into its accumulator, so one chain of them waits out the instruction's latency at every
-// step. 4 bits: the low and high nibbles go to separate accumulators, and with one or two tokens (decode)
-// the block's byte groups alternate between two sets as well; 8 bits: one token's vectors alternate between
-// four accumulators (two with more tokens). At least four chains are in flight at decode.
-template <int MR, int Bits>
-TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, float* out) {
-  constexpr int kChains = MR <= 2 ? 4 : 2;  // vectors per block (bs / 8 or bs / 4) are a multiple of 2 or 4
-  constexpr int kVecs = Bits == 8 ? kChains : kChains / 2;  // vectors per step (a 4-bit one feeds two chains)
-  constexpr int kRows = 32 / Bits;                           // rows of K per vector
-  const int64_t levels = NBitsPacked::LevelBytes(Bits, bs), bb = NBitsPacked::BlockBytes(Bits, bs);
+// Each VPDPBUSD adds into its accumulator, so one chain of them waits out the instruction's latency (5
+// cycles, two ports here) at every step: at least four chains are in flight at decode. 4 bits: the low and
+// high nibbles go to separate accumulators, and with one or two tokens the block's byte groups alternate
+// between two sets as well.
+template <int MR>
+TARDIS_NB_VNNI void TileVnni4(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, float* out) {
+  constexpr int kChains = MR <= 2 ? 4 : 2;  // vectors per block (bs / 8) are a multiple of 2
+  const int64_t levels = NBitsPacked::LevelBytes(4, bs), bb = NBitsPacked::BlockBytes(4, bs);
+  const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 h[MR];
   for (int m = 0; m < MR; ++m) h[m] = _mm512_setzero_ps();
   const int8_t* xq[MR];
@@ -163,46 +222,76 @@ TARDIS_NB_VNNI void TileVnni(const uint8_t* tile, int64_t kb, int64_t bs, const 
     __m512i acc[MR][kChains];
     for (int m = 0; m < MR; ++m)
       for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_si512();
-    for (int64_t p = 0; p < bs / kRows; p += kVecs) {
-      for (int u = 0; u < kVecs; ++u) {
+    for (int64_t p = 0; p < bs / 8; p += kChains / 2) {
+      for (int u = 0; u < kChains / 2; ++u) {
         _mm_prefetch(reinterpret_cast<const char*>(blk + 64 * (p + u) + kPrefetchBytes), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(blk + 64 * (p + u));
-        const int64_t k = b * bs + kRows * (p + u);
+        const int64_t k = b * bs + 8 * (p + u);
+        const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         // broadcast straight from memory (a load-port uop; set1 of a register would take the shuffle port)
-        if constexpr (Bits == 8) {
-          for (int m = 0; m < MR; ++m)
-            acc[m][u] = _mm512_dpbusd_epi32(acc[m][u], v, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
-        } else {
-          const __m512i low = _mm512_set1_epi8(0x0F);
-          const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-          for (int m = 0; m < MR; ++m) {
-            acc[m][2 * u] = _mm512_dpbusd_epi32(acc[m][2 * u], w0, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
-            acc[m][2 * u + 1] =
-                _mm512_dpbusd_epi32(acc[m][2 * u + 1], w1, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k + 4)));
-          }
+        for (int m = 0; m < MR; ++m) {
+          acc[m][2 * u] = _mm512_dpbusd_epi32(acc[m][2 * u], w0, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
+          acc[m][2 * u + 1] =
+              _mm512_dpbusd_epi32(acc[m][2 * u + 1], w1, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k + 4)));
         }
       }
     }
+    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + levels));
+    const __m512i zp = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + levels + 64)));
     for (int m = 0; m < MR; ++m) {
       __m512i sum = acc[m][0];
       for (int c = 1; c < kChains; ++c) sum = _mm512_add_epi32(sum, acc[m][c]);
       const int64_t i = (m0 + m) * kb + b;
-      if constexpr (Bits == 8) {  // zero point 128 for all; the neurons' scales once, after the last block
-        const __m512i t = _mm512_sub_epi32(sum, _mm512_set1_epi32(a.sum[i] * 128));
-        h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(a.sx[i]), h[m]);
-      } else {
-        const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + levels));
-        const __m512i zp = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + levels + 64)));
-        const __m512i t = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[i])));
-        h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[i])), h[m]);
-      }
+      const __m512i t = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[i])));
+      h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[i])), h[m]);
     }
   }
-  if constexpr (Bits == 8) {
-    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + kb * bb));
-    for (int m = 0; m < MR; ++m) h[m] = _mm512_mul_ps(h[m], s);
-  }
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + 16 * m, h[m]);
+}
+
+// acc += v . broadcast(4 bytes at x), as VPDPBUSD with an embedded broadcast. In asm: GCC 12 keeps the
+// intrinsic's accumulator apart from its result and copies every accumulator around the loop.
+TARDIS_NB_VNNI inline void Dpbusd(__m512i& acc, __m512i v, const int8_t* x) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*reinterpret_cast<const int32_t*>(x)));
+}
+
+// 8 bits: each loaded vector feeds VPDPBUSD as it is, one instruction per token. Per block a token's
+// accumulator starts at -128 x its level sum (a.sum, a broadcast load; the weights' zero point), and is
+// scaled into h once: from three tokens on, the tokens' chains alone keep both ports busy
+// (kMr8 = 12 tokens: 12 accumulators + 12 h + the weights in 25 of the 32 registers).
+template <int MR>
+TARDIS_NB_VNNI void TileVnni8(const uint8_t* tile, int64_t kb, int64_t bs, const NBitsActs& a, int64_t m0, float* out) {
+  constexpr int kChains = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // vectors per block (bs / 4) are a multiple of 4
+  const int64_t bb = NBitsPacked::BlockBytes(8, bs);
+  __m512 h[MR];
+  for (int m = 0; m < MR; ++m) h[m] = _mm512_setzero_ps();
+  const int8_t* xq = a.q + m0 * a.ld;
+  const int32_t* sum = a.sum + m0 * kb;
+  const float* sx = a.sx + m0 * kb;
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* blk = tile + b * bb;
+    __m512i acc[MR][kChains];
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = _mm512_set1_epi32(sum[m * kb + b]);
+      for (int c = 1; c < kChains; ++c) acc[m][c] = _mm512_setzero_si512();
+    }
+    for (int64_t p = 0; p < bs / 4; p += kChains) {
+      for (int c = 0; c < kChains; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(blk + 64 * (p + c) + kPrefetchBytes), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(blk + 64 * (p + c));
+        const int64_t k = b * bs + 4 * (p + c);
+        for (int m = 0; m < MR; ++m)
+          Dpbusd(acc[m][c], v, xq + m * a.ld + k);
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      __m512i t = acc[m][0];
+      for (int c = 1; c < kChains; ++c) t = _mm512_add_epi32(t, acc[m][c]);
+      h[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(sx[m * kb + b]), h[m]);
+    }
+  }
+  const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + kb * bb));  // the neurons' scales
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + 16 * m, _mm512_mul_ps(h[m], s));
 }
 
 // VPMADDUBSW sums pairs of level x int8 in int16, which 8-bit levels (0..255 x 127, twice) would overflow:
@@ -244,7 +333,7 @@ TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const 
       for (int m = 0; m < MR; ++m) {
         const int64_t i = (m0 + m) * kb + b;
         if constexpr (Bits == 8) {  // as TileVnni
-          const __m256i t = _mm256_sub_epi32(acc[m][half], _mm256_set1_epi32(a.sum[i] * 128));
+          const __m256i t = _mm256_add_epi32(acc[m][half], _mm256_set1_epi32(a.sum[i]));
           h[m][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(a.sx[i]), h[m][half]);
         } else {
           const __m256 s = _mm256_loadu_ps(reinterpret_cast<const float*>(blk + levels) + 8 * half);
@@ -270,9 +359,13 @@ TARDIS_NB_AVX2 void TileAvx2(const uint8_t* tile, int64_t kb, int64_t bs, const 
 
 using TileFn = void (*)(const uint8_t*, int64_t, int64_t, const NBitsActs&, int64_t, float*);
 
-template <int Bits, int... I>
-constexpr std::array<TileFn, sizeof...(I)> VnniTable(std::integer_sequence<int, I...>) {
-  return {&TileVnni<I + 1, Bits>...};
+template <int... I>
+constexpr std::array<TileFn, sizeof...(I)> Vnni4Table(std::integer_sequence<int, I...>) {
+  return {&TileVnni4<I + 1>...};
+}
+template <int... I>
+constexpr std::array<TileFn, sizeof...(I)> Vnni8Table(std::integer_sequence<int, I...>) {
+  return {&TileVnni8<I + 1>...};
 }
 template <int Bits, int... I>
 constexpr std::array<TileFn, sizeof...(I)> Avx2Table(std::integer_sequence<int, I...>) {
@@ -369,21 +462,22 @@ NBitsActs NBitsQuantize(const NBitsPacked& w, const float* x, int64_t M, Isa isa
     float* sx = a.sx + m * kb;
     int32_t* sum = a.sum + m * kb;
 #if TARDIS_X86
-    if (a.level == 2) {
+    if (a.level == 2)
       QuantizeRowVnni(x + m * K, K, bs, kb, q, sx, sum);
-      continue;
-    }
+    else
 #endif
-    QuantizeRowPortable(x + m * K, K, bs, kb, q, sx, sum);
+      QuantizeRowPortable(x + m * K, K, bs, kb, q, sx, sum);
+    if (w.bits == 8)
+      for (int64_t b = 0; b < kb; ++b) sum[b] *= -128;  // the accumulators' start (zero point 128)
   }
   return a;
 }
 
 void NBitsTiles(const NBitsPacked& w, const NBitsActs& a, const float* bias, int64_t t0, int64_t t1, float* h,
                 int64_t ldh) {
-  const int mr_max = a.level == 1 ? kMrAvx2 : kMr;
   const bool eight = w.bits == 8;
-  float out[16 * kMr];
+  const int mr_max = a.level == 1 ? kMrAvx2 : eight && a.level == 2 ? kMr8 : kMr;
+  float out[16 * kMr8];
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tile = w.data() + t * w.TileBytes();
     const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, w.N - n0);
@@ -391,9 +485,9 @@ void NBitsTiles(const NBitsPacked& w, const NBitsActs& a, const float* bias, int
       const int mr = static_cast<int>(std::min<int64_t>(mr_max, a.M - m0));
 #if TARDIS_X86
       if (a.level == 2) {
-        static constexpr auto t4 = VnniTable<4>(std::make_integer_sequence<int, kMr>{});
-        static constexpr auto t8 = VnniTable<8>(std::make_integer_sequence<int, kMr>{});
-        (eight ? t8 : t4)[mr - 1](tile, w.kb, w.bs, a, m0, out);
+        static constexpr auto t4 = Vnni4Table(std::make_integer_sequence<int, kMr>{});
+        static constexpr auto t8 = Vnni8Table(std::make_integer_sequence<int, kMr8>{});
+        (eight ? t8[mr - 1] : t4[mr - 1])(tile, w.kb, w.bs, a, m0, out);
       } else if (a.level == 1) {
         static constexpr auto t4 = Avx2Table<4>(std::make_integer_sequence<int, kMrAvx2>{});
         static constexpr auto t8 = Avx2Table<8>(std::make_integer_sequence<int, kMrAvx2>{});

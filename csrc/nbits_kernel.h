@@ -56,7 +56,7 @@ struct NBitsActs {
   int level = 0;
   int8_t* q = nullptr;
   float* sx = nullptr;
-  int32_t* sum = nullptr;
+  int32_t* sum = nullptr;  // 8 bits: -128 x the level sum, the start of the block's integer accumulator
 };
 
 // Quantizes x (float32 [M, K]) for NBitsTiles into the calling thread's kept scratch (over kKeepBytes: a

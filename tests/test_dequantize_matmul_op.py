@@ -66,7 +66,7 @@ def _calls(lib) -> int:
     return runtime.kernel_stats(lib)["dqmm_calls"]
 
 
-@pytest.mark.parametrize("K,N,block,tokens", [(384, 384, 128, 1), (384, 384, 32, 130), (100, 37, 16, 7),
+@pytest.mark.parametrize("K,N,block,tokens", [(384, 384, 128, 1), (384, 384, 32, 130), (100, 37, 16, 7), (1000, 70, 16, 13),
                                               (1000, 70, 64, 9), (48, 16, 128, 3), (256, 96, 128, 0)])
 def test_kernel_matches_the_rounded_arithmetic_and_the_body_the_float_product(lib, K, N, block, tokens):
     """K not a multiple of the block, N not a multiple of 16, a block wider than K, no tokens. The kernel ran
