@@ -204,6 +204,12 @@ inline int32_t Quad(const int8_t* p) {
   return v;
 }
 
+// acc += v . broadcast(4 bytes at x), as VPDPBUSD with an embedded broadcast. In asm: GCC 12 keeps the
+// intrinsic's accumulator apart from its result and copies every accumulator around the loop.
+TARDIS_NB_VNNI inline void Dpbusd(__m512i& acc, __m512i v, const int8_t* x) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*reinterpret_cast<const int32_t*>(x)));
+}
+
 // Each VPDPBUSD adds into its accumulator, so one chain of them waits out the instruction's latency (5
 // cycles, two ports here) at every step: at least four chains are in flight at decode. 4 bits: the low and
 // high nibbles go to separate accumulators, and with one or two tokens the block's byte groups alternate
@@ -228,11 +234,9 @@ TARDIS_NB_VNNI void TileVnni4(const uint8_t* tile, int64_t kb, int64_t bs, const
         const __m512i v = _mm512_loadu_si512(blk + 64 * (p + u));
         const int64_t k = b * bs + 8 * (p + u);
         const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        // broadcast straight from memory (a load-port uop; set1 of a register would take the shuffle port)
         for (int m = 0; m < MR; ++m) {
-          acc[m][2 * u] = _mm512_dpbusd_epi32(acc[m][2 * u], w0, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k)));
-          acc[m][2 * u + 1] =
-              _mm512_dpbusd_epi32(acc[m][2 * u + 1], w1, _mm512_broadcastd_epi32(_mm_loadu_si32(xq[m] + k + 4)));
+          Dpbusd(acc[m][2 * u], w0, xq[m] + k);
+          Dpbusd(acc[m][2 * u + 1], w1, xq[m] + k + 4);
         }
       }
     }
@@ -247,12 +251,6 @@ TARDIS_NB_VNNI void TileVnni4(const uint8_t* tile, int64_t kb, int64_t bs, const
     }
   }
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + 16 * m, h[m]);
-}
-
-// acc += v . broadcast(4 bytes at x), as VPDPBUSD with an embedded broadcast. In asm: GCC 12 keeps the
-// intrinsic's accumulator apart from its result and copies every accumulator around the loop.
-TARDIS_NB_VNNI inline void Dpbusd(__m512i& acc, __m512i v, const int8_t* x) {
-  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*reinterpret_cast<const int32_t*>(x)));
 }
 
 // 8 bits: each loaded vector feeds VPDPBUSD as it is, one instruction per token. Per block a token's
