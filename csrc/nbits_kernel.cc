@@ -6,8 +6,10 @@
 // 128 tokens (csrc/README.md has the measurements). Here the weights are repacked once per node into
 // tiles of 16 neurons whose 4- or 8-bit levels sit where a 32-bit lane of a dot-product instruction wants
 // them, so every loaded byte feeds the multiply-adds as it is (8 bits) or after one mask or shift (4 bits):
-// VPDPBUSD (AVX-512 VNNI) or VPMADDUBSW + VPMADDWD (AVX2). Per tile, the tokens go past in groups of up to kMr with their accumulators in
-// registers, and a tile (a few KB for the whole K) stays in L1 while they do. Threads take ranges of tiles.
+// VPDPBUSD (AVX-512 VNNI) or VPMADDUBSW + VPMADDWD (AVX2). Per tile, the tokens go past in groups (kMr,
+// kMr8, kMrAvx2) with their accumulators in registers, and a tile (a few KB for the whole K) stays in L1
+// while they do. Threads take ranges of tiles. The activations are quantized once per call, 16 blocks of a
+// row at a time (QuantizeRowVnni).
 
 #include "nbits_kernel.h"
 
@@ -183,9 +185,11 @@ TARDIS_NB_VNNI void QuantizeRowVnni(const float* x, int64_t K, int64_t bs, int64
           r = _mm512_mul_ps(_mm512_loadu_ps(x + k), iv);
         } else {  // an infinite x is ±127 by its sign, as in the portable path (inf · 0 would be NaN)
           const __m512 xv = LoadFinite0(x + k, K - k);
-          const __m512 signed127 = _mm512_castsi512_ps(
-              _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(xv), sign), _mm512_castps_si512(_mm512_set1_ps(127.0f))));
-          r = _mm512_mask_mov_ps(_mm512_mul_ps(xv, iv), _mm512_cmp_ps_mask(_mm512_abs_ps(xv), inf, _CMP_EQ_OQ), signed127);
+          const __m512i x_sign = _mm512_and_si512(_mm512_castps_si512(xv), sign);
+          const __m512 signed127 =
+              _mm512_castsi512_ps(_mm512_or_si512(x_sign, _mm512_castps_si512(_mm512_set1_ps(127.0f))));
+          const __mmask16 is_inf = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), inf, _CMP_EQ_OQ);
+          r = _mm512_mask_mov_ps(_mm512_mul_ps(xv, iv), is_inf, signed127);
         }
         // the clamp matters only where 127 / amax overflows (amax subnormal)
         const __m512i c = _mm512_max_epi32(lo, _mm512_min_epi32(hi, _mm512_cvtps_epi32(r)));
