@@ -214,8 +214,8 @@ TARDIS_NB_VNNI inline void Dpbusd(__m512i& acc, __m512i v, const int8_t* x) {
   __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*reinterpret_cast<const int32_t*>(x)));
 }
 
-// Each VPDPBUSD adds into its accumulator, so one chain of them waits out the instruction's latency (about 6
-// cycles here, with two issued per cycle) at every step: at least four chains are in flight at decode. 4 bits: the low and
+// Each VPDPBUSD adds into its accumulator, so one chain of them waits out the instruction's latency (about
+// 6 cycles here, two issued per cycle) at every step: at least four chains are in flight at decode. 4 bits: the low and
 // high nibbles go to separate accumulators, and with one or two tokens the block's byte groups alternate
 // between two sets as well.
 template <int MR>
