@@ -5,7 +5,7 @@ one scale per output column, as :func:`tardis_compile.quantize.int8_columns` sto
 (``csrc/nbits_kernel.cc`` at 8 bits) rounds ``A`` to int8 in blocks of ``block_size`` values of K, as ONNX
 Runtime's ``MatMulNBits`` does at ``accuracy_level=4``, and keeps ``B`` in 8 bits all the way into the integer
 dot products. Why our own: ONNX Runtime 1.25 and later fuse the standard spelling into an 8-bit
-``MatMulNBits``, 1.24-1.48x slower than ours at one token and 1.27-2.06x from 16 tokens on
+``MatMulNBits``, 1.27-1.53x slower than ours at one token and 1.89-3.26x from 16 tokens on
 (``bench/results/nbits8.md``); older versions dequantize ``B`` on every call.
 
 The op is also a model-local function whose body is that standard spelling, so a runtime without
@@ -29,7 +29,8 @@ INPUT_NAMES = ("A", "B", "scale", "bias")
 ATTRIBUTES = ("block_size",)
 # Values of K per activation scale that tardis-compile writes: ONNX Runtime's fused 8-bit MatMulNBits rounds
 # in blocks of 32, so with and without the library the fold computes the same to float rounding (4e-7 of
-# the output, onnxruntime 1.32). Blocks of 128 ran the same at one token, 2x faster at 128 tokens.
+# the output, onnxruntime 1.32). Blocks of 128 ran the same at one token and 2x faster at 128 tokens (before
+# the 8-bit tile's many-token changes of 2026-12-01, which shrank the per-block cost they save).
 BLOCK_SIZE = 32
 
 
